@@ -1,0 +1,90 @@
+"""Checkpoints that are written atomically and resume exactly.
+
+A checkpoint is a folder `checkpoints/step-00000012/` holding the model weights (safetensors), the optimizer
+and scheduler state, the RNG states and the step number; the data position follows from the step (see
+`train.step_pairs`). It is written under a temporary name and renamed when complete, so a kill at any moment
+leaves either the previous checkpoint or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CHECKPOINTS = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def write_atomically(final: Path, fill) -> None:
+    """Call `fill(tmp_dir)` to write a folder, then move it to `final` in one rename."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    _fsync_tree(tmp)
+    if final.exists():  # only when re-saving the same step after a resume
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
+    def fill(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), "step": step}, tmp / "state.pt")
+
+    final = run_dir / CHECKPOINTS / f"step-{step:08d}"
+    write_atomically(final, fill)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temporary folders of an interrupted write are ignored)."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def load(path: Path, model, optimizer, scheduler) -> int:
+    """Restore everything saved by `save` and return the step it was taken at."""
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    # weights_only: even our own files are loaded without executing pickled code
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,249 @@
+"""One typed configuration for `preftune train`: YAML file + command-line flags, validated in one place.
+
+Every field is a flag (`--learning-rate`) and a YAML key (`learning_rate`). Precedence: defaults < `--config`
+file < flags. Unknown YAML keys, flags that contradict each other and flags that would have no effect with the
+chosen loss are errors that name the flag, never silent no-ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preftune.errors import UserError
+from preftune.losses import LOSSES, loss_params
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, required: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what, where to write.
+    model: str = _opt(None, "Policy model: a Hugging Face model folder or hub name.", required=True)
+    data: str = _opt(None, "Training pairs: .jsonl/.json/.parquet/.csv file or hub dataset name.", required=True)
+    output: str = _opt(None, "Run directory (config.yaml, metrics.jsonl, checkpoints/, final/).", required=True)
+    eval_data: str | None = _opt(None, "Held-out pairs evaluated every --eval-every steps and at the end.")
+    ref_model: str | None = _opt(None, "Reference model folder. Default: a frozen copy of --model as loaded.")
+    tokenizer: str | None = _opt(None, "Tokenizer folder. Default: the one saved with --model.")
+    columns: str | None = _opt(None, "Column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k.")
+    on_identical: str = _opt("skip", "Pairs whose chosen equals rejected: skip (counted) or error.",
+                             ("skip", "error"))
+    # The objective.
+    loss: str = _opt("sigmoid", f"Loss or comma-separated losses: {', '.join(LOSSES)}.")
+    loss_weights: str | None = _opt(None, "Comma-separated weights, one per loss (default: all 1).")
+    beta: float = _opt(0.1, "β: strength of the tie to the reference (IPO: the regulariser τ).")
+    label_smoothing: float = _opt(0.0, "ε: assumed share of flipped labels (sigmoid = cDPO, robust).")
+    # Optimisation.
+    learning_rate: float = _opt(1e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    lr_scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    warmup_steps: int = _opt(0, "Steps of linear warmup from 0 to --learning-rate.")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient norm to this value (0: no clipping).")
+    batch_size: int = _opt(8, "Pairs per micro-batch.")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step (pairs per step = batch × grad-accum).")
+    max_steps: int | None = _opt(None, "Optimizer steps to run (instead of --epochs).")
+    epochs: float | None = _opt(None, "Passes over the data (default 1 when --max-steps is not given).")
+    seed: int = _opt(42, "Seed for shuffling and dropout.")
+    no_shuffle: bool = _opt(False, "Keep the data order of the file.")
+    # Sequences.
+    max_length: int | None = _opt(1024, "Longest prompt + response in tokens (pairs beyond it are cut or dropped).")
+    max_prompt_length: int | None = _opt(None, "Longest prompt in tokens; longer prompts lose their beginning.")
+    on_overlength: str = _opt("truncate", "Pairs longer than --max-length: truncate (counted) or drop (counted).",
+                              ("truncate", "drop"))
+    # Precision and device.
+    dtype: str = _opt("float32", "Compute dtype (weights and optimizer state stay float32).",
+                      ("float32", "bfloat16"))
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    trust_remote_code: bool = _opt(False, "Allow model code shipped with the model folder to run.")
+    # Bookkeeping.
+    eval_every: int = _opt(0, "Evaluate on --eval-data every N steps (0: only at the end).")
+    save_every: int = _opt(0, "Checkpoint every N steps (0: no intermediate checkpoints).")
+    resume: bool = _opt(False, "Continue from the newest checkpoint in --output.")
+    config: str | None = _opt(None, "YAML file with any of these options (flags override it).")
+
+    @property
+    def losses(self) -> list[str]:
+        return [name.strip() for name in self.loss.split(",")]
+
+    @property
+    def weights(self) -> list[float]:
+        if self.loss_weights is None:
+            return [1.0] * len(self.losses)
+        return [float(w) for w in self.loss_weights.split(",")]
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(LOSSES[name].needs_reference for name in self.losses)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field. Defaults are suppressed so that we know which flags the user gave."""
+    for name, f in FIELDS.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = _parser_type(f)
+            kwargs["metavar"] = name.upper()
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        parser.add_argument(flag(name), **kwargs)
+
+
+def _parser_type(f: dataclasses.Field) -> type:
+    kind = str(f.type)
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def resolve(cli_args: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
+    """Merge defaults < YAML < flags; return the config and the names the user set explicitly."""
+    values: dict[str, Any] = {}
+    if cli_args.get("config"):
+        values.update(_read_yaml(cli_args["config"]))
+    values.update(cli_args)
+    cfg = TrainConfig(**values)
+    validate(cfg, explicit=set(values))
+    return cfg, set(values)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        data = yaml.safe_load(text)  # safe_load: a config file must never run code (no Python tags)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    for key, value in data.items():
+        if key not in FIELDS or key == "config":
+            raise UserError(f"{path}: unknown key '{key}' (see `preftune train --help` for the options)")
+        data[key] = _check_yaml_type(path, key, value)
+    return data
+
+
+def _check_yaml_type(path: str, key: str, value: Any) -> Any:
+    f = FIELDS[key]
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UserError(f"{path}: key '{key}' cannot be empty")
+    if kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        raise UserError(f"{path}: key '{key}' expects {kind.split(' ')[0]}, got {type(value).__name__} {value!r}")
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise UserError(f"{path}: key '{key}' must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+    return value
+
+
+def validate(cfg: TrainConfig, explicit: set[str]) -> None:
+    """Reject missing, out-of-range, contradictory and no-effect options, naming the flag."""
+    for name, f in FIELDS.items():
+        if f.metadata["required"] and not getattr(cfg, name):
+            raise UserError(f"{flag(name)} is required")
+    _validate_losses(cfg, explicit)
+    _positive(cfg, "beta", "learning_rate", "batch_size", "grad_accum")
+    _non_negative(cfg, "label_smoothing", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
+                  "save_every")
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise UserError("--max-steps and --epochs contradict each other: give one")
+    _positive(cfg, *(n for n in ("max_steps", "epochs") if getattr(cfg, n) is not None))
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {cfg.max_length}")
+    if cfg.max_prompt_length is not None:
+        _positive(cfg, "max_prompt_length")
+        if cfg.max_length is not None and cfg.max_prompt_length >= cfg.max_length:
+            raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length "
+                            f"({cfg.max_length}) to leave room for the response")
+    if "eval_every" in explicit and cfg.eval_every and not cfg.eval_data:
+        raise UserError("--eval-every has no effect without --eval-data")
+    if cfg.ref_model and not cfg.needs_reference:
+        raise UserError(f"--ref-model has no effect with --loss {cfg.loss}: it uses no reference model")
+    if "on_overlength" in explicit and cfg.max_length is None and cfg.max_prompt_length is None:
+        raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
+
+
+def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
+    names = cfg.losses
+    unknown = [n for n in names if n not in LOSSES]
+    if unknown:
+        raise UserError(f"--loss: unknown loss '{unknown[0]}' (choose from {', '.join(LOSSES)})")
+    if len(set(names)) != len(names):
+        raise UserError(f"--loss lists a loss twice: {cfg.loss}")
+    if cfg.loss_weights is not None:
+        try:
+            weights = cfg.weights
+        except ValueError:
+            raise UserError(f"--loss-weights must be comma-separated numbers, got {cfg.loss_weights!r}") from None
+        if len(weights) != len(names):
+            raise UserError(f"--loss-weights has {len(weights)} values for {len(names)} losses in --loss {cfg.loss}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+            raise UserError(f"--loss-weights must be finite, non-negative and not all zero, got {cfg.loss_weights}")
+    used = set().union(*(loss_params(n) for n in names))
+    for option in ("beta", "label_smoothing"):
+        if option in explicit and option not in used:
+            raise UserError(f"{flag(option)} has no effect with --loss {cfg.loss}")
+    if "robust" in names and not 0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing must be in [0, 0.5) for the robust loss, got {cfg.label_smoothing}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{flag(name)} must be positive, got {value}")
+
+
+def _non_negative(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise UserError(f"{flag(name)} must be zero or positive, got {value}")
+
+
+def write_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

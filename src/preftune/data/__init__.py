@@ -1,0 +1,1 @@
+"""Preference data: rows in files → pairs → token ids → batches."""

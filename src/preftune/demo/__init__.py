@@ -1,0 +1,1 @@
+"""The built-in offline task behind `preftune demo`."""

@@ -1,0 +1,27 @@
+"""The frozen reference model whose log-probs anchor the policy (the π_ref of the DPO loss)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from preftune.data.batching import PaddedBatch
+from preftune.logps import padded_logps
+
+
+class ReferenceModel:
+    """A model that never trains: eval mode (dropout off), no gradients, no grad graph."""
+
+    def __init__(self, model: torch.nn.Module, dtype: str = "float32"):
+        self.model = model.eval().requires_grad_(False)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def logps(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs [B] of the chosen and rejected rows of `batch`."""
+        device = next(self.model.parameters()).device
+        bf16 = self.dtype == "bfloat16"
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            chosen, rejected, _, _ = padded_logps(self.model, batch)
+        return chosen, rejected

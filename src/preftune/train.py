@@ -1,0 +1,326 @@
+"""The DPO recipe, top to bottom: setup → loop (micro-steps → clip → step → log → checkpoint) → final model.
+
+One optimizer step sees `batch_size × grad_accum` pairs. Each micro-batch's loss is divided by the pair (or
+token) count of the whole step, so the summed gradients equal those of one big batch exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from preftune import checkpoint
+from preftune.config import TrainConfig, write_yaml
+from preftune.data.batching import PaddedBatch, collate_padded
+from preftune.data.formats import load_pairs, parse_columns
+from preftune.data.tokenize import TokenizedPair, tokenize_pairs
+from preftune.errors import UserError
+from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
+from preftune.logps import padded_logps
+from preftune.losses import combined_loss, pair_metrics
+from preftune.reference import ReferenceModel
+
+log = logging.getLogger("preftune")
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    reference: ReferenceModel | None
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    steps_per_epoch: int
+    total_steps: int
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> list[TokenizedPair]:
+    pairs, report = load_pairs(path, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
+    log.info("%s %s: %s", flag, path, report.summary())
+    tokenized, trunc = tokenize_pairs(pairs, tokenizer, max_length=cfg.max_length,
+                                      max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
+    log.info("%s tokens: %s", flag, trunc.summary())
+    if not tokenized:
+        raise UserError(f"{flag} {path}: no pairs left to train on")
+    return tokenized
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {cfg.output}: exists and is not a folder")
+    if cfg.resume:
+        if checkpoint.latest(run_dir) is None:
+            raise UserError(f"--resume: no checkpoint in {cfg.output}/{checkpoint.CHECKPOINTS}")
+        saved = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
+        _check_same_config(cfg, saved, run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"--output {cfg.output}: folder is not empty; pass --resume to continue it, "
+                        "or choose a new folder")
+    return run_dir
+
+
+def _check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path) -> None:
+    import yaml
+
+    saved = yaml.safe_load(saved_text) or {}
+    now = cfg.to_dict()
+    for key, value in saved.items():
+        if key != "resume" and now.get(key) != value:
+            raise UserError(f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
+                            "an exact resume needs the same options")
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    """Validate and load everything before the run folder is touched: a mistake leaves nothing half-written."""
+    run_dir = prepare_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    causal_lm_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.ref_model:
+        causal_lm_config(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               what="--tokenizer" if cfg.tokenizer else "--model")
+    train_pairs = load_data(cfg.data, cfg, tokenizer, "--data")
+    step_pairs = cfg.batch_size * cfg.grad_accum
+    if len(train_pairs) < step_pairs:
+        raise UserError(f"--data {cfg.data}: {len(train_pairs)} pairs, fewer than one optimizer step "
+                        f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} = {step_pairs})")
+    eval_pairs = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else []
+
+    policy = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    reference = None
+    if cfg.needs_reference:
+        # The default reference is the policy as loaded: copied in memory, not re-read from disk.
+        ref = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model")
+               if cfg.ref_model else copy.deepcopy(policy))
+        reference = ReferenceModel(ref.to(device), dtype=cfg.dtype)
+    policy.to(device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.config.use_cache = False
+
+    steps_per_epoch = math.ceil(len(train_pairs) / step_pairs)
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
+    return Setup(cfg, run_dir, device, tokenizer, policy, reference, train_pairs, eval_pairs, steps_per_epoch, total)
+
+
+# ---------------------------------------------------------------------------------------------------- data order
+
+
+def step_pairs(step: int, n: int, cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """Dataset indices of the pairs of optimizer step `step` (0-based).
+
+    The order is a pure function of (seed, epoch): resuming at a step needs no saved data-loader state.
+    """
+    epoch, k = divmod(step, steps_per_epoch)
+    if cfg.no_shuffle:
+        order = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    size = cfg.batch_size * cfg.grad_accum
+    return order[k * size:(k + 1) * size].tolist()
+
+
+def micro_batches(pairs: list[TokenizedPair], indices: list[int], batch_size: int, pad_id: int,
+                  device: torch.device) -> list[PaddedBatch]:
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return [collate_padded([pairs[i] for i in chunk], chunk, pad_id).to(device) for chunk in chunks]
+
+
+# ---------------------------------------------------------------------------------------------------- one step
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def batch_loss(s: Setup, batch: PaddedBatch, num_pairs: int, num_chosen_tokens: int):
+    """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics."""
+    cfg = s.cfg
+    with autocast(s.device, cfg.dtype):
+        chosen, rejected, chosen_len, rejected_len = padded_logps(s.policy, batch)
+    if s.reference is not None:
+        ref_chosen, ref_rejected = s.reference.logps(batch)
+    else:
+        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+                         ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, chosen_lengths=chosen_len,
+                         rejected_lengths=rejected_len, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                         num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
+    metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta)
+    return loss, metrics
+
+
+def _add(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    """Sum per-pair metrics on the device: no host sync until the step is logged."""
+    for key, value in metrics.items():
+        total = value.float().sum()
+        sums[key] = sums[key] + total if key in sums else total
+
+
+def run_pairs(s: Setup, batches: list[PaddedBatch], backward: bool) -> dict[str, torch.Tensor]:
+    """Forward (and backward) over the micro-batches of one step; returns device sums of the metrics."""
+    num_pairs = sum(b.num_pairs for b in batches)
+    num_chosen_tokens = sum(b.num_chosen_tokens for b in batches)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        with nullcontext() if backward else torch.no_grad():
+            loss, metrics = batch_loss(s, batch, num_pairs, num_chosen_tokens)
+        if backward:
+            loss.backward()
+        _add(sums, metrics)
+        _add(sums, {"loss": loss.detach()})
+    return sums
+
+
+def means(sums: dict[str, torch.Tensor], num_pairs: int, prefix: str = "", **totals: torch.Tensor) -> dict[str, float]:
+    """Per-pair means of `sums` (the loss is already normalised), plus `totals` as they are."""
+    keys = list(sums) + list(totals)
+    values = torch.stack([sums[k] for k in sums] + [t.float() for t in totals.values()]).tolist()  # one host sync
+    return {prefix + k: (v / num_pairs if k in sums and k != "loss" else v) for k, v in zip(keys, values)}
+
+
+def evaluate(s: Setup) -> dict[str, float]:
+    s.policy.eval()
+    pad = s.tokenizer.pad_token_id
+    indices = list(range(len(s.eval_pairs)))
+    batches = micro_batches(s.eval_pairs, indices, s.cfg.batch_size, pad, s.device)
+    result = means(run_pairs(s, batches, backward=False), len(indices), prefix="eval/")
+    s.policy.train()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def make_optimizer(s: Setup):
+    from transformers import get_scheduler
+
+    params = [p for p in s.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.cfg.learning_rate, weight_decay=s.cfg.weight_decay)
+    name = {"constant": "constant_with_warmup"}.get(s.cfg.lr_scheduler, s.cfg.lr_scheduler)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=s.cfg.warmup_steps, num_training_steps=s.total_steps)
+    return optimizer, scheduler
+
+
+def start_or_resume(s: Setup, optimizer, scheduler) -> int:
+    """Write the run's config, or restore the newest checkpoint; return the first step to run."""
+    cfg = s.cfg
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        write_yaml(cfg, s.run_dir / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        return 0
+    path = checkpoint.latest(s.run_dir)
+    step = checkpoint.load(path, s.policy, optimizer, scheduler)
+    _truncate_metrics(s.run_dir / METRICS, step)
+    log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
+    return step
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines written after the checkpoint: they are about to be recomputed."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def check_finite(record: dict[str, float], step: int) -> None:
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record[k])]
+    if bad:
+        raise UserError(f"step {step}: {bad[0]} is {record[bad[0]]}; stopping before a broken model is saved "
+                        "(try a lower --learning-rate or --dtype float32)")
+
+
+def train_step(s: Setup, step: int, optimizer, scheduler) -> dict[str, float]:
+    cfg = s.cfg
+    start = time.perf_counter()
+    indices = step_pairs(step, len(s.train_pairs), cfg, s.steps_per_epoch)
+    batches = micro_batches(s.train_pairs, indices, cfg.batch_size, s.tokenizer.pad_token_id, s.device)
+    optimizer.zero_grad(set_to_none=True)
+    sums = run_pairs(s, batches, backward=True)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    record = {"step": step + 1, **means(sums, len(indices), grad_norm=grad_norm), "lr": lr}
+    elapsed = time.perf_counter() - start
+    tokens = sum(b.num_tokens for b in batches)
+    record.update(pairs_per_s=len(indices) / elapsed, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+    check_finite(record, step + 1)
+    return record
+
+
+def save_final(s: Setup) -> Path:
+    final = s.run_dir / "final"
+
+    def fill(tmp: Path) -> None:
+        s.policy.save_pretrained(tmp, safe_serialization=True)
+        s.tokenizer.save_pretrained(tmp)
+
+    checkpoint.write_atomically(final, fill)
+    return final
+
+
+def train(cfg: TrainConfig) -> Path:
+    s = setup(cfg)
+    optimizer, scheduler = make_optimizer(s)
+    first = start_or_resume(s, optimizer, scheduler)
+    s.policy.train()
+    log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s", s.total_steps,
+             cfg.batch_size * cfg.grad_accum, len(s.train_pairs), s.steps_per_epoch, s.device)
+    bar = tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True)
+    with open(s.run_dir / METRICS, "a", encoding="utf-8") as metrics_file:
+        for step in range(first, s.total_steps):
+            record = train_step(s, step, optimizer, scheduler)
+            done = step + 1
+            if s.eval_pairs and ((cfg.eval_every and done % cfg.eval_every == 0) or done == s.total_steps):
+                record.update(evaluate(s))
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
+            bar.update(1)
+            if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
+                checkpoint.save(s.run_dir, done, s.policy, optimizer, scheduler)
+            after_step(done)
+    bar.close()
+    final = save_final(s)
+    log.info("done: %s", final)
+    return final
+
+
+def after_step(step: int) -> None:
+    """A hook for tests that interrupt a run at a given step; does nothing."""

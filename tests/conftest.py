@@ -1,0 +1,42 @@
+"""Shared fixtures. Only `tiny_tokenizer` lives here; other fixtures belong in the test file that uses them."""
+
+import pytest
+
+# Token ids of the tiny tokenizer, fixed so tests can spell out exact expected ids:
+#   0 <unk>  1 <s>  2 </s>  3 <|system|>  4 <|user|>  5 <|assistant|>  6 <|tool|>  then TINY_WORDS from id 7.
+TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+TINY_WORDS = (
+    ": ? . , ! Q A Human Assistant hi there good bad hello what color is the sky it blue green red yes no "
+    "how are you fine thanks a b c d e f g h 1 2 3 re I am not sure ok sorry can help with that here answer "
+    "question tell me joke why do cats purr"
+).split()
+
+# Every turn ends with the EOS token, and the template itself writes the BOS token, so
+# `apply_chat_template` must not add another (it tokenizes with add_special_tokens=False).
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A word-level fast tokenizer built offline: whitespace/punctuation pre-tokenizer, BOS prepended by the
+    post-processor ("<s> $A"), EOS "</s>", no pad token, and a chat template whose role markers are tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS + TINY_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    # Special tokens are matched before pre-tokenization, so "</s>" or "<|user|>" inside text stays one token.
+    backend.add_special_tokens(TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=TINY_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Session-wide tiny tokenizer (see `build_tiny_tokenizer`); `pad_token` is None on purpose.
+    Do not mutate it in a test: build your own copy with `build_tiny_tokenizer()` instead."""
+    return build_tiny_tokenizer()

@@ -1,0 +1,194 @@
+"""End to end through the real CLI on a tiny Llama built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune import train as train_module
+from preftune.cli import main
+from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    model = save_model_folder(root / "model")
+    train = write_jsonl(counting_pairs(64, seed=1), root / "train.jsonl")
+    held = write_jsonl(counting_pairs(32, seed=2), root / "eval.jsonl")
+    return {"model": str(model), "train": str(train), "eval": str(held), "root": root}
+
+
+def run(args: list[str]) -> int:
+    return main(["train", *args])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def base_args(toy, out: Path, steps: int = 3) -> list[str]:
+    return ["--model", toy["model"], "--data", toy["train"], "--output", str(out), "--batch-size", "8",
+            "--max-steps", str(steps), "--learning-rate", "1e-3", "--lr-scheduler", "constant"]
+
+
+def test_first_step_is_ln2_and_metrics_complete(toy, tmp_path):
+    out = tmp_path / "run"
+    assert run(base_args(toy, out)) == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    first = records[0]
+    # π = π_ref before the first update: h = 0, so the loss is -log σ(0) = ln 2 and every reward is 0.
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/accuracies"] == 0  # a tie is not a win (as in TRL)
+    expected = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs_per_s", "tokens_per_s", "step_time_s"}
+    assert expected <= set(first)
+    assert first["logps/chosen"] < 0 and first["grad_norm"] > 0 and first["lr"] == pytest.approx(1e-3)
+    config = (out / "config.yaml").read_text()
+    assert "beta: 0.1" in config and "batch_size: 8" in config
+
+
+def test_learns_toy_task_and_final_loads(toy, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    args = base_args(toy, out, steps=24) + ["--eval-data", toy["eval"], "--eval-every", "12"]
+    assert run(args) == 0
+    records = read_metrics(out)
+    assert "eval/loss" in records[11] and "eval/loss" not in records[10]
+    late = sum(r["loss"] for r in records[-4:]) / 4
+    assert late < 0.65 * records[0]["loss"]
+    assert records[-1]["eval/rewards/accuracies"] >= 0.9
+    assert records[-1]["eval/rewards/margins"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    ids = tokenizer("count from 3 :", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_resume_after_interruption_reproduces_the_run(toy, tmp_path, monkeypatch):
+    args = lambda out: base_args(toy, out, steps=6) + ["--save-every", "2", "--lr-scheduler", "linear",
+                                                       "--warmup-steps", "2"]
+    whole = tmp_path / "whole"
+    assert run(args(whole)) == 0
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(train_module, "after_step", interrupt)
+    assert run(args(cut)) == 130
+    assert len(read_metrics(cut)) == 5 and not (cut / "final").exists()
+    monkeypatch.undo()
+    assert run(args(cut) + ["--resume"]) == 0
+
+    timing = {"pairs_per_s", "tokens_per_s", "step_time_s"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+    assert strip(read_metrics(cut)) == strip(read_metrics(whole))
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accum_matches_one_big_batch(toy, tmp_path):
+    big, small = tmp_path / "big", tmp_path / "small"
+    assert run(base_args(toy, big, steps=2)) == 0
+    assert run(base_args(toy, small, steps=2)[:-6] + ["--batch-size", "2", "--grad-accum", "4", "--max-steps", "2",
+                                                       "--learning-rate", "1e-3", "--lr-scheduler", "constant"]) == 0
+    for x, y in zip(read_metrics(big), read_metrics(small)):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rpo_combination_logs_and_trains(toy, tmp_path):
+    out = tmp_path / "rpo"
+    assert run(base_args(toy, out, steps=2) + ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2"]) == 0
+    first = read_metrics(out)[0]
+    # loss = ln 2 + 0.2 · (mean NLL per chosen token) > ln 2
+    assert first["loss"] > math.log(2) + 0.1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--beta", "0"], "--beta must be positive"),
+    (["--epochs", "1"], "--max-steps and --epochs contradict"),
+    (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing has no effect with --loss hinge"),
+    (["--loss", "dpo"], "unknown loss 'dpo'"),
+    (["--loss", "sigmoid,sft", "--loss-weights", "1"], "--loss-weights has 1 values for 2 losses"),
+    (["--eval-every", "5"], "--eval-every has no effect without --eval-data"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--batch-size", "100"], "fewer than one optimizer step"),
+    (["--max-prompt-length", "2000"], "--max-prompt-length (2000) must be below --max-length (1024)"),
+])
+def test_bad_flags_give_one_line_and_write_nothing(toy, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert run(base_args(toy, out) + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("preftune: error:") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_bad_inputs(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = []
+    cases.append((["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    cases.append((["--data", str(broken)], "line 2"))
+    from transformers import ViTConfig
+
+    vit = tmp_path / "vit"
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(vit)
+    cases.append((["--model", str(vit)], "not a causal language model"))
+    cases.append((["--model", str(tmp_path)], "no config.json"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("beta: 0.2\nlearnig_rate: 1\n")
+    cases.append((["--config", str(cfg)], "unknown key 'learnig_rate'"))
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("beta: !!python/object/apply:os.system ['echo hi']\n")
+    cases.append((["--config", str(evil)], "not valid YAML"))
+    for extra, message in cases:
+        assert run(base_args(toy, out) + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err), (extra, err)
+        assert not out.exists()
+
+
+def test_output_folder_in_use(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run(base_args(toy, out)) == 2
+    assert "folder is not empty" in capsys.readouterr().err
+    assert run(base_args(toy, tmp_path / "new") + ["--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_console_script_and_pickle_refusal(toy, tmp_path):
+    """The installed `preftune` entry point, in a fresh process: a pickle-only model folder is refused."""
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in Path(toy["model"]).iterdir():
+        if f.suffix != ".safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(Path(toy["model"]) / "model.safetensors"), pickled / "pytorch_model.bin")
+    proc = subprocess.run([sys.executable, "-m", "preftune", "train", "--model", str(pickled), "--data", toy["train"],
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "pickle weights" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
