@@ -58,6 +58,15 @@ class TrainConfig:
     max_prompt_length: int | None = _opt(None, "Longest prompt in tokens; longer prompts lose their beginning.")
     on_overlength: str = _opt("truncate", "Pairs longer than --max-length: truncate (counted) or drop (counted).",
                               ("truncate", "drop"))
+    # Speed (every choice gives the same losses and gradients).
+    layout: str = _opt("packed", "packed: each prompt encoded once, LM head on response tokens only; padded: the "
+                       "plain layout (the packed one falls back to it, with a notice, for models it does not fit).",
+                       ("packed", "padded"))
+    pack_tokens: int = _opt(0, "Packed layout: put several pairs in one row of up to N tokens (0: a row per pair).")
+    group_by_length: bool = _opt(False, "Batch pairs of similar length together (less padding; still seeded).")
+    ref_cache: str | None = _opt(None, "Folder for cached reference log-probs (default: $PREFTUNE_CACHE or "
+                                 "~/.cache/preftune/reference).")
+    no_ref_cache: bool = _opt(False, "Run the reference model at every step instead of caching its log-probs.")
     # Precision and device.
     dtype: str = _opt("float32", "Compute dtype (weights and optimizer state stay float32).",
                       ("float32", "bfloat16"))
@@ -201,6 +210,14 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         raise UserError("--eval-every has no effect without --eval-data")
     if cfg.ref_model and not cfg.needs_reference:
         raise UserError(f"--ref-model has no effect with --loss {cfg.loss}: it uses no reference model")
+    if "pack_tokens" in explicit and cfg.layout != "packed":
+        raise UserError("--pack-tokens has no effect with --layout padded")
+    if cfg.pack_tokens < 0:
+        raise UserError(f"--pack-tokens must be zero or positive, got {cfg.pack_tokens}")
+    if not cfg.needs_reference and ("ref_cache" in explicit or "no_ref_cache" in explicit):
+        raise UserError(f"--ref-cache/--no-ref-cache have no effect with --loss {cfg.loss}: it uses no reference")
+    if cfg.ref_cache and cfg.no_ref_cache:
+        raise UserError("--ref-cache and --no-ref-cache contradict each other: give one")
     if "on_overlength" in explicit and cfg.max_length is None and cfg.max_prompt_length is None:
         raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
 

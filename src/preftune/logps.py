@@ -1,7 +1,11 @@
-"""Logits → per-sequence log-probs of the response tokens.
+"""Model → per-sequence log-probs of the response tokens.
 
-This is where the DPO authors' original code counted padding in the log-probs; `tests/test_logps.py` checks
-against a naive loop and checks that extra padding changes nothing.
+Two layouts give the same numbers (tests/test_packed.py checks values and gradients):
+- `padded_logps`: the plain layout, full logits for every position. The reference for exactness. This is where
+  the DPO authors' original code counted padding in the log-probs; tests check against a naive loop and that
+  extra padding changes nothing.
+- `packed_logps`: prefix-shared packed rows; the LM head runs only on the positions that predict response
+  tokens, in chunks, and recomputes its logits in backward, so no [tokens × vocabulary] tensor is ever held.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import LongTensor, Tensor
 
-from preftune.data.batching import PaddedBatch
+from preftune.data.batching import PackedBatch, PaddedBatch
 
 
 def _token_logps(logits: Tensor, targets: LongTensor) -> Tensor:
@@ -47,3 +51,116 @@ def padded_logps(model: torch.nn.Module, batch: PaddedBatch) -> tuple[Tensor, Te
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weightᵀ + bias)[target] for N positions, chunk rows at a time.
+
+    Forward keeps only the log-sum-exp per position ([N] floats); backward recomputes each chunk's logits, so
+    peak memory is chunk × vocabulary instead of N × vocabulary. Logits are computed in `dtype` and reduced in
+    float32 (the log-sum-exp of 50k–128k bf16 terms loses precision otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[start:start + chunk], weight, bias, dtype)
+            lse[start:start + chunk] = logits.logsumexp(-1)
+            picked = logits.gather(-1, targets[start:start + chunk, None]).squeeze(-1)
+            out[start:start + chunk] = picked - lse[start:start + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            h = hidden[start:end]
+            # d logp[target] / d logits = onehot(target) − softmax(logits)
+            grad_logits = -_chunk_logits(h, weight, bias, ctx.dtype).sub_(lse[start:end, None]).exp_()
+            grad_logits.scatter_add_(-1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
+            grad_logits.mul_(grad_out[start:end, None])
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (grad_logits.to(ctx.dtype) @ weight.to(ctx.dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h.float())
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    logits = hidden.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logits.float()
+
+
+def token_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chunk: int = 1024,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """Per-position log p(targets) [N] float32 from hidden states [N, H] through the LM head `head`."""
+    dtype = dtype or (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+                      else hidden.dtype)
+    return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
+
+
+def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int = 1024) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run `model` on a `PackedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
+
+    The decoder runs once over the packed rows; hidden states are gathered at the N positions that predict
+    response tokens, and only those go through the LM head.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    sdpa = model.config._attn_implementation == "sdpa"
+    mask = batch.attention_mask(None if sdpa else next(model.parameters()).dtype)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                     use_cache=False).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+    per_token = token_logps(picked, head, batch.target_ids, chunk)
+    sequences = 2 * batch.num_pairs
+    logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(0, batch.target_seq, per_token)
+    lengths = torch.bincount(batch.target_seq, minlength=sequences)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
+
+
+def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) for either layout."""
+    if isinstance(batch, PackedBatch):
+        return packed_logps(model, batch)
+    return padded_logps(model, batch)
+
+
+@torch.no_grad()
+def packed_layout_works(model: torch.nn.Module, pairs: list, pad_id: int) -> str | None:
+    """None when the packed layout gives the plain layout's log-probs on `pairs` for this model, else why not.
+
+    Models whose forward does more than `lm_head(decoder(x))` (logit soft-capping or scaling), or whose
+    attention ignores custom 4-D masks or position ids, fail this check and keep the plain layout.
+    """
+    from preftune.data.batching import collate_packed, collate_padded
+
+    indices = list(range(len(pairs)))
+    was_training = model.training
+    model.eval()
+    try:
+        plain = padded_logps(model, collate_padded(pairs, indices, pad_id).to(model.device))[:2]
+        packed = packed_logps(model, collate_packed(pairs, indices, pad_id).to(model.device))[:2]
+    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        model.train(was_training)
+    for a, b in zip(plain, packed):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-3):
+            return f"log-probs differ by up to {(a - b).abs().max().item():.3g}"
+    return None

@@ -6,8 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
-from preftune.data.batching import PaddedBatch
-from preftune.logps import padded_logps
+from preftune.data.batching import PackedBatch, PaddedBatch
+from preftune.logps import compute_logps
 
 
 class ReferenceModel:
@@ -18,10 +18,10 @@ class ReferenceModel:
         self.dtype = dtype
 
     @torch.no_grad()
-    def logps(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs [B] of the chosen and rejected rows of `batch`."""
         device = next(self.model.parameters()).device
         bf16 = self.dtype == "bfloat16"
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            chosen, rejected, _, _ = padded_logps(self.model, batch)
+            chosen, rejected, _, _ = compute_logps(self.model, batch)
         return chosen, rejected

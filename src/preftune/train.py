@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from preftune import checkpoint
 from preftune.config import TrainConfig, write_yaml
-from preftune.data.batching import PaddedBatch, collate_padded
+from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
 from preftune.data.formats import load_pairs, parse_columns
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.errors import UserError
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
-from preftune.logps import padded_logps
+from preftune.logps import compute_logps, packed_layout_works
 from preftune.losses import combined_loss, pair_metrics
 from preftune.reference import ReferenceModel
 
@@ -45,6 +45,7 @@ class Setup:
     eval_pairs: list[TokenizedPair]
     steps_per_epoch: int
     total_steps: int
+    layout: str
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -109,10 +110,10 @@ def setup(cfg: TrainConfig) -> Setup:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                what="--tokenizer" if cfg.tokenizer else "--model")
     train_pairs = load_data(cfg.data, cfg, tokenizer, "--data")
-    step_pairs = cfg.batch_size * cfg.grad_accum
-    if len(train_pairs) < step_pairs:
+    per_step = cfg.batch_size * cfg.grad_accum
+    if len(train_pairs) < per_step:
         raise UserError(f"--data {cfg.data}: {len(train_pairs)} pairs, fewer than one optimizer step "
-                        f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} = {step_pairs})")
+                        f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} = {per_step})")
     eval_pairs = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else []
 
     policy = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -126,33 +127,64 @@ def setup(cfg: TrainConfig) -> Setup:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
+    layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
 
-    steps_per_epoch = math.ceil(len(train_pairs) / step_pairs)
+    steps_per_epoch = math.ceil(len(train_pairs) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
-    return Setup(cfg, run_dir, device, tokenizer, policy, reference, train_pairs, eval_pairs, steps_per_epoch, total)
+    return Setup(cfg, run_dir, device, tokenizer, policy, reference, train_pairs, eval_pairs, steps_per_epoch, total,
+                 layout)
+
+
+def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: int) -> str:
+    """The packed layout when it gives this model's exact log-probs on a few pairs, else the plain one."""
+    if cfg.layout == "padded":
+        return "padded"
+    problem = packed_layout_works(policy, pairs[:2], pad_id)
+    if problem:
+        log.warning("packed layout does not fit %s (%s): using the plain padded layout",
+                    type(policy).__name__, problem)
+        return "padded"
+    return "packed"
 
 
 # ---------------------------------------------------------------------------------------------------- data order
 
 
-def step_pairs(step: int, n: int, cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
+def step_pairs(step: int, pairs: list[TokenizedPair], cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
     """Dataset indices of the pairs of optimizer step `step` (0-based).
 
     The order is a pure function of (seed, epoch): resuming at a step needs no saved data-loader state.
     """
     epoch, k = divmod(step, steps_per_epoch)
-    if cfg.no_shuffle:
-        order = torch.arange(n)
-    else:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
     size = cfg.batch_size * cfg.grad_accum
-    return order[k * size:(k + 1) * size].tolist()
+    return epoch_order(pairs, cfg, epoch)[k * size:(k + 1) * size]
 
 
-def micro_batches(pairs: list[TokenizedPair], indices: list[int], batch_size: int, pad_id: int,
-                  device: torch.device) -> list[PaddedBatch]:
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return [collate_padded([pairs[i] for i in chunk], chunk, pad_id).to(device) for chunk in chunks]
+def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> list[int]:
+    n = len(pairs)
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    order = list(range(n)) if cfg.no_shuffle else torch.randperm(n, generator=generator).tolist()
+    if not cfg.group_by_length:
+        return order
+    # Sort windows of 16 steps by length, cut them into steps, then shuffle the steps: pairs of a step have
+    # similar lengths (little padding) while the step order stays random.
+    size = cfg.batch_size * cfg.grad_accum
+    length = lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)  # noqa: E731
+    window = 16 * size
+    grouped = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=length, reverse=True)]
+    steps = [grouped[i:i + size] for i in range(0, n, size)]
+    if not cfg.no_shuffle:
+        steps = [steps[j] for j in torch.randperm(len(steps), generator=generator).tolist()]
+    return [i for chunk in steps for i in chunk]
+
+
+def micro_batches(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> list[PackedBatch | PaddedBatch]:
+    size, pad_id = s.cfg.batch_size, s.tokenizer.pad_token_id
+    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+    if s.layout == "packed":
+        return [collate_packed([pairs[i] for i in c], c, pad_id, s.cfg.pack_tokens or None).to(s.device)
+                for c in chunks]
+    return [collate_padded([pairs[i] for i in c], c, pad_id).to(s.device) for c in chunks]
 
 
 # ---------------------------------------------------------------------------------------------------- one step
@@ -164,11 +196,11 @@ def autocast(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def batch_loss(s: Setup, batch: PaddedBatch, num_pairs: int, num_chosen_tokens: int):
+def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, num_pairs: int, num_chosen_tokens: int):
     """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics."""
     cfg = s.cfg
     with autocast(s.device, cfg.dtype):
-        chosen, rejected, chosen_len, rejected_len = padded_logps(s.policy, batch)
+        chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch)
     if s.reference is not None:
         ref_chosen, ref_rejected = s.reference.logps(batch)
     else:
@@ -188,7 +220,7 @@ def _add(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> Non
         sums[key] = sums[key] + total if key in sums else total
 
 
-def run_pairs(s: Setup, batches: list[PaddedBatch], backward: bool) -> dict[str, torch.Tensor]:
+def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], backward: bool) -> dict[str, torch.Tensor]:
     """Forward (and backward) over the micro-batches of one step; returns device sums of the metrics."""
     num_pairs = sum(b.num_pairs for b in batches)
     num_chosen_tokens = sum(b.num_chosen_tokens for b in batches)
@@ -212,9 +244,8 @@ def means(sums: dict[str, torch.Tensor], num_pairs: int, prefix: str = "", **tot
 
 def evaluate(s: Setup) -> dict[str, float]:
     s.policy.eval()
-    pad = s.tokenizer.pad_token_id
     indices = list(range(len(s.eval_pairs)))
-    batches = micro_batches(s.eval_pairs, indices, s.cfg.batch_size, pad, s.device)
+    batches = micro_batches(s, s.eval_pairs, indices)
     result = means(run_pairs(s, batches, backward=False), len(indices), prefix="eval/")
     s.policy.train()
     return result
@@ -267,8 +298,8 @@ def check_finite(record: dict[str, float], step: int) -> None:
 def train_step(s: Setup, step: int, optimizer, scheduler) -> dict[str, float]:
     cfg = s.cfg
     start = time.perf_counter()
-    indices = step_pairs(step, len(s.train_pairs), cfg, s.steps_per_epoch)
-    batches = micro_batches(s.train_pairs, indices, cfg.batch_size, s.tokenizer.pad_token_id, s.device)
+    indices = step_pairs(step, s.train_pairs, cfg, s.steps_per_epoch)
+    batches = micro_batches(s, s.train_pairs, indices)
     optimizer.zero_grad(set_to_none=True)
     sums = run_pairs(s, batches, backward=True)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")

@@ -82,3 +82,103 @@ def collate_padded(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
         num_tokens=sum(len(seq) for seq in sequences),
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
     )
+
+
+@dataclass
+class PackedBatch:
+    """Prefix-shared, packed layout: each pair is one segment [prompt | chosen | rejected] of a row.
+
+    The prompt is encoded once and both responses attend to it; rejected tokens do not see chosen ones, and
+    their position ids restart at the end of the prompt, so every token sees exactly the context and positions
+    it has in its own plain sequence. Several segments may share a row (block-diagonal between them); rows are
+    right-padded to the longest. Worked example, the pairs of the `collate_padded` example in one row each:
+
+        input_ids     [[1, 2, 3, 4, 5, 6],   [7, 8, 9, 10, 11, 0]]
+        position_ids  [[0, 1, 2, 3, 4, 3],   [0, 1, 2, 2, 3, 0]]
+        part          [[0, 0, 0, 1, 1, 2],   [0, 0, 1, 2, 2, -1]]     0 prompt, 1 chosen, 2 rejected, -1 pad
+        targets: chosen 4 ← hidden at (0, 2), 5 ← (0, 3); rejected 6 ← (0, 2) (the last prompt position);
+                 chosen 9 ← (1, 1); rejected 10 ← (1, 1), 11 ← (1, 3)
+    """
+
+    input_ids: LongTensor  # [R, L]
+    position_ids: LongTensor  # [R, L]
+    segment: LongTensor  # [R, L] segment number within its row, -1 on padding
+    part: LongTensor  # [R, L] 0 prompt, 1 chosen, 2 rejected, -1 padding
+    target_pos: LongTensor  # [N] flat position (row · L + column) of the hidden state predicting each response token
+    target_ids: LongTensor  # [N] the response tokens
+    target_seq: LongTensor  # [N] sequence of each token: pair i's chosen is i, its rejected B + i
+    index: LongTensor  # [B] dataset positions of the pairs
+    num_pairs: int
+    num_tokens: int  # tokens the plain layout would process: both prompts counted (for comparable tokens/s)
+    num_chosen_tokens: int
+
+    to = PaddedBatch.to
+
+    def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[R, 1, L, L]: True (or 0.0) where query q may attend to key k; bool unless a float `dtype` is given."""
+        q_seg, k_seg = self.segment.unsqueeze(2), self.segment.unsqueeze(1)
+        q_part, k_part = self.part.unsqueeze(2), self.part.unsqueeze(1)
+        length = self.segment.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.segment.device).tril()
+        allowed = causal & (q_seg == k_seg) & ~((q_part == 2) & (k_part == 1))
+        # Padding attends to itself only: a fully masked query row would give NaN in the softmax.
+        allowed |= torch.eye(length, dtype=torch.bool, device=self.segment.device) & (q_seg < 0)
+        allowed = allowed.unsqueeze(1)
+        if dtype is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+
+def _segment(pair: TokenizedPair) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """ids, position ids, parts and (source offset, token, sequence kind) targets of one pair's segment."""
+    p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    ids = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+    positions = list(range(p + c)) + list(range(p, p + r))
+    parts = [0] * p + [1] * c + [2] * r
+    targets = [(p - 1 + k, token, 0) for k, token in enumerate(pair.chosen_ids)]
+    targets += [((p - 1) if k == 0 else (p + c + k - 1), token, 1) for k, token in enumerate(pair.rejected_ids)]
+    return ids, positions, parts, targets
+
+
+def collate_packed(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
+                   max_row_tokens: int | None = None) -> PackedBatch:
+    """Lay out B pairs as a `PackedBatch`: one segment per pair, segments filled into rows of at most
+    `max_row_tokens` tokens in order (None: one pair per row; a longer pair gets a row of its own)."""
+    if len(pairs) != len(indices):
+        raise ValueError(f"{len(pairs)} pairs but {len(indices)} indices")
+    rows: list[list[int]] = []  # pair numbers in each row
+    used = 0
+    for i, pair in enumerate(pairs):
+        _check_pair(pair)
+        size = len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+        if rows and max_row_tokens and used + size <= max_row_tokens:
+            rows[-1].append(i)
+            used += size
+        else:
+            rows.append([i])
+            used = size
+    segments = [_segment(p) for p in pairs]
+    length = max(sum(len(segments[i][0]) for i in row) for row in rows)
+    ids, pos, seg, part = ([[fill] * length for _ in rows] for fill in (pad_id, 0, -1, -1))
+    target_pos, target_ids, target_seq = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for s, i in enumerate(row):
+            seg_ids, seg_pos, seg_part, seg_targets = segments[i]
+            end = start + len(seg_ids)
+            ids[r][start:end], pos[r][start:end], part[r][start:end] = seg_ids, seg_pos, seg_part
+            seg[r][start:end] = [s] * len(seg_ids)
+            for offset, token, kind in seg_targets:
+                target_pos.append(r * length + start + offset)
+                target_ids.append(token)
+                target_seq.append(i + kind * len(pairs))
+            start = end
+    tensor = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return PackedBatch(
+        input_ids=tensor(ids), position_ids=tensor(pos), segment=tensor(seg), part=tensor(part),
+        target_pos=tensor(target_pos), target_ids=tensor(target_ids), target_seq=tensor(target_seq),
+        index=tensor(indices), num_pairs=len(pairs),
+        num_tokens=sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+        num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
+    )

@@ -1,0 +1,220 @@
+"""Reference log-probs computed once per example, ever: cached on disk under a hash of everything they depend on.
+
+The reference model is frozen, so log π_ref(y|x) of a pair never changes. One no-grad pass stores them as an
+[N, 2] float32 .npy file (column 0 chosen, column 1 rejected, row i = dataset position i), memory-mapped, so
+epochs, resumed runs and β sweeps read them back instead of running the reference, and the reference model can
+be freed. The file name is `cache_key(...)`: a hash of the weights, the exact token ids of every pair (they
+capture the data, tokenizer and truncation), the compute dtype and any extra options, e.g.
+
+    key = cache_key(weights=weights_digest(ref), pairs=pairs, dtype="float32")
+    ref_logps, hit = load_or_compute(default_cache_dir(), key, lambda out: compute(ref, pairs, ..., out=out))
+    ref_chosen, ref_rejected = ref_logps.lookup(batch.index, device)        # [B], [B]
+
+A file only ever appears complete: rows are written to a temporary file that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import LongTensor, Tensor
+from tqdm.auto import tqdm
+
+from preftune.data.tokenize import TokenizedPair
+
+log = logging.getLogger("preftune")
+
+FORMAT_VERSION = 1  # bump when what is hashed or stored changes meaning: old files then simply stop matching
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+
+
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    """The raw bytes of a tensor of any dtype (bf16 and fp8 included: numpy has no such types, so view as uint8)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _frame(hasher, data: bytes | memoryview) -> None:
+    """Length-prefixed update: fields can never run into each other ([1, 2] + [3] ≠ [1] + [2, 3])."""
+    hasher.update(len(data).to_bytes(8, "little"))
+    hasher.update(data)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """blake2b hex digest of the state dict: sorted names, dtype, shape and raw bytes of each tensor.
+
+    A tensor tied to an earlier one (e.g. lm_head.weight = embed_tokens.weight) is recorded by name as an alias,
+    not hashed twice. Non-persistent buffers (e.g. rotary inv_freq) are not in the state dict: they come from the
+    config, which the caller adds to `cache_key(extra=...)` if it may differ for the same weights.
+    """
+    hasher = hashlib.blake2b(digest_size=32)
+    seen: dict[tuple, str] = {}
+    for name, tensor in sorted(model.state_dict().items()):
+        _frame(hasher, name.encode())
+        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if identity in seen:
+            _frame(hasher, f"tied to {seen[identity]}".encode())
+            continue
+        seen[identity] = name
+        _frame(hasher, f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+        _frame(hasher, _tensor_bytes(tensor))
+    return hasher.hexdigest()
+
+
+def cache_key(*, weights: str, pairs: list[TokenizedPair], dtype: str, extra: dict | None = None) -> str:
+    """Hex digest naming the cached log-probs of `pairs` in this order under weights `weights` and `dtype`.
+
+    `extra` holds any other option that changes the reference log-probs (json with sorted keys, so key order
+    does not matter). `where` is not hashed: the same ids from another file give the same log-probs.
+    """
+    hasher = hashlib.blake2b(digest_size=32)
+    header = {"format": FORMAT_VERSION, "weights": weights, "dtype": dtype, "extra": extra or {}, "pairs": len(pairs)}
+    _frame(hasher, json.dumps(header, sort_keys=True).encode())
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            _frame(hasher, np.asarray(ids, dtype=np.int64).tobytes())
+    return hasher.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- the file
+
+
+class RefLogps:
+    """Reference log-probs of a dataset: an [N, 2] float32 array (chosen, rejected) on disk, memory-mapped.
+
+    Opening checks the file (readable .npy, [N, 2] float32 with N = `num_pairs` when given, every value finite)
+    and raises ValueError otherwise.
+    """
+
+    def __init__(self, path: Path, num_pairs: int | None = None):
+        self.path = Path(path)
+        try:
+            array = np.load(self.path, mmap_mode="r")  # a truncated file fails here: its data is shorter than mapped
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{self.path}: not a readable .npy file ({e})") from None
+        if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != 2:
+            raise ValueError(f"{self.path}: expected an [N, 2] float32 array, got {array.dtype} {array.shape}")
+        if num_pairs is not None and array.shape[0] != num_pairs:
+            raise ValueError(f"{self.path}: {array.shape[0]} rows, expected {num_pairs}")
+        if not np.isfinite(array).all():  # compute never writes a non-finite value, so this is damage
+            raise ValueError(f"{self.path}: holds non-finite values")
+        self.array = array
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def lookup(self, index: LongTensor, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """Rows at dataset positions `index` [B] → (ref_chosen_logps [B], ref_rejected_logps [B]), float32 on
+        `device`."""
+        positions = index.detach().to("cpu").numpy()
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            # numpy would wrap a negative index silently and pair a batch with another pair's log-probs
+            raise IndexError(f"{self.path}: index out of range 0..{len(self) - 1}: {positions.tolist()}")
+        rows = torch.from_numpy(self.array[positions]).to(device)  # fancy indexing reads only these rows
+        return rows[:, 0], rows[:, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- compute
+
+
+def _sorted_order(pairs: list[TokenizedPair]) -> list[int]:
+    """Dataset positions, longest padded row first: similar lengths share a batch (less padding), and an
+    out-of-memory error shows up in the first batch rather than near the end."""
+    def row_length(i: int) -> int:
+        return len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
+
+    return sorted(range(len(pairs)), key=row_length, reverse=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@torch.no_grad()
+def _fill(array: np.ndarray, model, pairs, order, *, batch_size, logps_fn, collate_fn, device, dtype, progress):
+    """Write the [N, 2] rows of `array` batch by batch, at their dataset positions."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    with tqdm(total=len(pairs), desc="reference", unit="pair", disable=not progress) as bar, autocast:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = collate_fn([pairs[i] for i in chunk], chunk).to(device)
+            chosen, rejected = logps_fn(model, batch)[:2]
+            rows = torch.stack([chosen, rejected], dim=1).float().cpu().numpy()  # [B, 2]
+            bad = ~np.isfinite(rows).all(axis=1)
+            if bad.any():
+                where = pairs[chunk[int(bad.argmax())]].where
+                raise ValueError(f"{where}: the reference model gives a non-finite log-prob {rows[bad][0].tolist()}")
+            array[chunk] = rows
+            bar.update(len(chunk))
+
+
+def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, batch_size: int,
+            logps_fn: Callable, collate_fn: Callable, device: torch.device | str, dtype: str, out: Path,
+            progress: bool = True) -> RefLogps:
+    """One no-grad, eval-mode pass of `model` over `pairs` → RefLogps at `out`, row i = pairs[i].
+
+    logps_fn(model, batch) → (chosen [B], rejected [B], chosen_lengths [B], rejected_lengths [B]) as
+    `preftune.logps.padded_logps`; collate_fn(pairs, indices) → a batch with `.to(device)`. Rows go straight to
+    a memory-mapped temporary file (N need not fit in memory), which is flushed, fsynced and renamed to `out`:
+    an interrupted pass leaves no file at `out`.
+    """
+    if not pairs:
+        raise ValueError("no pairs to compute reference log-probs for")
+    out = Path(out)
+    device = torch.device(device)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # per process: two ranks never write one file
+    was_training = model.training
+    model.eval()
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pairs), 2))
+        _fill(array, model, pairs, _sorted_order(pairs), batch_size=batch_size, logps_fn=logps_fn,
+              collate_fn=collate_fn, device=device, dtype=dtype, progress=progress)
+        array.flush()
+        del array
+        _fsync(tmp)
+        os.replace(tmp, out)
+        if os.name == "posix":
+            _fsync(out.parent)  # make the rename itself durable
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return RefLogps(out, len(pairs))
+
+
+def load_or_compute(cache_dir: Path, key: str, compute_fn: Callable[[Path], RefLogps],
+                    num_pairs: int | None = None) -> tuple[RefLogps, bool]:
+    """(RefLogps of cache_dir/<key>.npy, True) if that file is complete and valid, else
+    (compute_fn(that path), False). A damaged file is logged and recomputed, never used."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"{key}.npy"
+    if path.exists():
+        try:
+            cached = RefLogps(path, num_pairs)
+            log.info("reference log-probs: cached in %s", path)
+            return cached, True
+        except ValueError as e:
+            log.warning("reference log-probs: ignoring a damaged cache file, recomputing (%s)", e)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return compute_fn(path), False
+
+
+def default_cache_dir() -> Path:
+    """$PREFTUNE_CACHE, else $XDG_CACHE_HOME/preftune/reference, else ~/.cache/preftune/reference."""
+    if os.environ.get("PREFTUNE_CACHE"):
+        return Path(os.environ["PREFTUNE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "preftune" / "reference"
