@@ -149,35 +149,41 @@ def qa_pairs(shared: Path) -> tuple[list[dict], dict]:
 
 def single_token_words(tokenizer) -> list[str]:
     """Lower-case words w such that " w" is one token and a run of them tokenizes word by word."""
-    words = []
-    for token in tokenizer.get_vocab():
-        text = tokenizer.convert_tokens_to_string([token])
-        word = text[1:]
-        if text.startswith(" ") and word.isascii() and word.isalpha() and word.islower() and 3 <= len(word) <= 8:
-            words.append(word)
-    words.sort()
+    candidates = sorted({t.lstrip("Ġ▁") for t in tokenizer.get_vocab() if t[:1] in ("Ġ", "▁")})
+    candidates = [w for w in candidates if w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 8]
+    ids = tokenizer([" " + w for w in candidates], add_special_tokens=False).input_ids
+    words = [w for w, i in zip(candidates, ids) if len(i) == 1]
     sample = random.Random(0).sample(words, min(len(words), 2000))
-    ids = tokenizer(" ".join(sample), add_special_tokens=False).input_ids
-    if len(ids) != len(sample):  # e.g. a SentencePiece vocabulary whose pieces are not all standalone words
-        sample = [w for w in sample if len(tokenizer(" " + w, add_special_tokens=False).input_ids) == 1]
+    if len(tokenizer(" " + " ".join(sample), add_special_tokens=False).input_ids) != len(sample):
+        raise SystemExit("--synthetic: this tokenizer merges single-token words; cannot build exact lengths")
     return sample
 
 
 def synthetic_pairs(spec: str, n: int, tokenizer, seed: int) -> tuple[list[dict], dict]:
-    """n pairs of P prompt words and C-1 / R-1 response words (+ the EOS the trainers append = C / R tokens)."""
+    """n pairs of P prompt tokens (BOS included if the tokenizer adds one) and C-1 / R-1 response words (+ the EOS
+    the trainers append = C / R tokens)."""
     try:
         p, c, r = (int(x) for x in spec.split(","))
     except ValueError:
         raise SystemExit(f"--synthetic: expected three token counts P,C,R, got {spec!r}") from None
-    if p < 1 or c < 2 or r < 2:
-        raise SystemExit("--synthetic: P must be ≥ 1 and C, R ≥ 2 (one token is the EOS)")
+    specials = len(tokenizer("").input_ids)  # e.g. Llama 3's <|begin_of_text|>
+    if p <= specials or c < 2 or r < 2:
+        raise SystemExit(f"--synthetic: P must be > {specials} and C, R ≥ 2 (one token is the EOS)")
     words = single_token_words(tokenizer)
     rng = random.Random(seed)
 
     def text(k: int) -> str:
         return "".join(" " + rng.choice(words) for _ in range(k))
 
-    pairs = [{"prompt": text(p).lstrip(" "), "chosen": text(c - 1), "rejected": text(r - 1)} for _ in range(n)]
+    def prompt() -> str:
+        # A leading space keeps the first word one token with byte-level BPEs; SentencePiece adds its own.
+        words_text = text(p - specials)
+        for candidate in (words_text, words_text.lstrip(" ")):
+            if len(tokenizer(candidate).input_ids) == p:
+                return candidate
+        raise SystemExit(f"--synthetic: cannot make a prompt of exactly {p} tokens with this tokenizer")
+
+    pairs = [{"prompt": prompt(), "chosen": text(c - 1), "rejected": text(r - 1)} for _ in range(n)]
     return pairs, {"synthetic": [p, c, r], "word_pool": len(words), "pairs": n}
 
 
