@@ -151,10 +151,13 @@ def single_token_words(tokenizer) -> list[str]:
     """Lower-case words w such that " w" is one token and a run of them tokenizes word by word."""
     candidates = sorted({t.lstrip("Ġ▁") for t in tokenizer.get_vocab() if t[:1] in ("Ġ", "▁")})
     candidates = [w for w in candidates if w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 8]
-    ids = tokenizer([" " + w for w in candidates], add_special_tokens=False).input_ids
-    words = [w for w, i in zip(candidates, ids) if len(i) == 1]
+    # " w" for byte-level BPEs; "w" for SentencePiece, whose normalizer already turns the space before it into "▁".
+    spaced = tokenizer([" " + w for w in candidates], add_special_tokens=False).input_ids
+    bare = tokenizer(candidates, add_special_tokens=False).input_ids
+    words = [w for w, a, b in zip(candidates, spaced, bare) if min(len(a), len(b)) == 1]
     sample = random.Random(0).sample(words, min(len(words), 2000))
-    if len(tokenizer(" " + " ".join(sample), add_special_tokens=False).input_ids) != len(sample):
+    lengths = {len(tokenizer(t, add_special_tokens=False).input_ids) for t in (" ".join(sample), " " + " ".join(sample))}
+    if len(sample) not in lengths:
         raise SystemExit("--synthetic: this tokenizer merges single-token words; cannot build exact lengths")
     return sample
 

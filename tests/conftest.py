@@ -40,3 +40,9 @@ def tiny_tokenizer():
     """Session-wide tiny tokenizer (see `build_tiny_tokenizer`); `pad_token` is None on purpose.
     Do not mutate it in a test: build your own copy with `build_tiny_tokenizer()` instead."""
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _private_reference_cache(tmp_path_factory, monkeypatch):
+    """Cached reference log-probs of tests go to a temporary folder, never the user's cache."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "reference-cache"))

@@ -8,6 +8,7 @@ import torch
 
 from preftune.data.batching import PackedBatch, PaddedBatch
 from preftune.logps import compute_logps
+from preftune.refcache import RefLogps
 
 
 class ReferenceModel:
@@ -25,3 +26,13 @@ class ReferenceModel:
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             chosen, rejected, _, _ = compute_logps(self.model, batch)
         return chosen, rejected
+
+
+class CachedReference:
+    """Reference log-probs read from the on-disk cache by dataset position (see `refcache`)."""
+
+    def __init__(self, logps: RefLogps):
+        self.cached = logps
+
+    def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cached.lookup(batch.index, batch.index.device)

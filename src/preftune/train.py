@@ -27,7 +27,8 @@ from preftune.errors import UserError
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
 from preftune.logps import compute_logps, packed_layout_works
 from preftune.losses import combined_loss, pair_metrics
-from preftune.reference import ReferenceModel
+from preftune import refcache
+from preftune.reference import CachedReference, ReferenceModel
 
 log = logging.getLogger("preftune")
 METRICS = "metrics.jsonl"
@@ -40,7 +41,8 @@ class Setup:
     device: torch.device
     tokenizer: object
     policy: torch.nn.Module
-    reference: ReferenceModel | None
+    reference: ReferenceModel | CachedReference | None
+    eval_reference: ReferenceModel | CachedReference | None
     train_pairs: list[TokenizedPair]
     eval_pairs: list[TokenizedPair]
     steps_per_epoch: int
@@ -116,23 +118,62 @@ def setup(cfg: TrainConfig) -> Setup:
                         f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} = {per_step})")
     eval_pairs = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else []
 
-    policy = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    reference = None
+    policy = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device)
+    layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
+    steps_per_epoch = math.ceil(len(train_pairs) / per_step)
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
+    s = Setup(cfg, run_dir, device, tokenizer, policy, None, None, train_pairs, eval_pairs, steps_per_epoch, total,
+              layout)
     if cfg.needs_reference:
-        # The default reference is the policy as loaded: copied in memory, not re-read from disk.
-        ref = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model")
-               if cfg.ref_model else copy.deepcopy(policy))
-        reference = ReferenceModel(ref.to(device), dtype=cfg.dtype)
-    policy.to(device)
+        attach_reference(s)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
+    return s
 
-    steps_per_epoch = math.ceil(len(train_pairs) / per_step)
-    total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
-    return Setup(cfg, run_dir, device, tokenizer, policy, reference, train_pairs, eval_pairs, steps_per_epoch, total,
-                 layout)
+
+def attach_reference(s: Setup) -> None:
+    """The reference: by default its log-probs, computed once and cached on disk, then the model is freed.
+
+    The default reference is the policy as loaded (never re-read from disk). With the cache, the policy itself
+    computes them before its first update, so no second copy is ever made; without it, a frozen copy runs at
+    every step.
+    """
+    cfg = s.cfg
+    loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model").to(s.device)
+              if cfg.ref_model else None)
+    if cfg.no_ref_cache:
+        s.reference = s.eval_reference = ReferenceModel(loaded or copy.deepcopy(s.policy), dtype=cfg.dtype)
+        return
+    model = loaded or s.policy
+    digest = refcache.weights_digest(model)
+    cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else refcache.default_cache_dir()
+    s.reference = CachedReference(_cached_logps(s, model, digest, s.train_pairs, cache_dir, "--data"))
+    if s.eval_pairs:
+        s.eval_reference = CachedReference(_cached_logps(s, model, digest, s.eval_pairs, cache_dir, "--eval-data"))
+    del loaded  # the reference model is no longer needed: only its log-probs are
+
+
+def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cache_dir: Path, what: str):
+    cfg = s.cfg
+    # Options outside the weights that change log-probs (rope scaling, soft-capping...) live in the config.
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra={"config": config})
+
+    def compute(out: Path):
+        return refcache.compute(model, pairs, batch_size=4 * cfg.batch_size, logps_fn=compute_logps,
+                                collate_fn=lambda ps, idx: collate(s, ps, idx), device=s.device, dtype=cfg.dtype,
+                                out=out)
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--ref-cache {cache_dir}: cannot create the folder ({e.strerror})") from None
+    start = time.perf_counter()
+    logps, hit = refcache.load_or_compute(cache_dir, key, compute, num_pairs=len(pairs))
+    log.info("%s reference log-probs: %s %s", what, "reused" if hit else
+             f"computed in {time.perf_counter() - start:.1f} s,", logps.path)
+    return logps
 
 
 def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: int) -> str:
@@ -178,13 +219,16 @@ def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> lis
     return [i for chunk in steps for i in chunk]
 
 
-def micro_batches(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> list[PackedBatch | PaddedBatch]:
-    size, pad_id = s.cfg.batch_size, s.tokenizer.pad_token_id
-    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+def collate(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> PackedBatch | PaddedBatch:
     if s.layout == "packed":
-        return [collate_packed([pairs[i] for i in c], c, pad_id, s.cfg.pack_tokens or None).to(s.device)
-                for c in chunks]
-    return [collate_padded([pairs[i] for i in c], c, pad_id).to(s.device) for c in chunks]
+        return collate_packed(pairs, indices, s.tokenizer.pad_token_id, s.cfg.pack_tokens or None)
+    return collate_padded(pairs, indices, s.tokenizer.pad_token_id)
+
+
+def micro_batches(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> list[PackedBatch | PaddedBatch]:
+    size = s.cfg.batch_size
+    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [collate(s, [pairs[i] for i in c], c).to(s.device) for c in chunks]
 
 
 # ---------------------------------------------------------------------------------------------------- one step
@@ -196,13 +240,13 @@ def autocast(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, num_pairs: int, num_chosen_tokens: int):
+def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs: int, num_chosen_tokens: int):
     """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics."""
     cfg = s.cfg
     with autocast(s.device, cfg.dtype):
         chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch)
-    if s.reference is not None:
-        ref_chosen, ref_rejected = s.reference.logps(batch)
+    if reference is not None:
+        ref_chosen, ref_rejected = reference.logps(batch)
     else:
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
@@ -220,14 +264,14 @@ def _add(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> Non
         sums[key] = sums[key] + total if key in sums else total
 
 
-def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], backward: bool) -> dict[str, torch.Tensor]:
+def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, backward: bool) -> dict[str, torch.Tensor]:
     """Forward (and backward) over the micro-batches of one step; returns device sums of the metrics."""
     num_pairs = sum(b.num_pairs for b in batches)
     num_chosen_tokens = sum(b.num_chosen_tokens for b in batches)
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         with nullcontext() if backward else torch.no_grad():
-            loss, metrics = batch_loss(s, batch, num_pairs, num_chosen_tokens)
+            loss, metrics = batch_loss(s, batch, reference, num_pairs, num_chosen_tokens)
         if backward:
             loss.backward()
         _add(sums, metrics)
@@ -246,7 +290,7 @@ def evaluate(s: Setup) -> dict[str, float]:
     s.policy.eval()
     indices = list(range(len(s.eval_pairs)))
     batches = micro_batches(s, s.eval_pairs, indices)
-    result = means(run_pairs(s, batches, backward=False), len(indices), prefix="eval/")
+    result = means(run_pairs(s, batches, s.eval_reference, backward=False), len(indices), prefix="eval/")
     s.policy.train()
     return result
 
@@ -301,7 +345,7 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> dict[str, float]:
     indices = step_pairs(step, s.train_pairs, cfg, s.steps_per_epoch)
     batches = micro_batches(s, s.train_pairs, indices)
     optimizer.zero_grad(set_to_none=True)
-    sums = run_pairs(s, batches, backward=True)
+    sums = run_pairs(s, batches, s.reference, backward=True)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm)
     lr = scheduler.get_last_lr()[0]
