@@ -237,3 +237,11 @@ def test_reference_cache_is_reused_and_matches_the_live_reference(toy, tmp_path,
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
+def test_precompute_then_train_skips_the_reference(toy, tmp_path, capsys):
+    cache = ["--ref-cache", str(tmp_path / "cache")]
+    assert main(["precompute", "--model", toy["model"], "--data", toy["train"], "--batch-size", "8"] + cache) == 0
+    assert "reference log-probs: computed" in capsys.readouterr().err
+    assert run(base_args(toy, tmp_path / "run") + cache) == 0
+    assert "reference log-probs: reused" in capsys.readouterr().err

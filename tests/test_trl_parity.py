@@ -3,7 +3,9 @@
 For every loss the two share (sigmoid, ipo, hinge, robust, and the RPO combination sigmoid + 0.2·sft), preftune's
 per-step `loss`, `logps/*`, `rewards/*`, `grad_norm` and learning rate must equal TRL's over 3 optimizer steps,
 within float32 rounding. Steps 2 and 3 run after real AdamW updates (lr 1e-3), so they check the gradients and
-the optimizer too, not only the forward pass.
+the optimizer too, not only the forward pass. Every loss runs with preftune's defaults (packed prefix-shared layout,
+reference log-probs computed once and cached); one case also runs the plain padded layout with a live reference
+model, the computation closest to TRL's.
 
 Why the settings below make the two runs the same computation:
 - All 8 pairs form one batch (batch size 8, 8 pairs), so shuffling cannot change which pairs a step sees; only
@@ -16,9 +18,11 @@ Why the settings below make the two runs the same computation:
   `learning_rate` as the rate the step used (read before `lr_scheduler.step()`), which is preftune's `lr`.
 - With `logging_steps=1` and no gradient accumulation, TRL's logged `loss` is that step's loss, unaveraged and
   unrounded (transformers 5 `_maybe_log_save_evaluate`), and its `rewards/*`, `logps/*` are means over the batch.
-- TRL reloads the reference from the model folder, preftune deep-copies the loaded policy: the same weights.
-The remaining differences are float32 rounding: TRL scores tokens with its chunked fused LM head and a batch laid
-out differently (16 rows of one padded length), preftune with full logits; sums over the batch run in a different
+- TRL reloads the reference from the model folder; preftune by default scores the pairs with the loaded policy
+  before its first update and caches those log-probs (or, with --no-ref-cache, deep-copies it): the same weights.
+  Each run gets its own cache folder, so no log-probs computed by another test (another layout) are reused.
+The remaining differences are float32 rounding: TRL scores tokens with its chunked fused LM head on 16 rows
+(8 chosen, 8 rejected) of one padded length, preftune with its own layouts; sums over the batch run in a different
 order. Measured: at most 2e-6 absolute on log-probs near −16 and on grad norms of 1–9 (~1e-7 relative), below
 1e-6 on the loss and rewards. The rewards are β·(differences of log-probs near −16), where float32 spacing is
 1.9e-6, so their error is absolute, not relative to their (small) size: hence an absolute tolerance too.
@@ -55,6 +59,11 @@ CASES = [
     ("robust", ["--loss", "robust", "--beta", "0.5", "--label-smoothing", "0.2"],
      {"loss_type": ["robust"], "beta": 0.5, "label_smoothing": 0.2}),
     ("sigmoid+sft", ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2", "--beta", "0.5"],
+     {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2], "beta": 0.5}),
+    # The plain layout with the reference model run at every step, as TRL does. sigmoid + sft exercises both the
+    # pair-normalised and the chosen-token-normalised terms.
+    ("sigmoid+sft/padded", ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2", "--beta", "0.5",
+                            "--layout", "padded", "--no-ref-cache"],
      {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2], "beta": 0.5}),
 ]
 
@@ -96,6 +105,8 @@ def run_preftune(model_dir: Path, output: Path, flags: list[str]) -> list[dict]:
     args = ["train", "--model", str(model_dir), "--data", str(DATA), "--output", str(output), "--batch-size", "8",
             "--max-steps", str(STEPS), "--learning-rate", str(LEARNING_RATE), "--lr-scheduler", "linear",
             "--max-length", str(MAX_LENGTH), "--seed", str(SEED), *flags]
+    if "--no-ref-cache" not in flags:
+        args += ["--ref-cache", str(output.parent / "ref-cache")]
     assert main(args) == 0
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 

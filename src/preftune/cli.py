@@ -25,6 +25,14 @@ def _train(args: dict) -> None:
     train(cfg)
 
 
+def _precompute(args: dict) -> None:
+    from preftune.config import resolve
+    from preftune.train import precompute
+
+    cfg, _ = resolve({"output": "-", **args})  # nothing is written but the cache
+    precompute(cfg)
+
+
 def _demo(args: dict) -> None:
     from preftune.demo.toy import run_demo
 
@@ -41,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a causal LM on preference pairs with DPO or a related loss.")
     add_arguments(train)
     train.set_defaults(run=_train)
+    pre = sub.add_parser("precompute", help="compute and cache reference log-probs ahead of training",
+                         description="Fill the reference log-prob cache that `preftune train` with the same "
+                                     "model, data, length and dtype options then reuses (--output is ignored).")
+    add_arguments(pre)
+    pre.set_defaults(run=_precompute)
     demo = sub.add_parser("demo", help="the whole pipeline on a built-in toy task, offline",
                           description="Build a tiny model and a toy preference set, then train it with DPO.")
     demo.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")

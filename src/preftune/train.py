@@ -102,9 +102,9 @@ def _check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path) -> None
                             "an exact resume needs the same options")
 
 
-def setup(cfg: TrainConfig) -> Setup:
+def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     """Validate and load everything before the run folder is touched: a mistake leaves nothing half-written."""
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg) if training else Path(cfg.output)
     device = resolve_device(cfg.device)
     causal_lm_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.ref_model:
@@ -395,6 +395,14 @@ def train(cfg: TrainConfig) -> Path:
     final = save_final(s)
     log.info("done: %s", final)
     return final
+
+
+def precompute(cfg: TrainConfig) -> None:
+    """Fill the reference cache for --data (and --eval-data) so that `train` with the same options skips it."""
+    if not cfg.needs_reference or cfg.no_ref_cache:
+        raise UserError(f"precompute: nothing to do with --loss {cfg.loss}" +
+                        (" and --no-ref-cache" if cfg.no_ref_cache else ": it uses no reference"))
+    setup(cfg, training=False)
 
 
 def after_step(step: int) -> None:
