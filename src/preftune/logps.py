@@ -128,9 +128,8 @@ def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int = 1024) 
     per_token = token_logps(picked, head, batch.target_ids, chunk)
     sequences = 2 * batch.num_pairs
     logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(0, batch.target_seq, per_token)
-    lengths = torch.bincount(batch.target_seq, minlength=sequences)
     chosen_logps, rejected_logps = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    chosen_lengths, rejected_lengths = batch.lengths.chunk(2)
     return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
 
 

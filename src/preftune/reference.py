@@ -35,4 +35,4 @@ class CachedReference:
         self.cached = logps
 
     def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cached.lookup(batch.index, batch.index.device)
+        return self.cached.lookup(batch.index, batch.input_ids.device)

@@ -41,8 +41,10 @@ class PaddedBatch:
 
     def to(self, device: torch.device | str) -> "PaddedBatch":
         """The same batch with every tensor on `device`."""
+        # `index` stays on the CPU: it addresses host-side data (the reference cache), and reading a device
+        # tensor back would stall the step.
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
+                 if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "index"}
         return replace(self, **moved)
 
 
@@ -107,6 +109,7 @@ class PackedBatch:
     target_pos: LongTensor  # [N] flat position (row · L + column) of the hidden state predicting each response token
     target_ids: LongTensor  # [N] the response tokens
     target_seq: LongTensor  # [N] sequence of each token: pair i's chosen is i, its rejected B + i
+    lengths: LongTensor  # [2B] response tokens of each sequence (counted here: bincount on a GPU would sync)
     index: LongTensor  # [B] dataset positions of the pairs
     num_pairs: int
     num_tokens: int  # tokens the plain layout would process: both prompts counted (for comparable tokens/s)
@@ -178,6 +181,7 @@ def collate_packed(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
     return PackedBatch(
         input_ids=tensor(ids), position_ids=tensor(pos), segment=tensor(seg), part=tensor(part),
         target_pos=tensor(target_pos), target_ids=tensor(target_ids), target_seq=tensor(target_seq),
+        lengths=tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]),
         index=tensor(indices), num_pairs=len(pairs),
         num_tokens=sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
