@@ -221,10 +221,11 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path) -> dict
             stale.unlink()
     cmd = command(name, args, data, out)
     print(f"[bench] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    load_before = os.getloadavg()[0]  # other processes on the machine slow a run down: keep the evidence
     rc, wall, rss = run_process(cmd, child_env(args.threads, work), work / f"{name}.log")
     details = preftune_details(out) if name == "preftune" else trl_details(out)
     result = {"name": name, "command": shlex.join(cmd), "rc": rc, "wall_s": wall, "peak_rss_mib": rss / 1024,
-              "log": str(work / f"{name}.log"), **details}
+              "load_avg_1m": [load_before, os.getloadavg()[0]], "log": str(work / f"{name}.log"), **details}
     if rc != 0:
         tail = (work / f"{name}.log").read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
         result["error_tail"] = tail

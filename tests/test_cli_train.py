@@ -245,3 +245,12 @@ def test_precompute_then_train_skips_the_reference(toy, tmp_path, capsys):
     assert "reference log-probs: computed" in capsys.readouterr().err
     assert run(base_args(toy, tmp_path / "run") + cache) == 0
     assert "reference log-probs: reused" in capsys.readouterr().err
+
+
+def test_log_every_writes_every_step_with_the_same_values(toy, tmp_path):
+    each, batched = tmp_path / "each", tmp_path / "batched"
+    assert run(base_args(toy, each, steps=5)) == 0
+    assert run(base_args(toy, batched, steps=5) + ["--log-every", "3"]) == 0
+    timing = {"pairs_per_s", "tokens_per_s", "step_time_s"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert strip(read_metrics(each)) == strip(read_metrics(batched))

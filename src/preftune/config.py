@@ -74,6 +74,8 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
     trust_remote_code: bool = _opt(False, "Allow model code shipped with the model folder to run.")
     # Bookkeeping.
+    log_every: int = _opt(1, "Bring metrics to the host every N steps (one line per step either way; fewer "
+                          "device syncs).")
     eval_every: int = _opt(0, "Evaluate on --eval-data every N steps (0: only at the end).")
     save_every: int = _opt(0, "Checkpoint every N steps (0: no intermediate checkpoints).")
     resume: bool = _opt(False, "Continue from the newest checkpoint in --output.")
@@ -193,7 +195,7 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         if f.metadata["required"] and not getattr(cfg, name):
             raise UserError(f"{flag(name)} is required")
     _validate_losses(cfg, explicit)
-    _positive(cfg, "beta", "learning_rate", "batch_size", "grad_accum")
+    _positive(cfg, "beta", "learning_rate", "batch_size", "grad_accum", "log_every")
     _non_negative(cfg, "label_smoothing", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
                   "save_every")
     if cfg.max_steps is not None and cfg.epochs is not None:

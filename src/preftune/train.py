@@ -339,9 +339,20 @@ def check_finite(record: dict[str, float], step: int) -> None:
                         "(try a lower --learning-rate or --dtype float32)")
 
 
-def train_step(s: Setup, step: int, optimizer, scheduler) -> dict[str, float]:
+@dataclass
+class StepMetrics:
+    """One optimizer step's metrics, still on the device until the log interval ends."""
+
+    step: int
+    lr: float
+    pairs: int
+    tokens: int
+    keys: list[str]
+    values: torch.Tensor
+
+
+def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     cfg = s.cfg
-    start = time.perf_counter()
     indices = step_pairs(step, s.train_pairs, cfg, s.steps_per_epoch)
     batches = micro_batches(s, s.train_pairs, indices)
     optimizer.zero_grad(set_to_none=True)
@@ -351,12 +362,22 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> dict[str, float]:
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
-    record = {"step": step + 1, **means(sums, len(indices), grad_norm=grad_norm), "lr": lr}
-    elapsed = time.perf_counter() - start
-    tokens = sum(b.num_tokens for b in batches)
-    record.update(pairs_per_s=len(indices) / elapsed, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
-    check_finite(record, step + 1)
-    return record
+    values = [v if k == "loss" else v / len(indices) for k, v in sums.items()] + [grad_norm.float()]
+    return StepMetrics(step + 1, lr, len(indices), sum(b.num_tokens for b in batches), [*sums, "grad_norm"],
+                       torch.stack(values))
+
+
+def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, float]]:
+    """Bring the interval's metrics to the host in one transfer (the only sync) and check they are finite."""
+    rows = torch.stack([p.values for p in pending]).tolist()
+    per_step = elapsed / len(pending)  # steps of an interval are timed together: timing one would sync
+    records = []
+    for p, row in zip(pending, rows):
+        record = {"step": p.step, **dict(zip(p.keys, row)), "lr": p.lr, "pairs_per_s": p.pairs / per_step,
+                  "tokens_per_s": p.tokens / per_step, "step_time_s": per_step}
+        check_finite(record, p.step)
+        records.append(record)
+    return records
 
 
 def save_final(s: Setup) -> Path:
@@ -378,18 +399,28 @@ def train(cfg: TrainConfig) -> Path:
     log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s", s.total_steps,
              cfg.batch_size * cfg.grad_accum, len(s.train_pairs), s.steps_per_epoch, s.device)
     bar = tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True)
+    pending: list[StepMetrics] = []
+    clock = time.perf_counter()
     with open(s.run_dir / METRICS, "a", encoding="utf-8") as metrics_file:
         for step in range(first, s.total_steps):
-            record = train_step(s, step, optimizer, scheduler)
+            pending.append(train_step(s, step, optimizer, scheduler))
             done = step + 1
-            if s.eval_pairs and ((cfg.eval_every and done % cfg.eval_every == 0) or done == s.total_steps):
-                record.update(evaluate(s))
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
-            bar.update(1)
-            if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
+            last = done == s.total_steps
+            evaluate_now = bool(s.eval_pairs) and ((cfg.eval_every and done % cfg.eval_every == 0) or last)
+            save_now = bool(cfg.save_every) and done % cfg.save_every == 0 and not last
+            if done % cfg.log_every == 0 or evaluate_now or save_now or last:
+                records = to_records(pending, time.perf_counter() - clock)  # raises before a NaN model is saved
+                if evaluate_now:
+                    records[-1].update(evaluate(s))
+                metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", acc=f"{records[-1]['rewards/accuracies']:.2f}",
+                                refresh=False)
+                bar.update(len(records))
+                pending, clock = [], time.perf_counter()
+            if save_now:
                 checkpoint.save(s.run_dir, done, s.policy, optimizer, scheduler)
+                clock = time.perf_counter()
             after_step(done)
     bar.close()
     final = save_final(s)
