@@ -1,21 +1,12 @@
 """The padded layout, with exact expected tensors for the worked example of `preftune.data.batching`."""
 
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from preftune.data.batching import PaddedBatch, collate_padded
 
-try:
-    from preftune.data.tokenize import TokenizedPair
-except ImportError:  # tokenize.py is written in parallel; this stand-in has the same fields
-    @dataclass
-    class TokenizedPair:
-        prompt_ids: list[int]
-        chosen_ids: list[int]
-        rejected_ids: list[int]
-        where: str
+from preftune.data.tokenize import TokenizedPair
 
 
 def example_pairs():

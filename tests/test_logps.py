@@ -1,7 +1,6 @@
 """Per-sequence log-probs: a hand-computed case, a naive loop, padding invariance, dtype, and a tiny Llama."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,15 +8,7 @@ import torch
 from preftune.data.batching import collate_padded
 from preftune.logps import padded_logps, sequence_logps
 
-try:
-    from preftune.data.tokenize import TokenizedPair
-except ImportError:  # tokenize.py is written in parallel; this stand-in has the same fields
-    @dataclass
-    class TokenizedPair:
-        prompt_ids: list[int]
-        chosen_ids: list[int]
-        rejected_ids: list[int]
-        where: str
+from preftune.data.tokenize import TokenizedPair
 
 
 def naive_logps(logits, input_ids, response_mask):

@@ -18,7 +18,8 @@ from safetensors.torch import load_model, save_model
 CHECKPOINTS = "checkpoints"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or folder to disk (a folder: so that a rename in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -28,9 +29,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(path)
+        fsync(f)
+    fsync(path)
 
 
 def write_atomically(final: Path, fill) -> None:
@@ -43,7 +43,7 @@ def write_atomically(final: Path, fill) -> None:
     if final.exists():  # only when re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync(final.parent)
 
 
 def rng_state() -> dict:

@@ -28,6 +28,7 @@ import torch
 from torch import LongTensor, Tensor
 from tqdm.auto import tqdm
 
+from preftune.checkpoint import fsync
 from preftune.data.tokenize import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -136,14 +137,6 @@ def _sorted_order(pairs: list[TokenizedPair]) -> list[int]:
     return sorted(range(len(pairs)), key=row_length, reverse=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @torch.no_grad()
 def _fill(array: np.ndarray, model, pairs, order, *, batch_size, logps_fn, collate_fn, device, dtype, progress):
     """Write the [N, 2] rows of `array` batch by batch, at their dataset positions."""
@@ -185,10 +178,10 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, batch_size: i
               collate_fn=collate_fn, device=device, dtype=dtype, progress=progress)
         array.flush()
         del array
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, out)
         if os.name == "posix":
-            _fsync(out.parent)  # make the rename itself durable
+            fsync(out.parent)  # make the rename itself durable
     finally:
         tmp.unlink(missing_ok=True)
         model.train(was_training)
