@@ -9,6 +9,9 @@ Runs (each in its own process, float32, CPU, 1 epoch, the same batch size, learn
     trl        TRL's DPOTrainer with DPOConfig's defaults: reference model in memory, reference forward in every
                step, gradient checkpointing on (benchmarks/trl_run.py --mode default)
     trl-fast   TRL's fastest: precompute_ref_log_probs=True, gradient_checkpointing=False (--mode fast)
+    preftune-cached  (only with --only) preftune again, reusing the reference log-probs the `preftune` run cached
+Every run but preftune-cached starts with empty caches: preftune's reference cache ($PREFTUNE_CACHE) and the
+datasets cache live under --work and are emptied first, so no run profits from an earlier one.
 
 Measured per run: wall time of the whole process (imports, model load, tokenization, reference, training, save),
 its peak resident memory (/usr/bin/time -v, else wait4's rusage), the training loop's own time where the trainer
@@ -45,7 +48,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
-RUNS = ("preftune", "trl", "trl-fast")
+RUNS = ("preftune", "trl", "trl-fast", "preftune-cached")
+DEFAULT_RUNS = RUNS[:3]
 TIME_BIN = "/usr/bin/time"
 
 
@@ -69,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(OUT / "work"), help="scratch folder for the runs (emptied per run)")
     ap.add_argument("--json", default=str(OUT / "bench_dpo.json"), help="where to write all numbers")
     args = ap.parse_args(argv)
-    args.runs = ["preftune"] if args.skip_trl else (args.only or list(RUNS))
+    args.runs = ["preftune"] if args.skip_trl else (args.only or list(DEFAULT_RUNS))
     return args
 
 
@@ -155,7 +159,7 @@ def useful_flops(facts: dict, tokens: dict) -> dict[str, float]:
 def command(name: str, args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     common = ["--model", args.model, "--data", str(data), "--output", str(out), "--batch-size", str(args.batch_size),
               "--epochs", "1", "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate)]
-    if name == "preftune":
+    if name.startswith("preftune"):
         return [sys.executable, "-m", "preftune", "train", *common, "--device", "cpu",
                 *shlex.split(args.preftune_args)]
     mode = {"trl": "default", "trl-fast": "fast"}[name]
@@ -167,6 +171,7 @@ def child_env(threads: int, work: Path) -> dict[str, str]:
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(work / "hf_datasets"),  # fresh: no cached tokenization or reference log-probs
+               PREFTUNE_CACHE=str(work / "preftune_cache"),  # emptied before `preftune`, kept for `preftune-cached`
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p))
     return env
 
@@ -189,14 +194,20 @@ def run_process(cmd: list[str], env: dict, log: Path) -> tuple[int, float, int]:
     return proc.returncode, wall, rss
 
 
-def preftune_details(out: Path) -> dict:
+def preftune_details(out: Path, log: Path) -> dict:
     metrics = out / "metrics.jsonl"
     if not metrics.exists():
         return {}
     records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {"steps": len(records), "loop_s": sum(r["step_time_s"] for r in records),
-            "trained_tokens": round(sum(r["tokens_per_s"] * r["step_time_s"] for r in records)),
-            "final_loss": records[-1]["loss"] if records else None}
+    details = {"steps": len(records), "loop_s": sum(r["step_time_s"] for r in records),
+               "trained_tokens": round(sum(r["tokens_per_s"] * r["step_time_s"] for r in records)),
+               "final_loss": records[-1]["loss"] if records else None}
+    # The reference pass happens before the loop; its log line says whether the cache already held it.
+    found = re.search(r"--data reference log-probs: (reused|computed in ([\d.]+) s)", log.read_text(errors="replace"))
+    if found:
+        details["reference"] = "reused" if found.group(1) == "reused" else "computed"
+        details["reference_s"] = float(found.group(2)) if found.group(2) else 0.0
+    return details
 
 
 def trl_details(out: Path) -> dict:
@@ -214,7 +225,10 @@ def trl_details(out: Path) -> dict:
 
 def run_one(name: str, args: argparse.Namespace, data: Path, work: Path) -> dict:
     out = work / name
-    for stale in (out, Path(str(out) + ".stats.json")):
+    stale_paths = [out, Path(str(out) + ".stats.json"), work / "hf_datasets"]
+    if name == "preftune":  # starts with no cached reference log-probs; preftune-cached reuses what it leaves
+        stale_paths.append(work / "preftune_cache")
+    for stale in stale_paths:
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -223,7 +237,7 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path) -> dict
     print(f"[bench] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]  # other processes on the machine slow a run down: keep the evidence
     rc, wall, rss = run_process(cmd, child_env(args.threads, work), work / f"{name}.log")
-    details = preftune_details(out) if name == "preftune" else trl_details(out)
+    details = preftune_details(out, work / f"{name}.log") if name.startswith("preftune") else trl_details(out)
     result = {"name": name, "command": shlex.join(cmd), "rc": rc, "wall_s": wall, "peak_rss_mib": rss / 1024,
               "load_avg_1m": [load_before, os.getloadavg()[0]], "log": str(work / f"{name}.log"), **details}
     if rc != 0:
@@ -251,9 +265,27 @@ def derive(run: dict, tokens: dict, flops: dict, ceiling_gflops: float) -> None:
     run["tokens_match"] = run.get("trained_tokens") in (None, tokens["tokens"])
 
 
+def notes(run: dict) -> str:
+    """What the run did around its loop: the reference pass, checkpointing, anything dropped."""
+    parts = []
+    if run.get("reference") == "reused":
+        parts.append("reference log-probs reused from cache")
+    elif "reference_s" in run:
+        parts.append(f"reference pass {run['reference_s']:.1f} s, written to cache")
+    if "gradient_checkpointing" in run:
+        parts.append("grad ckpt" if run["gradient_checkpointing"] else "no grad ckpt")
+        parts.append(f"reference precomputed (init {run['init_s']:.1f} s)" if run["precompute_ref_log_probs"]
+                     else "reference model every step")
+    if run.get("dropped_by_trl"):
+        parts.append(f"{run['dropped_by_trl']} pairs dropped")
+    if not run.get("tokens_match", True):
+        parts.append(f"trained on {run['trained_tokens']:,} tokens")
+    return "; ".join(parts)
+
+
 def table(runs: list[dict]) -> str:
     head = ("| run | wall s | s/pair | tokens/s | loop s | peak RSS MiB | useful GFLOP/s | % of ceiling | "
-            "% of ceiling (loop) | steps | final loss |")
+            "% of ceiling (loop) | steps | final loss | notes |")
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
     for r in runs:
@@ -265,7 +297,7 @@ def table(runs: list[dict]) -> str:
             f"| {r['name']} | {r['wall_s']:.1f} | {r['s_per_pair']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r.get('loop_s', float('nan')):.1f} | {r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.2f} | "
             f"{100 * r['share_of_ceiling']:.1f} | {100 * r.get('loop_share_of_ceiling', float('nan')):.1f} | "
-            f"{r.get('steps', '?')} | {loss if loss is None else f'{loss:.4f}'} |")
+            f"{r.get('steps', '?')} | {loss if loss is None else f'{loss:.4f}'} | {notes(r)} |")
     return "\n".join(lines)
 
 
