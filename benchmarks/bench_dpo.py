@@ -21,12 +21,14 @@ Tokens: the real tokens of a DPO step, prompt+chosen and prompt+rejected of each
 preftune's tokenization (the same rules as TRL's); TRL's own count after its truncation is checked against it.
 
 Useful FLOPs of one epoch (the work any implementation must do; attention scores and the optimizer are left out):
-    T  = Σ_pairs (2·P + C + R)     tokens through the transformer body (P prompt, C chosen, R rejected tokens)
+    T  = Σ_pairs (P + C + R)       tokens the transformer body must encode (P prompt, C chosen, R rejected tokens;
+                                   the prompt once: both responses can attend to one copy of it)
     Tr = Σ_pairs (C + R)           response tokens: the only positions whose logits enter the loss
     N  = non-embedding parameters (all but the embedding table and the LM head); h = hidden size; V = vocabulary
     policy    = 6·N·T + 6·h·V·Tr   forward + backward (2 + 4 FLOPs per parameter per token)
     reference = 2·N·T + 2·h·V·Tr   forward only
     useful    = policy + reference = 8·N·T + 8·h·V·Tr
+Tokens/s counts the plain layout's tokens (2·P + C + R per pair), so that it compares with other tools.
 Share of the ceiling = useful / (wall time × ceiling), the ceiling being the best fp32 torch.matmul rate measured in
 this run (before and after the runs, on a square 2048³ product and on the LM-head shape [tokens × h] @ [h × V]).
 """
@@ -146,11 +148,13 @@ def token_counts(model: str, data: Path, max_length: int) -> dict:
 
 def useful_flops(facts: dict, tokens: dict) -> dict[str, float]:
     n, h, v = facts["non_embedding_params"], facts["hidden_size"], facts["vocab_size"]
-    t, tr = tokens["tokens"], tokens["response_tokens"]
+    # The prompt needs encoding once per pair: the plain layout's second copy is not useful work.
+    t = tokens["prompt_tokens"] + tokens["response_tokens"]
+    tr = tokens["response_tokens"]
     policy = 6 * n * t + 6 * h * v * tr
     reference = 2 * n * t + 2 * h * v * tr
     return {"policy": policy, "reference": reference, "useful": policy + reference,
-            "formula": "8·N·Σ(2P+C+R) + 8·h·V·Σ(C+R)"}
+            "formula": "8·N·Σ(P+C+R) + 8·h·V·Σ(C+R)"}
 
 
 # ----------------------------------------------------------------------------------------------------- one run

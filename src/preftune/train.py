@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from preftune import checkpoint
+from preftune import checkpoint, refcache
 from preftune.config import TrainConfig, write_yaml
 from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
 from preftune.data.formats import load_pairs, parse_columns
@@ -27,7 +27,6 @@ from preftune.errors import UserError
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
 from preftune.logps import compute_logps, packed_layout_works
 from preftune.losses import combined_loss, pair_metrics
-from preftune import refcache
 from preftune.reference import CachedReference, ReferenceModel
 
 log = logging.getLogger("preftune")
@@ -142,6 +141,8 @@ def attach_reference(s: Setup) -> None:
     cfg = s.cfg
     loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model").to(s.device)
               if cfg.ref_model else None)
+    if loaded is not None and s.layout == "packed":  # both models must fit the layout their batches share
+        s.layout = choose_layout(cfg, loaded, s.train_pairs, s.tokenizer.pad_token_id)
     if cfg.no_ref_cache:
         s.reference = s.eval_reference = ReferenceModel(loaded or copy.deepcopy(s.policy), dtype=cfg.dtype)
         return
@@ -151,7 +152,7 @@ def attach_reference(s: Setup) -> None:
     s.reference = CachedReference(_cached_logps(s, model, digest, s.train_pairs, cache_dir, "--data"))
     if s.eval_pairs:
         s.eval_reference = CachedReference(_cached_logps(s, model, digest, s.eval_pairs, cache_dir, "--eval-data"))
-    del loaded  # the reference model is no longer needed: only its log-probs are
+    # Returning drops the last reference to a --ref-model: only its log-probs are kept.
 
 
 def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cache_dir: Path, what: str):
@@ -161,7 +162,9 @@ def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cach
     key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra={"config": config})
 
     def compute(out: Path):
-        return refcache.compute(model, pairs, batch_size=4 * cfg.batch_size, logps_fn=compute_logps,
+        # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
+        batch_size = cfg.batch_size * (4 if s.device.type == "cuda" else 1)
+        return refcache.compute(model, pairs, batch_size=batch_size, logps_fn=compute_logps,
                                 collate_fn=lambda ps, idx: collate(s, ps, idx), device=s.device, dtype=cfg.dtype,
                                 out=out)
 
@@ -180,7 +183,9 @@ def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: 
     """The packed layout when it gives this model's exact log-probs on a few pairs, else the plain one."""
     if cfg.layout == "padded":
         return "padded"
-    problem = packed_layout_works(policy, pairs[:2], pad_id)
+    # Short pieces of two real pairs: the check is about the model, and full-length plain logits are large.
+    probe = [TokenizedPair(p.prompt_ids[-16:], p.chosen_ids[:8], p.rejected_ids[:8], p.where) for p in pairs[:2]]
+    problem = packed_layout_works(policy, probe, pad_id)
     if problem:
         log.warning("packed layout does not fit %s (%s): using the plain padded layout",
                     type(policy).__name__, problem)
