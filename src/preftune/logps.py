@@ -113,15 +113,24 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: to
     return logits.float()
 
 
-def token_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chunk: int = 1024,
+# Logits held at once by the chunked head: 2**25 floats = 128 MiB whatever the vocabulary, so memory stays flat
+# from 32k to 128k tokens (~1,000 rows of logits at 32k, ~260 at 128k; fewer rows per chunk cost little time).
+CHUNK_ELEMENTS = 2**25
+
+
+def token_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chunk: int | None = None,
                 dtype: torch.dtype | None = None) -> Tensor:
-    """Per-position log p(targets) [N] float32 from hidden states [N, H] through the LM head `head`."""
+    """Per-position log p(targets) [N] float32 from hidden states [N, H] through the LM head `head`.
+
+    `chunk` rows of logits exist at a time (default: CHUNK_ELEMENTS // vocabulary)."""
+    chunk = chunk or max(16, CHUNK_ELEMENTS // head.weight.shape[0])
     dtype = dtype or (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
                       else hidden.dtype)
     return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
 
 
-def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int = 1024) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def packed_logps(model: torch.nn.Module, batch: PackedBatch,
+                 chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run `model` on a `PackedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
 
     The decoder runs once over the packed rows; hidden states are gathered at the N positions that predict
