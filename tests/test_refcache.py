@@ -13,7 +13,7 @@ from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.demo.toy import build_model, build_tokenizer, counting_pairs
 from preftune.logps import padded_logps
-from preftune.refcache import RefLogps, cache_key, compute, default_cache_dir, load_or_compute, weights_digest
+from preftune.refcache import cache_key, compute, default_cache_dir, load_or_compute, weights_digest
 
 EOS = 2
 
