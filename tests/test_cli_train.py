@@ -268,3 +268,12 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_runs(toy, tmp_path):
     # bf16 rounding of the logits: the first loss is ln 2 to ~2 digits, and training still moves it
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=0.02)
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_model(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = base_args(toy, out, steps=4) + ["--learning-rate", "1e20", "--max-grad-norm", "0"]
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("preftune: error: step ") and "stopping before a broken model is saved" in err
+    assert not (out / "final").exists()

@@ -403,10 +403,11 @@ def train(cfg: TrainConfig) -> Path:
     s.policy.train()
     log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s", s.total_steps,
              cfg.batch_size * cfg.grad_accum, len(s.train_pairs), s.steps_per_epoch, s.device)
-    bar = tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True)
     pending: list[StepMetrics] = []
     clock = time.perf_counter()
-    with open(s.run_dir / METRICS, "a", encoding="utf-8") as metrics_file:
+    # The bar closes before an error propagates, so the error stays the last line the user sees.
+    with (tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True) as bar,
+          open(s.run_dir / METRICS, "a", encoding="utf-8") as metrics_file):
         for step in range(first, s.total_steps):
             pending.append(train_step(s, step, optimizer, scheduler))
             done = step + 1
@@ -427,7 +428,6 @@ def train(cfg: TrainConfig) -> Path:
                 checkpoint.save(s.run_dir, done, s.policy, optimizer, scheduler)
                 clock = time.perf_counter()
             after_step(done)
-    bar.close()
     final = save_final(s)
     log.info("done: %s", final)
     return final
