@@ -196,9 +196,7 @@ def load_or_compute(cache_dir: Path, key: str, compute_fn: Callable[[Path], RefL
     path = cache_dir / f"{key}.npy"
     if path.exists():
         try:
-            cached = RefLogps(path, num_pairs)
-            log.info("reference log-probs: cached in %s", path)
-            return cached, True
+            return RefLogps(path, num_pairs), True
         except ValueError as e:
             log.warning("reference log-probs: ignoring a damaged cache file, recomputing (%s)", e)
     cache_dir.mkdir(parents=True, exist_ok=True)

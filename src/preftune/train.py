@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class Setup:
     steps_per_epoch: int
     total_steps: int
     layout: str
+    orders: dict[int, list[int]] = field(default_factory=dict)  # the current epoch's pair order
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -196,14 +197,17 @@ def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: 
 # ---------------------------------------------------------------------------------------------------- data order
 
 
-def step_pairs(step: int, pairs: list[TokenizedPair], cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
+def step_pairs(s: Setup, step: int) -> list[int]:
     """Dataset indices of the pairs of optimizer step `step` (0-based).
 
-    The order is a pure function of (seed, epoch): resuming at a step needs no saved data-loader state.
+    The order is a pure function of (seed, epoch): resuming at a step needs no saved data-loader state. It is
+    computed once per epoch (a shuffle, and a sort with --group-by-length, are O(n) or more per call).
     """
-    epoch, k = divmod(step, steps_per_epoch)
-    size = cfg.batch_size * cfg.grad_accum
-    return epoch_order(pairs, cfg, epoch)[k * size:(k + 1) * size]
+    epoch, k = divmod(step, s.steps_per_epoch)
+    if epoch not in s.orders:
+        s.orders = {epoch: epoch_order(s.train_pairs, s.cfg, epoch)}
+    size = s.cfg.batch_size * s.cfg.grad_accum
+    return s.orders[epoch][k * size:(k + 1) * size]
 
 
 def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> list[int]:
@@ -284,20 +288,19 @@ def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, bac
     return sums
 
 
-def means(sums: dict[str, torch.Tensor], num_pairs: int, prefix: str = "", **totals: torch.Tensor) -> dict[str, float]:
-    """Per-pair means of `sums` (the loss is already normalised), plus `totals` as they are."""
-    keys = list(sums) + list(totals)
-    values = torch.stack([sums[k] for k in sums] + [t.float() for t in totals.values()]).tolist()  # one host sync
-    return {prefix + k: (v / num_pairs if k in sums and k != "loss" else v) for k, v in zip(keys, values)}
+def per_pair(sums: dict[str, torch.Tensor], num_pairs: int) -> dict[str, torch.Tensor]:
+    """Per-pair means of summed metrics, still on the device (the loss is already normalised by the step)."""
+    return {k: v if k == "loss" else v / num_pairs for k, v in sums.items()}
 
 
 def evaluate(s: Setup) -> dict[str, float]:
     s.policy.eval()
     indices = list(range(len(s.eval_pairs)))
     batches = micro_batches(s, s.eval_pairs, indices)
-    result = means(run_pairs(s, batches, s.eval_reference, backward=False), len(indices), prefix="eval/")
+    metrics = per_pair(run_pairs(s, batches, s.eval_reference, backward=False), len(indices))
+    values = torch.stack(list(metrics.values())).tolist()  # one host sync
     s.policy.train()
-    return result
+    return {"eval/" + k: v for k, v in zip(metrics, values)}
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -358,7 +361,7 @@ class StepMetrics:
 
 def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     cfg = s.cfg
-    indices = step_pairs(step, s.train_pairs, cfg, s.steps_per_epoch)
+    indices = step_pairs(s, step)
     batches = micro_batches(s, s.train_pairs, indices)
     optimizer.zero_grad(set_to_none=True)
     sums = run_pairs(s, batches, s.reference, backward=True)
@@ -367,9 +370,9 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
-    values = [v if k == "loss" else v / len(indices) for k, v in sums.items()] + [grad_norm.float()]
-    return StepMetrics(step + 1, lr, len(indices), sum(b.num_tokens for b in batches), [*sums, "grad_norm"],
-                       torch.stack(values))
+    metrics = {**per_pair(sums, len(indices)), "grad_norm": grad_norm.float()}
+    return StepMetrics(step + 1, lr, len(indices), sum(b.num_tokens for b in batches), list(metrics),
+                       torch.stack(list(metrics.values())))
 
 
 def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, float]]:
