@@ -37,9 +37,13 @@ def write_atomically(final: Path, fill) -> None:
     """Call `fill(tmp_dir)` to write a folder, then move it to `final` in one rename."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        _fsync_tree(tmp)
+    except BaseException:  # a full disk, or an interrupt: free the space, keep what was there
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # only when re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -70,13 +74,26 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
     return final
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temporary folders of an interrupted write are ignored)."""
+def complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
     folder = run_dir / CHECKPOINTS
     if not folder.is_dir():
-        return None
-    done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))
+
+
+def latest(run_dir: Path) -> Path | None:
+    done = complete(run_dir)
     return done[-1] if done else None
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (the newest is written before older ones go)."""
+    done = complete(run_dir)
+    removed = done[:-keep] if keep > 0 else []
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def load(path: Path, model, optimizer, scheduler) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from preftune.errors import UserError
-from preftune.losses import LOSSES, loss_params
+from preftune.losses import F_DIVERGENCES, LOSSES, OPTIONS, loss_params
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, required: bool = False) -> Any:
@@ -37,10 +38,22 @@ class TrainConfig:
     on_identical: str = _opt("skip", "Pairs whose chosen equals rejected: skip (counted) or error.",
                              ("skip", "error"))
     # The objective.
-    loss: str = _opt("sigmoid", f"Loss or comma-separated losses: {', '.join(LOSSES)}.")
+    loss: str = _opt("sigmoid", f"Loss or comma-separated losses (docs/losses.md): {', '.join(LOSSES)}.")
     loss_weights: str | None = _opt(None, "Comma-separated weights, one per loss (default: all 1).")
-    beta: float = _opt(0.1, "β: strength of the tie to the reference (IPO: the regulariser τ).")
-    label_smoothing: float = _opt(0.0, "ε: assumed share of flipped labels (sigmoid = cDPO, robust).")
+    beta: float = _opt(0.1, "β: strength of the tie to the reference (IPO: the regulariser τ; SimPO, CPO: the "
+                       "reward scale; ORPO: λ, the weight of the odds-ratio term).")
+    label_smoothing: float = _opt(0.0, "ε: assumed share of flipped labels (sigmoid = cDPO, robust, aot, "
+                                  "aot_unpaired, simpo, cpo); EXO's ε (exo_pair, paper: 1e-3).")
+    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin γ (as TRL's simpo_gamma).")
+    cpo_alpha: float = _opt(1.0, "CPO: weight of the chosen response's NLL term (as TRL's cpo_alpha).")
+    dpop_lambda: float = _opt(50.0, "DPO-Positive's λ: penalty on the chosen log-ratio falling below zero.")
+    rdpo_alpha: float | None = _opt(None, "R-DPO's α: weight of the length difference |y_w| − |y_l| (required "
+                                    "with --loss rdpo; the paper tunes it per dataset).")
+    discopop_tau: float = _opt(0.05, "DiscoPOP's temperature τ (the paper's value, TRL's default).")
+    f_divergence: str = _opt("reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is standard DPO).",
+                             tuple(F_DIVERGENCES))
+    f_alpha: float = _opt(0.5, "α of --f-divergence alpha_divergence (TRL's f_alpha_divergence_coef: 1 → reverse "
+                          "KL, 0 → forward KL).")
     # Optimisation.
     learning_rate: float = _opt(1e-6, "Peak learning rate of AdamW.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
@@ -73,11 +86,22 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
     trust_remote_code: bool = _opt(False, "Allow model code shipped with the model folder to run.")
+    # LoRA.
+    lora_r: int = _opt(0, "LoRA rank: train a low-rank adapter on the frozen model instead of every weight; final/ "
+                       "then holds the adapter (0: off). A --model folder that holds an adapter trains it further.")
+    lora_alpha: float | None = _opt(None, "LoRA α: the adapter's update is scaled by α / r. Default: 2 × --lora-r.")
+    lora_dropout: float = _opt(0.0, "LoRA dropout on the adapter's input while training.")
+    lora_targets: str = _opt("all-linear", "Modules that get an adapter: comma-separated names (e.g. q_proj,v_proj) "
+                             "or all-linear (every linear layer but the output layer).")
+    merge: bool = _opt(False, "With LoRA: also write final-merged/, the model with the adapter merged into its weights.")
     # Bookkeeping.
     log_every: int = _opt(1, "Bring metrics to the host every N steps (one line per step either way; fewer "
                           "device syncs).")
     eval_every: int = _opt(0, "Evaluate on --eval-data every N steps (0: only at the end).")
     save_every: int = _opt(0, "Checkpoint every N steps (0: no intermediate checkpoints).")
+    keep_last: int = _opt(0, "Keep only the newest K checkpoints (0: keep all).")
+    skip_nonfinite: bool = _opt(False, "Skip (and count) a step whose loss or gradient is NaN/inf instead of "
+                                "stopping the run (costs one device sync per step).")
     resume: bool = _opt(False, "Continue from the newest checkpoint in --output.")
     config: str | None = _opt(None, "YAML file with any of these options (flags override it).")
 
@@ -197,7 +221,9 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
     _validate_losses(cfg, explicit)
     _positive(cfg, "beta", "learning_rate", "batch_size", "grad_accum", "log_every")
     _non_negative(cfg, "label_smoothing", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
-                  "save_every")
+                  "save_every", "keep_last")
+    if "keep_last" in explicit and not cfg.save_every:
+        raise UserError("--keep-last has no effect without --save-every")
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise UserError("--max-steps and --epochs contradict each other: give one")
     _positive(cfg, *(n for n in ("max_steps", "epochs") if getattr(cfg, n) is not None))
@@ -222,6 +248,26 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         raise UserError("--ref-cache and --no-ref-cache contradict each other: give one")
     if "on_overlength" in explicit and cfg.max_length is None and cfg.max_prompt_length is None:
         raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
+    _validate_lora(cfg, explicit)
+
+
+def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
+    from preftune.lora import carries_adapter
+
+    given = [n for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets") if n in explicit]
+    if carries_adapter(cfg.model) and given:
+        raise UserError(f"{flag(given[0])}: --model {cfg.model} already carries a LoRA adapter, which trains further "
+                        "with its own settings (its adapter_config.json)")
+    if cfg.lora_r < 0:
+        raise UserError(f"--lora-r must be zero or positive, got {cfg.lora_r}")
+    if not cfg.lora_r and not carries_adapter(cfg.model):
+        unused = [n for n in given if n != "lora_r"] + (["merge"] if cfg.merge else [])
+        if unused:
+            raise UserError(f"{flag(unused[0])} has no effect without --lora-r")
+    if cfg.lora_alpha is not None:
+        _positive(cfg, "lora_alpha")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
 
 
 def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
@@ -241,13 +287,38 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
         if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
             raise UserError(f"--loss-weights must be finite, non-negative and not all zero, got {cfg.loss_weights}")
     used = set().union(*(loss_params(n) for n in names))
-    for option in ("beta", "label_smoothing"):
+    for option in sorted(OPTIONS):  # every loss option is a field of the same name
         if option in explicit and option not in used:
             raise UserError(f"{flag(option)} has no effect with --loss {cfg.loss}")
+    _validate_f_divergence(cfg, explicit)
     if "robust" in names and not 0 <= cfg.label_smoothing < 0.5:
         raise UserError(f"--label-smoothing must be in [0, 0.5) for the robust loss, got {cfg.label_smoothing}")
+    if "exo_pair" in names and not 0 < cfg.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in (0, 1) for the exo_pair loss (the EXO paper uses 1e-3), "
+                        f"got {cfg.label_smoothing}")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if "rdpo" in names and cfg.rdpo_alpha is None:
+        raise UserError("--loss rdpo needs --rdpo-alpha (the weight of the length difference; no default fits all "
+                        "datasets)")
+    _non_negative(cfg, *(o for o in ("simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha") if o in used))
+    _positive(cfg, *(o for o in ("discopop_tau",) if o in used))
+    if "f_alpha" in used and not math.isfinite(cfg.f_alpha):
+        raise UserError(f"--f-alpha must be finite, got {cfg.f_alpha}")
+
+
+def _validate_f_divergence(cfg: TrainConfig, explicit: set[str]) -> None:
+    if "f_alpha" in explicit and cfg.f_divergence != "alpha_divergence":
+        raise UserError("--f-alpha has no effect without --f-divergence alpha_divergence")
+    if cfg.f_divergence == "reverse_kl":
+        return
+    # f-DPO leaves a β·log Z(x) term that cancels only in a chosen − rejected difference of the same f'; `sft`
+    # has no reward and is fine alongside.
+    supported = [n for n in LOSSES if "f_divergence" in loss_params(n)]
+    unsupported = [n for n in cfg.losses if n != "sft" and n not in supported]
+    if unsupported:
+        raise UserError(f"--f-divergence {cfg.f_divergence} is not defined for --loss {unsupported[0]} (only for "
+                        f"{', '.join(supported)})")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:
@@ -265,4 +336,7 @@ def _non_negative(cfg: TrainConfig, *names: str) -> None:
 
 
 def write_yaml(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Written under a temporary name and renamed: a kill never leaves half a config for --resume to read."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

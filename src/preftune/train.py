@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, refcache
+from preftune import checkpoint, lora, refcache
 from preftune.config import TrainConfig, write_yaml
 from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
 from preftune.data.formats import load_pairs, parse_columns
@@ -26,7 +26,7 @@ from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.errors import UserError
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
 from preftune.logps import compute_logps, packed_layout_works
-from preftune.losses import combined_loss, pair_metrics
+from preftune.losses import OPTIONS, combined_loss, pair_metrics, reward_kind
 from preftune.reference import CachedReference, ReferenceModel
 
 log = logging.getLogger("preftune")
@@ -81,8 +81,9 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output {cfg.output}: exists and is not a folder")
     if cfg.resume:
-        if checkpoint.latest(run_dir) is None:
-            raise UserError(f"--resume: no checkpoint in {cfg.output}/{checkpoint.CHECKPOINTS}")
+        # A run killed before its first checkpoint still has its config.yaml: it starts again from step 0.
+        if checkpoint.latest(run_dir) is None and not (run_dir / "config.yaml").exists():
+            raise UserError(f"--resume: no run to resume in {cfg.output} (no checkpoint, no config.yaml)")
         saved = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
         _check_same_config(cfg, saved, run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -106,11 +107,15 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     """Validate and load everything before the run folder is touched: a mistake leaves nothing half-written."""
     run_dir = prepare_run_dir(cfg) if training else Path(cfg.output)
     device = resolve_device(cfg.device)
-    causal_lm_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    base = lora.base_model_path(cfg.model)  # cfg.model itself, unless that folder holds only a LoRA adapter
+    causal_lm_config(base, trust_remote_code=cfg.trust_remote_code)
     if cfg.ref_model:
         causal_lm_config(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               what="--tokenizer" if cfg.tokenizer else "--model")
+    if cfg.tokenizer or base == cfg.model:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                   what="--tokenizer" if cfg.tokenizer else "--model")
+    else:
+        tokenizer = lora.load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
     train_pairs = load_data(cfg.data, cfg, tokenizer, "--data")
     per_step = cfg.batch_size * cfg.grad_accum
     if len(train_pairs) < per_step:
@@ -118,7 +123,8 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
                         f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} = {per_step})")
     eval_pairs = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else []
 
-    policy = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device)
+    # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
+    policy = lora.wrap(load_causal_lm(base, trust_remote_code=cfg.trust_remote_code), cfg).to(device)
     layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
     steps_per_epoch = math.ceil(len(train_pairs) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
@@ -137,22 +143,27 @@ def attach_reference(s: Setup) -> None:
 
     The default reference is the policy as loaded (never re-read from disk). With the cache, the policy itself
     computes them before its first update, so no second copy is ever made; without it, a frozen copy runs at
-    every step.
+    every step. A LoRA policy is its own reference, with or without the cache: its base with the adapter
+    disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made.
     """
     cfg = s.cfg
     loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model").to(s.device)
               if cfg.ref_model else None)
     if loaded is not None and s.layout == "packed":  # both models must fit the layout their batches share
         s.layout = choose_layout(cfg, loaded, s.train_pairs, s.tokenizer.pad_token_id)
+    adapter = loaded is None and lora.enabled(cfg)
     if cfg.no_ref_cache:
-        s.reference = s.eval_reference = ReferenceModel(loaded or copy.deepcopy(s.policy), dtype=cfg.dtype)
+        s.reference = s.eval_reference = (lora.live_reference(s.policy, cfg) if adapter else
+                                          ReferenceModel(loaded or copy.deepcopy(s.policy), dtype=cfg.dtype))
         return
     model = loaded or s.policy
-    digest = refcache.weights_digest(model)
+    digest = lora.reference_digest(model, cfg) if adapter else refcache.weights_digest(model)
     cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else refcache.default_cache_dir()
-    s.reference = CachedReference(_cached_logps(s, model, digest, s.train_pairs, cache_dir, "--data"))
-    if s.eval_pairs:
-        s.eval_reference = CachedReference(_cached_logps(s, model, digest, s.eval_pairs, cache_dir, "--eval-data"))
+    with lora.cache_context(model, cfg) if adapter else nullcontext():
+        s.reference = CachedReference(_cached_logps(s, model, digest, s.train_pairs, cache_dir, "--data"))
+        if s.eval_pairs:
+            s.eval_reference = CachedReference(_cached_logps(s, model, digest, s.eval_pairs, cache_dir,
+                                                             "--eval-data"))
     # Returning drops the last reference to a --ref-model: only its log-probs are kept.
 
 
@@ -250,19 +261,23 @@ def autocast(device: torch.device, dtype: str):
 
 
 def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs: int, num_chosen_tokens: int):
-    """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics."""
+    """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics.
+
+    Rewards, margins and accuracies are logged with the normalisation of the loss trained (`reward_kind`).
+    """
     cfg = s.cfg
     with autocast(s.device, cfg.dtype):
         chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch)
     if reference is not None:
         ref_chosen, ref_rejected = reference.logps(batch)
-    else:
+    else:  # reference-free losses: no reference exists; the losses ignore these zeros
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
                          ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, chosen_lengths=chosen_len,
-                         rejected_lengths=rejected_len, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                         num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
-    metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta)
+                         rejected_lengths=rejected_len, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+                         **{option: getattr(cfg, option) for option in OPTIONS})
+    metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
+                           reward=reward_kind(cfg.losses), chosen_lengths=chosen_len, rejected_lengths=rejected_len)
     return loss, metrics
 
 
@@ -320,11 +335,14 @@ def start_or_resume(s: Setup, optimizer, scheduler) -> int:
     """Write the run's config, or restore the newest checkpoint; return the first step to run."""
     cfg = s.cfg
     s.run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
+    path = checkpoint.latest(s.run_dir) if cfg.resume else None
+    if path is None:
+        if cfg.resume:
+            log.info("no checkpoint in %s yet: starting again from step 0", s.run_dir)
+            _truncate_metrics(s.run_dir / METRICS, 0)
         write_yaml(cfg, s.run_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
         return 0
-    path = checkpoint.latest(s.run_dir)
     step = checkpoint.load(path, s.policy, optimizer, scheduler)
     _truncate_metrics(s.run_dir / METRICS, step)
     log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
@@ -336,13 +354,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and not lines[-1].endswith("}"):  # a line cut by a kill mid-write
+        lines.pop()
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def check_finite(record: dict[str, float], step: int) -> None:
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record[k])]
-    if bad:
+    if bad and not record.get("skipped"):
         raise UserError(f"step {step}: {bad[0]} is {record[bad[0]]}; stopping before a broken model is saved "
                         "(try a lower --learning-rate or --dtype float32)")
 
@@ -368,9 +388,16 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm)
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
     metrics = {**per_pair(sums, len(indices)), "grad_norm": grad_norm.float()}
+    # --skip-nonfinite looks at the values before the update: one host sync per step.
+    skip = cfg.skip_nonfinite and not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm))
+    if cfg.skip_nonfinite:
+        metrics["skipped"] = torch.tensor(float(skip), device=grad_norm.device)
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    scheduler.step()  # a skipped step still counts: the schedule follows the step number, as on resume
     return StepMetrics(step + 1, lr, len(indices), sum(b.num_tokens for b in batches), list(metrics),
                        torch.stack(list(metrics.values())))
 
@@ -389,13 +416,26 @@ def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, flo
 
 
 def save_final(s: Setup) -> Path:
+    """final/: the model, or with LoRA the adapter (PeftModel.from_pretrained loads it onto its base); with
+    --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer in both."""
     final = s.run_dir / "final"
+    adapter = lora.enabled(s.cfg)
 
     def fill(tmp: Path) -> None:
-        s.policy.save_pretrained(tmp, safe_serialization=True)
+        if adapter:
+            lora.save_adapter(s.policy, tmp)
+        else:
+            s.policy.save_pretrained(tmp, safe_serialization=True)
         s.tokenizer.save_pretrained(tmp)
 
     checkpoint.write_atomically(final, fill)
+    if adapter and s.cfg.merge:  # after final/: merging changes the policy in place
+
+        def fill_merged(tmp: Path) -> None:
+            lora.merge(s.policy).save_pretrained(tmp, safe_serialization=True)
+            s.tokenizer.save_pretrained(tmp)
+
+        checkpoint.write_atomically(s.run_dir / "final-merged", fill_merged)
     return final
 
 
@@ -407,6 +447,7 @@ def train(cfg: TrainConfig) -> Path:
     log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s", s.total_steps,
              cfg.batch_size * cfg.grad_accum, len(s.train_pairs), s.steps_per_epoch, s.device)
     pending: list[StepMetrics] = []
+    skipped = 0
     clock = time.perf_counter()
     # The bar closes before an error propagates, so the error stays the last line the user sees.
     with (tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True) as bar,
@@ -421,19 +462,39 @@ def train(cfg: TrainConfig) -> Path:
                 records = to_records(pending, time.perf_counter() - clock)  # raises before a NaN model is saved
                 if evaluate_now:
                     records[-1].update(evaluate(s))
-                metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
-                metrics_file.flush()
+                writing(s, METRICS, lambda: (metrics_file.write("".join(json.dumps(r) + "\n" for r in records)),
+                                             metrics_file.flush()))
+                skipped += sum(int(r.get("skipped", 0)) for r in records)
                 bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", acc=f"{records[-1]['rewards/accuracies']:.2f}",
                                 refresh=False)
                 bar.update(len(records))
                 pending, clock = [], time.perf_counter()
             if save_now:
-                checkpoint.save(s.run_dir, done, s.policy, optimizer, scheduler)
+                save_checkpoint(s, done, optimizer, scheduler)
                 clock = time.perf_counter()
             after_step(done)
-    final = save_final(s)
+    if skipped:
+        log.warning("skipped %d step%s with a non-finite loss or gradient (--skip-nonfinite)", skipped,
+                    "s" * (skipped != 1))
+    final = writing(s, "the final model", lambda: save_final(s))
     log.info("done: %s", final)
     return final
+
+
+def save_checkpoint(s: Setup, step: int, optimizer, scheduler) -> None:
+    writing(s, f"checkpoint step {step}", lambda: checkpoint.save(s.run_dir, step, s.policy, optimizer, scheduler))
+    if s.cfg.keep_last:
+        checkpoint.prune(s.run_dir, s.cfg.keep_last)
+
+
+def writing(s: Setup, what: str, write):
+    """Run `write`; a full disk or a permission error becomes one line that says what is still intact."""
+    try:
+        return write()
+    except OSError as e:
+        previous = checkpoint.latest(s.run_dir)
+        kept = f"the newest checkpoint {previous} is intact" if previous else "no checkpoint was written yet"
+        raise UserError(f"--output {s.run_dir}: cannot write {what} ({e.strerror or e}); {kept}") from None
 
 
 def precompute(cfg: TrainConfig) -> None:
