@@ -1,4 +1,4 @@
-"""Shared fixtures. Only `tiny_tokenizer` lives here; other fixtures belong in the test file that uses them."""
+"""Shared fixtures: `tiny_tokenizer`, and the settings every test runs under (one thread, a private cache)."""
 
 import pytest
 
@@ -43,6 +43,19 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (on 2 cores, a second intra-op thread mostly waits): one, restored
+    after. Subprocesses the tests start get OMP_NUM_THREADS=1 for the same reason."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _private_reference_cache(tmp_path_factory, monkeypatch):
     """Cached reference log-probs of tests go to a temporary folder, never the user's cache."""
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "reference-cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")

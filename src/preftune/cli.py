@@ -39,6 +39,39 @@ def _demo(args: dict) -> None:
     run_demo(args["output"], quick=args["quick"])
 
 
+def _audit(args: dict) -> None:
+    from preftune.data.audit import audit_pairs, write_json
+    from preftune.data.formats import iter_pairs, parse_columns
+    from preftune.loading import load_tokenizer
+
+    columns = parse_columns(args["columns"])
+    pairs = [pair for pair, _ in iter_pairs(args["data"], columns)]
+    eval_pairs = None if args["eval_data"] is None else [pair for pair, _ in iter_pairs(args["eval_data"], columns)]
+    tokenizer = None
+    for flag in ("model", "tokenizer"):
+        if args[flag] is not None:
+            tokenizer = load_tokenizer(args[flag], trust_remote_code=args["trust_remote_code"], what=f"--{flag}")
+    report = audit_pairs(pairs, eval_pairs=eval_pairs, tokenizer=tokenizer, max_length=args["max_length"],
+                         max_prompt_length=args["max_prompt_length"])
+    print("\n".join(report.lines()))
+    for warning in report.warnings():
+        print(f"warning: {warning}")
+    if args["json"] is not None:
+        write_json(report, args["json"])
+
+
+def _report(args: dict) -> None:
+    from preftune.report import write_report
+
+    print(write_report(args["run_dir"]))
+
+
+def _eval(args: dict) -> None:
+    from preftune.evaluation.command import main as eval_main
+
+    eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from preftune.config import add_arguments
 
@@ -59,6 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="fewer steps")
     demo.set_defaults(run=_demo)
+    evaluate = sub.add_parser("eval", help="evaluate a trained model against its reference",
+                              description="Held-out pair metrics (--data), samples from policy and reference with "
+                                          "KL, length, diversity and reward win rate (--prompts, --reward), and "
+                                          "refusal rates (--refusal-prompts). Prints a table; --json writes it.")
+    from preftune.evaluation.command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
+    audit = sub.add_parser("audit", help="check a preference dataset before training",
+                           description="Count duplicates, identical, empty and contradictory pairs, train/eval "
+                                       "prompt leakage, truncation, length bias and encoding problems. Exits 0 "
+                                       "whatever it finds (it is a report).")
+    audit.add_argument("data", help="data file (.jsonl, .json, .csv, .parquet) or hub dataset owner/name")
+    audit.add_argument("--eval-data", help="eval data: prompts shared with DATA are reported as leakage")
+    tokens = audit.add_mutually_exclusive_group()
+    tokens.add_argument("--model", help="model folder whose tokenizer measures lengths in tokens")
+    tokens.add_argument("--tokenizer", help="tokenizer folder or name (instead of --model)")
+    audit.add_argument("--max-length", type=int, help="report pairs training would truncate at this length")
+    audit.add_argument("--max-prompt-length", type=int, help="report prompts training would cut to this length")
+    audit.add_argument("--columns", help="column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k")
+    audit.add_argument("--json", metavar="OUT", help="also write the findings to this JSON file")
+    audit.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code shipped with the model")
+    audit.set_defaults(run=_audit)
+    report = sub.add_parser("report", help="plots and an HTML report of a run folder",
+                            description="Draw the run's metrics into RUN_DIR/plots/*.png and write "
+                                        "RUN_DIR/report.html: summary, warnings, plots, config, audit and eval "
+                                        "results in one self-contained page.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `preftune train`")
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -47,13 +47,15 @@ class TrainConfig:
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin γ (as TRL's simpo_gamma).")
     cpo_alpha: float = _opt(1.0, "CPO: weight of the chosen response's NLL term (as TRL's cpo_alpha).")
     dpop_lambda: float = _opt(50.0, "DPO-Positive's λ: penalty on the chosen log-ratio falling below zero.")
-    rdpo_alpha: float | None = _opt(None, "R-DPO's α: weight of the length difference |y_w| − |y_l| (required "
-                                    "with --loss rdpo; the paper tunes it per dataset).")
+    rdpo_alpha: float | None = _opt(None, "R-DPO's α: weight of the length difference, chosen minus rejected "
+                                    "tokens (required with --loss rdpo; the paper tunes it per dataset).")
     discopop_tau: float = _opt(0.05, "DiscoPOP's temperature τ (the paper's value, TRL's default).")
     f_divergence: str = _opt("reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is standard DPO).",
                              tuple(F_DIVERGENCES))
     f_alpha: float = _opt(0.5, "α of --f-divergence alpha_divergence (TRL's f_alpha_divergence_coef: 1 → reverse "
                           "KL, 0 → forward KL).")
+    wpo: bool = _opt(False, "WPO (TRL's use_weighting): weight each pair's loss by the policy's own length-normalised "
+                     "probability of both responses, as if sampled from it.")
     # Optimisation.
     learning_rate: float = _opt(1e-6, "Peak learning rate of AdamW.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
@@ -86,6 +88,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
     trust_remote_code: bool = _opt(False, "Allow model code shipped with the model folder to run.")
+    allow_pickle_weights: bool = _opt(False, "Load pickle .bin/.pt weights (can run code: only for files you trust).")
     # LoRA.
     lora_r: int = _opt(0, "LoRA rank: train a low-rank adapter on the frozen model instead of every weight; final/ "
                        "then holds the adapter (0: off). A --model folder that holds an adapter trains it further.")
@@ -97,7 +100,13 @@ class TrainConfig:
     # Bookkeeping.
     log_every: int = _opt(1, "Bring metrics to the host every N steps (one line per step either way; fewer "
                           "device syncs).")
-    eval_every: int = _opt(0, "Evaluate on --eval-data every N steps (0: only at the end).")
+    eval_every: int = _opt(0, "Evaluate (--eval-data, --eval-prompts) every N steps (0: only at the end).")
+    eval_prompts: str | None = _opt(None, "Prompts (rows with a 'prompt' field) sampled from policy and reference "
+                                    "at each evaluation: KL to the reference, length, diversity (see `preftune eval`).")
+    eval_reward: str | None = _opt(None, "Score the --eval-prompts samples: a sequence-classification model folder "
+                                   "or a Python module:function (mean rewards, win rate).")
+    eval_max_new_tokens: int = _opt(64, "Longest sampled response of --eval-prompts, in tokens.")
+    no_report: bool = _opt(False, "Do not write report.html and plots/ at the end of the run.")
     save_every: int = _opt(0, "Checkpoint every N steps (0: no intermediate checkpoints).")
     keep_last: int = _opt(0, "Keep only the newest K checkpoints (0: keep all).")
     skip_nonfinite: bool = _opt(False, "Skip (and count) a step whose loss or gradient is NaN/inf instead of "
@@ -165,6 +174,20 @@ def resolve(cli_args: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
     return cfg, set(values)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice is an error (PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' is given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -173,7 +196,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path}: cannot read it ({e})") from None
     try:
-        data = yaml.safe_load(text)  # safe_load: a config file must never run code (no Python tags)
+        # A SafeLoader: a config file must never run code (no Python tags).
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -184,7 +208,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     for key, value in data.items():
         if key not in FIELDS or key == "config":
-            raise UserError(f"{path}: unknown key '{key}' (see `preftune train --help` for the options)")
+            raise UserError(f"{path}: unknown key {key!r} (see `preftune train --help` for the options)")
         data[key] = _check_yaml_type(path, key, value)
     return data
 
@@ -218,6 +242,8 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
     for name, f in FIELDS.items():
         if f.metadata["required"] and not getattr(cfg, name):
             raise UserError(f"{flag(name)} is required")
+    if cfg.output != "-":  # `preftune precompute` passes "-": it writes no run folder
+        _check_output(cfg.output)
     _validate_losses(cfg, explicit)
     _positive(cfg, "beta", "learning_rate", "batch_size", "grad_accum", "log_every")
     _non_negative(cfg, "label_smoothing", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
@@ -234,8 +260,12 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         if cfg.max_length is not None and cfg.max_prompt_length >= cfg.max_length:
             raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length "
                             f"({cfg.max_length}) to leave room for the response")
-    if "eval_every" in explicit and cfg.eval_every and not cfg.eval_data:
-        raise UserError("--eval-every has no effect without --eval-data")
+    if "eval_every" in explicit and cfg.eval_every and not (cfg.eval_data or cfg.eval_prompts):
+        raise UserError("--eval-every has no effect without --eval-data or --eval-prompts")
+    for name in ("eval_reward", "eval_max_new_tokens"):
+        if name in explicit and not cfg.eval_prompts:
+            raise UserError(f"{flag(name)} has no effect without --eval-prompts")
+    _positive(cfg, "eval_max_new_tokens")
     if cfg.ref_model and not cfg.needs_reference:
         raise UserError(f"--ref-model has no effect with --loss {cfg.loss}: it uses no reference model")
     if "pack_tokens" in explicit and cfg.layout != "packed":
@@ -268,6 +298,18 @@ def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
         _positive(cfg, "lora_alpha")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+
+
+def _check_output(output: str) -> None:
+    """--output must be a folder, or not exist yet below a folder we may write in. Checked up front: the run would
+    otherwise fail at its first write, after every model and data file was loaded."""
+    path = Path(output).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "exists and" if existing == path else f"is inside {existing}, which"
+        raise UserError(f"--output {output}: {where} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output}: no permission to write in {existing}")
 
 
 def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
@@ -305,6 +347,13 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
     _positive(cfg, *(o for o in ("discopop_tau",) if o in used))
     if "f_alpha" in used and not math.isfinite(cfg.f_alpha):
         raise UserError(f"--f-alpha must be finite, got {cfg.f_alpha}")
+    if cfg.wpo:
+        # WPO weights pairs; aot sorts them (a weight would land on another pair's quantile), sft has no pairs.
+        sorted_losses = [n for n in names if n in ("aot", "aot_unpaired")]
+        if sorted_losses:
+            raise UserError(f"--wpo cannot weight --loss {sorted_losses[0]}: it sorts the pairs of a batch")
+        if all(LOSSES[n].normalize != "pairs" for n in names):
+            raise UserError(f"--wpo has no effect with --loss {cfg.loss}: it weights pair losses only")
 
 
 def _validate_f_divergence(cfg: TrainConfig, explicit: set[str]) -> None:

@@ -1,8 +1,9 @@
 """Load models and tokenizers safely, with one-line errors for the usual mistakes.
 
-Safety: weights are read from safetensors only (a pickle `.bin` can run code when unpickled), and model code
-shipped inside a model folder runs only with `--trust-remote-code`. A name that is not a local path is a hub
-name: only then may the network be used.
+Safety: weights are read from safetensors only (a pickle `.bin` can run code when unpickled) unless
+`--allow-pickle-weights` is given, and model code shipped inside a model folder runs only with `--trust-remote-code`
+(a folder whose config.json names such code in `auto_map` is refused without it). A name that is not a local path
+is a hub name: only then may the network be used.
 """
 
 from __future__ import annotations
@@ -29,17 +30,34 @@ def _check_source(path: str, what: str) -> None:
         raise UserError(f"{what} {path}: no such folder")
 
 
-def _check_weights(path: str, what: str) -> None:
+def _check_weights(path: str, what: str, allow_pickle: bool = False) -> None:
     p = Path(path)
     if not p.is_dir():
         return  # a hub name: from_pretrained(use_safetensors=True) refuses pickle weights there
-    if list(p.glob("*.safetensors")):
+    safe = sorted(p.glob("*.safetensors"))
+    if safe:
+        for f in safe:
+            _check_safetensors_header(f, what, path)
         return
-    pickles = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles and allow_pickle:
+        log.warning("%s %s: loading pickle weights (%s) as --allow-pickle-weights asks", what, path, pickles[0])
+        return
     if pickles:
         raise UserError(f"{what} {path}: holds only pickle weights ({pickles[0]}), which can run code when loaded; "
-                        "convert them to safetensors")
+                        "convert them to safetensors (or pass --allow-pickle-weights if you trust the files)")
     raise UserError(f"{what} {path}: no weights (*.safetensors) in the folder")
+
+
+def _check_safetensors_header(file: Path, what: str, path: str) -> None:
+    """Read the header only (cheap): a truncated or corrupt file fails here, before the data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{what} {path}: {file.name} is damaged or cut short ({_first_line(e)})") from None
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "--model"):
@@ -59,8 +77,11 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "-
     return tokenizer
 
 
-def causal_lm_config(path: str, *, trust_remote_code: bool = False, what: str = "--model"):
-    """The model's config, after checking that `path` holds a causal LM with safe weights (cheap: no weights read)."""
+def causal_lm_config(path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
+                     what: str = "--model"):
+    """The model's config, after checking that `path` holds a causal LM with safe weights (cheap: no weights read).
+
+    allow_pickle_weights: accept a folder whose only weights are pickle files (.bin, .pt, ...)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -74,23 +95,47 @@ def causal_lm_config(path: str, *, trust_remote_code: bool = False, what: str = 
         raise UserError(f"{what} {path}: unreadable config ({_first_line(e)})") from None
     except OSError as e:
         raise UserError(f"{what} {path}: cannot load ({_first_line(e)})") from None
-    remote = bool(getattr(config, "auto_map", None)) and trust_remote_code
+    remote = bool(getattr(config, "auto_map", None))
+    if remote and not trust_remote_code:
+        # For a model type it knows, transformers would quietly load its own code instead: maybe another model.
+        native = (f", or delete auto_map from config.json to use transformers' own '{config.model_type}' code"
+                  if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "")
+        raise UserError(f"{what} {path}: the model ships its own code (auto_map in config.json); pass "
+                        f"--trust-remote-code if you trust its author{native}")
     if not remote and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{what} {path}: model type '{config.model_type}' is not a causal language model")
-    _check_weights(path, what)
+    if not remote and _is_bidirectional_encoder(config):
+        raise UserError(f"{what} {path}: model type '{config.model_type}' is a bidirectional encoder (config.json "
+                        "does not set is_decoder: true), not a causal language model")
+    _check_weights(path, what, allow_pickle_weights)
     return config
 
 
-def load_causal_lm(path: str, *, trust_remote_code: bool = False, what: str = "--model") -> torch.nn.Module:
+def _is_bidirectional_encoder(config) -> bool:
+    """BERT-like encoders are registered as causal LMs too (BertLMHeadModel), but attend causally only when their
+    config sets is_decoder; otherwise every position sees the tokens after it. Encoder-decoder models (BART) are
+    loaded as their causal decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+            and not getattr(config, "is_decoder", False))
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
+                   what: str = "--model") -> torch.nn.Module:
     """A float32 causal LM in eval mode on the CPU. Raises UserError when `path` is not one."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    config = causal_lm_config(path, trust_remote_code=trust_remote_code, what=what)
+    config = causal_lm_config(path, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights,
+                              what=what)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            # None: safetensors when the folder has them, pickle only when it has nothing else.
+            use_safetensors=None if allow_pickle_weights else True,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{what} {path}: cannot load the weights ({_first_line(e)})") from None
     return model.eval()
 

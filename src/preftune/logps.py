@@ -29,28 +29,61 @@ def _token_logps(logits: Tensor, targets: LongTensor) -> Tensor:
     return torch.stack(rows)
 
 
-def sequence_logps(logits: Tensor, input_ids: LongTensor, response_mask: LongTensor) -> tuple[Tensor, Tensor]:
+def sequence_logps(logits: Tensor, input_ids: LongTensor, response_mask: LongTensor,
+                   token_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sum of log p(token_t | tokens_<t) over response tokens, per row.
 
     logits [N, T, V], input_ids [N, T], response_mask [N, T] (1 on response tokens) → (logps [N] float32,
     lengths [N] long: response tokens counted). Token t is predicted by the logits at t − 1, so a response
-    token at position 0 cannot be scored and is not counted (batching never puts one there).
+    token at position 0 cannot be scored and is not counted (batching never puts one there). With
+    `token_weights` [N, T], token t's log-prob counts token_weights[:, t] times (LD-DPO).
     """
     targets = input_ids[:, 1:]
     mask = response_mask[:, 1:].bool()
     token_logps = _token_logps(logits[:, :-1], targets)
     # masked_fill rather than multiply: 0 · (−inf) at a padded position would be nan
-    logps = token_logps.masked_fill(~mask, 0.0).sum(-1)
-    return logps, mask.sum(-1)
+    token_logps = token_logps.masked_fill(~mask, 0.0)
+    if token_weights is not None:
+        token_logps = token_logps * token_weights[:, 1:]
+    return token_logps.sum(-1), mask.sum(-1)
 
 
-def padded_logps(model: torch.nn.Module, batch: PaddedBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run `model` on a `PaddedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B]."""
+def padded_logps(model: torch.nn.Module, batch: PaddedBatch,
+                 ld_alpha: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run `model` on a `PaddedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
+
+    With `ld_alpha`, the log-probs are LD-DPO's (see `_ld_weights`)."""
+    return _padded(model, batch, wpo=False, ld_alpha=ld_alpha)[:4]
+
+
+def _padded(model: torch.nn.Module, batch: PaddedBatch, wpo: bool, ld_alpha: float | None) -> tuple[Tensor, ...]:
+    """`padded_logps`, plus the chosen and rejected WPO log-weights ([B] each) when `wpo`."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logps, lengths = sequence_logps(logits, batch.input_ids, batch.response_mask)
-    chosen_logps, rejected_logps = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
-    return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
+    weights = None
+    if ld_alpha is not None:
+        position = batch.response_mask.cumsum(-1)  # 1, 2, ... along each response; its length at the end
+        weights = _ld_weights(position - 1, _shared_lengths(position[:, -1])[:, None], ld_alpha)
+    logps, lengths = sequence_logps(logits, batch.input_ids, batch.response_mask, weights)
+    out = (*logps.chunk(2), *lengths.chunk(2))
+    if not wpo:
+        return out
+    targets, mask = batch.input_ids[:, 1:], batch.response_mask[:, 1:].bool()
+    aligned = torch.stack([_aligned_logps(row, row_targets) for row, row_targets in zip(logits[:, :-1], targets)])
+    log_weights = aligned.masked_fill(~mask, 0.0).sum(-1) / lengths.clamp(min=1)
+    return (*out, *log_weights.chunk(2))
+
+
+def _ld_weights(rank: LongTensor, shared: LongTensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's token weights (Liu et al. 2024, Length Desensitization in DPO, arXiv 2409.06411), as TRL's ld_alpha:
+    1 for the first min(|yw|, |yl|) tokens of a response, `ld_alpha` beyond, so the extra length of the longer
+    response counts only α times. rank: each token's 0-based place in its response; shared: min(|yw|, |yl|) of
+    its pair (broadcastable to rank) → float32 weights shaped as rank."""
+    return torch.where(rank < shared, 1.0, ld_alpha)
+
+
+def _shared_lengths(lengths: LongTensor) -> LongTensor:
+    """[2B] min(|yw|, |yl|) of each sequence's pair, from the [2B] response lengths (chosen, then rejected)."""
+    return torch.minimum(*lengths.chunk(2)).repeat(2)
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -129,13 +162,19 @@ def token_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chun
     return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
 
 
-def packed_logps(model: torch.nn.Module, batch: PackedBatch,
-                 chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int | None = None,
+                 ld_alpha: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run `model` on a `PackedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
 
     The decoder runs once over the packed rows; hidden states are gathered at the N positions that predict
-    response tokens, and only those go through the LM head.
+    response tokens, and only those go through the LM head. With `ld_alpha`, the log-probs are LD-DPO's.
     """
+    return _packed(model, batch, chunk, wpo=False, ld_alpha=ld_alpha)[:4]
+
+
+def _packed(model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool,
+            ld_alpha: float | None) -> tuple[Tensor, ...]:
+    """`packed_logps`, plus the chosen and rejected WPO log-weights ([B] each) when `wpo`."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     sdpa = model.config._attn_implementation == "sdpa"
     mask = batch.attention_mask(None if sdpa else next(model.parameters()).dtype)
@@ -144,17 +183,71 @@ def packed_logps(model: torch.nn.Module, batch: PackedBatch,
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
     per_token = token_logps(picked, head, batch.target_ids, chunk)
     sequences = 2 * batch.num_pairs
-    logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(0, batch.target_seq, per_token)
-    chosen_logps, rejected_logps = logps.chunk(2)
-    chosen_lengths, rejected_lengths = batch.lengths.chunk(2)
-    return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
+    weighted = per_token if ld_alpha is None else per_token * _packed_ld_weights(batch, ld_alpha)
+    logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(0, batch.target_seq, weighted)
+    out = (*logps.chunk(2), *batch.lengths.chunk(2))
+    if not wpo:
+        return out
+    aligned = _chunked_aligned_logps(picked, head, batch.target_ids, chunk)
+    sums = torch.zeros(sequences, dtype=torch.float32, device=aligned.device).index_add(0, batch.target_seq, aligned)
+    return (*out, *(sums / batch.lengths.clamp(min=1)).chunk(2))
 
 
-def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) for either layout."""
+def _packed_ld_weights(batch: PackedBatch, ld_alpha: float) -> Tensor:
+    """[N] LD-DPO weight of each response token of a `PackedBatch`. A sequence's targets come in token order
+    (collate_packed), so a stable sort by sequence gives each token's place in its response."""
+    order = torch.argsort(batch.target_seq, stable=True)
+    starts = torch.cumsum(batch.lengths, 0) - batch.lengths
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - starts[batch.target_seq[order]]
+    return _ld_weights(rank, _shared_lengths(batch.lengths)[batch.target_seq], ld_alpha)
+
+
+def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
+                  ld_alpha: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) for either layout; LD-DPO's log-probs
+    with `ld_alpha` (None: plain sums)."""
     if isinstance(batch, PackedBatch):
-        return packed_logps(model, batch)
-    return padded_logps(model, batch)
+        return packed_logps(model, batch, ld_alpha=ld_alpha)
+    return padded_logps(model, batch, ld_alpha=ld_alpha)
+
+
+# ---------------------------------------------------------------------------------------------------- WPO weights
+# WPO (Zhou et al. 2024, arXiv 2406.11827, Eq. 2) weights a pair by how likely the policy itself is to produce its
+# responses, w(y) = exp(mean over y's tokens of log p(y_t) − log Σ_v p(v)²): the token's probability relative to
+# that of a token the policy would sample (Σ_v p(v)² = E_v~p[p(v)]). As in TRL, the weights carry no gradient.
+
+
+def compute_logps_wpo(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
+                      ld_alpha: float | None = None) -> tuple[Tensor, ...]:
+    """`compute_logps` plus the WPO log-weights of the chosen and rejected responses: (chosen_logps,
+    rejected_logps, chosen_lengths, rejected_lengths, chosen_log_weights, rejected_log_weights), each [B].
+
+    The log-probs are those of `compute_logps`, computed the same way; the log-weights (never LD-weighted, as in
+    TRL) cost one more pass of the LM head over the response positions (packed layout), without gradient.
+    """
+    if isinstance(batch, PackedBatch):
+        return _packed(model, batch, None, wpo=True, ld_alpha=ld_alpha)
+    return _padded(model, batch, wpo=True, ld_alpha=ld_alpha)
+
+
+@torch.no_grad()
+def _aligned_logps(logits: Tensor, targets: LongTensor) -> Tensor:
+    """log p(target) − log Σ_v p(v)², [n] float32, from logits [n, V] of any float dtype."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(2 * logp, -1)
+
+
+@torch.no_grad()
+def _chunked_aligned_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chunk: int | None) -> Tensor:
+    """`_aligned_logps` [N] of the hidden states [N, H] through the LM head, chunk rows of logits at a time."""
+    chunk = chunk or max(16, CHUNK_ELEMENTS // head.weight.shape[0])
+    dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+             else hidden.dtype)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([_aligned_logps(_chunk_logits(hidden[start:start + chunk], head.weight, head.bias, dtype),
+                                     targets[start:start + chunk]) for start in range(0, hidden.shape[0], chunk)])
 
 
 @torch.no_grad()

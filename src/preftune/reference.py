@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -25,6 +26,33 @@ class ReferenceModel:
         bf16 = self.dtype == "bfloat16"
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             chosen, rejected, _, _ = compute_logps(self.model, batch)
+        return chosen, rejected
+
+
+class PolicyReference:
+    """The policy run as its own reference inside `context()`, e.g. a LoRA policy under `model.disable_adapter`:
+    the reference shares every weight with the policy, no second copy exists.
+
+    Each pass is no-grad and in eval mode (no dropout); the model's previous mode is restored after it.
+    """
+
+    def __init__(self, model: torch.nn.Module, context: Callable[[], AbstractContextManager], dtype: str = "float32"):
+        self.model = model
+        self.context = context
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs [B] of the chosen and rejected rows of `batch`."""
+        was_training = self.model.training
+        device = next(self.model.parameters()).device
+        bf16 = self.dtype == "bfloat16"
+        self.model.eval()
+        try:
+            with self.context(), torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                chosen, rejected, _, _ = compute_logps(self.model, batch)
+        finally:
+            self.model.train(was_training)
         return chosen, rejected
 
 

@@ -10,22 +10,25 @@ import copy
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, lora, refcache
+from preftune import checkpoint, distributed, lora, observe, refcache
 from preftune.config import TrainConfig, write_yaml
 from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
-from preftune.data.formats import load_pairs, parse_columns
+from preftune.data.formats import PreferencePair, load_pairs, parse_columns
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.errors import UserError
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
-from preftune.logps import compute_logps, packed_layout_works
+from preftune.logps import compute_logps, compute_logps_wpo, packed_layout_works
 from preftune.losses import OPTIONS, combined_loss, pair_metrics, reward_kind
 from preftune.reference import CachedReference, ReferenceModel
 
@@ -48,6 +51,8 @@ class Setup:
     total_steps: int
     layout: str
     orders: dict[int, list[int]] = field(default_factory=dict)  # the current epoch's pair order
+    audit: object = None  # the data audit of --data (and --eval-data), written to audit.json
+    generation: observe.GenerationEval | None = None  # sampling-based evaluation on --eval-prompts
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -65,7 +70,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> list[TokenizedPair]:
+def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> tuple[list[TokenizedPair], list[PreferencePair]]:
+    """Token ids of the pairs of `path`, and the pairs as read (for the audit)."""
     pairs, report = load_pairs(path, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
     log.info("%s %s: %s", flag, path, report.summary())
     tokenized, trunc = tokenize_pairs(pairs, tokenizer, max_length=cfg.max_length,
@@ -73,7 +79,7 @@ def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> list[Tokeniz
     log.info("%s tokens: %s", flag, trunc.summary())
     if not tokenized:
         raise UserError(f"{flag} {path}: no pairs left to train on")
-    return tokenized
+    return tokenized, pairs
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -97,41 +103,79 @@ def _check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path) -> None
 
     saved = yaml.safe_load(saved_text) or {}
     now = cfg.to_dict()
+    # A checkpoint holds the whole model, so the number of processes may change between runs; what must not
+    # change is the global batch (it fixes every step's pairs), so --batch-size and --grad-accum may change too.
+    per_process = ("batch_size", "grad_accum")
     for key, value in saved.items():
-        if key != "resume" and now.get(key) != value:
+        if key not in ("resume", *per_process) and now.get(key) != value:
             raise UserError(f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
                             "an exact resume needs the same options")
+    if not saved:
+        return
+    last = _last_launch(run_dir, saved)
+    before = (last["batch_size"], last["grad_accum"], last["processes"])
+    after = (cfg.batch_size, cfg.grad_accum, distributed.world().size)
+    if math.prod(before) != math.prod(after):
+        raise UserError(f"--resume: the run in {run_dir} took {batch_text(*before)} pairs per optimizer step, now "
+                        f"{batch_text(*after)}; an exact resume needs the same global batch")
+
+
+LAUNCH = "launch.json"  # how the run was last started or resumed: processes and per-process batch
+
+
+def _last_launch(run_dir: Path, saved_config: dict) -> dict:
+    """{"processes", "batch_size", "grad_accum"} of the run's last start or resume (a run folder without
+    launch.json ran in one process with the options of its config.yaml)."""
+    path = run_dir / LAUNCH
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"processes": 1, "batch_size": saved_config["batch_size"], "grad_accum": saved_config["grad_accum"]}
+
+
+def _write_launch(cfg: TrainConfig, run_dir: Path) -> None:
+    launch = {"processes": distributed.world().size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+    tmp = run_dir / (LAUNCH + ".tmp")  # renamed into place: --resume never reads half a file
+    tmp.write_text(json.dumps(launch) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / LAUNCH)
 
 
 def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     """Validate and load everything before the run folder is touched: a mistake leaves nothing half-written."""
     run_dir = prepare_run_dir(cfg) if training else Path(cfg.output)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK with several processes
     base = lora.base_model_path(cfg.model)  # cfg.model itself, unless that folder holds only a LoRA adapter
-    causal_lm_config(base, trust_remote_code=cfg.trust_remote_code)
+    causal_lm_config(base, trust_remote_code=cfg.trust_remote_code, allow_pickle_weights=cfg.allow_pickle_weights)
     if cfg.ref_model:
-        causal_lm_config(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model")
+        causal_lm_config(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
+                         allow_pickle_weights=cfg.allow_pickle_weights, what="--ref-model")
     if cfg.tokenizer or base == cfg.model:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                    what="--tokenizer" if cfg.tokenizer else "--model")
     else:
         tokenizer = lora.load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
-    train_pairs = load_data(cfg.data, cfg, tokenizer, "--data")
-    per_step = cfg.batch_size * cfg.grad_accum
+    train_pairs, train_raw = load_data(cfg.data, cfg, tokenizer, "--data")
+    per_step = global_batch(cfg)
     if len(train_pairs) < per_step:
         raise UserError(f"--data {cfg.data}: {len(train_pairs)} pairs, fewer than one optimizer step "
-                        f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} = {per_step})")
-    eval_pairs = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else []
+                        f"({batch_text(cfg.batch_size, cfg.grad_accum, distributed.world().size)})")
+    eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
+    audit = observe.audit_data(train_raw, eval_raw)
+    del train_raw, eval_raw  # training needs only the token ids
+    observe.check_generation_options(cfg)
 
     # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
-    policy = lora.wrap(load_causal_lm(base, trust_remote_code=cfg.trust_remote_code), cfg).to(device)
+    policy = lora.wrap(load_causal_lm(base, trust_remote_code=cfg.trust_remote_code,
+                                      allow_pickle_weights=cfg.allow_pickle_weights), cfg).to(device)
     layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
     steps_per_epoch = math.ceil(len(train_pairs) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
     s = Setup(cfg, run_dir, device, tokenizer, policy, None, None, train_pairs, eval_pairs, steps_per_epoch, total,
-              layout)
+              layout, audit=audit)
     if cfg.needs_reference:
         attach_reference(s)
+    if cfg.eval_prompts:
+        live = s.reference.model if isinstance(s.reference, ReferenceModel) else None
+        s.generation = observe.GenerationEval(cfg, tokenizer, device, live)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
@@ -147,7 +191,8 @@ def attach_reference(s: Setup) -> None:
     disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made.
     """
     cfg = s.cfg
-    loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code, what="--ref-model").to(s.device)
+    loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
+                             allow_pickle_weights=cfg.allow_pickle_weights, what="--ref-model").to(s.device)
               if cfg.ref_model else None)
     if loaded is not None and s.layout == "packed":  # both models must fit the layout their batches share
         s.layout = choose_layout(cfg, loaded, s.train_pairs, s.tokenizer.pad_token_id)
@@ -173,22 +218,71 @@ def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cach
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra={"config": config})
 
-    def compute(out: Path):
-        # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
-        batch_size = cfg.batch_size * (4 if s.device.type == "cuda" else 1)
-        return refcache.compute(model, pairs, batch_size=batch_size, logps_fn=compute_logps,
+    # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
+    batch_size = cfg.batch_size * (4 if s.device.type == "cuda" else 1)
+
+    def compute(some: list[TokenizedPair], out: Path, progress: bool = True):
+        return refcache.compute(model, some, batch_size=batch_size, logps_fn=compute_logps,
                                 collate_fn=lambda ps, idx: collate(s, ps, idx), device=s.device, dtype=cfg.dtype,
-                                out=out)
+                                out=out, progress=progress)
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--ref-cache {cache_dir}: cannot create the folder ({e.strerror})") from None
     start = time.perf_counter()
-    logps, hit = refcache.load_or_compute(cache_dir, key, compute, num_pairs=len(pairs))
+    if distributed.world().size == 1:
+        logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
+    else:
+        logps, hit = _load_or_compute_together(cache_dir / f"{key}.npy", pairs, batch_size, compute)
     log.info("%s reference log-probs: %s %s", what, "reused" if hit else
              f"computed in {time.perf_counter() - start:.1f} s,", logps.path)
     return logps
+
+
+def _load_or_compute_together(path: Path, pairs: list[TokenizedPair], batch_size: int, compute):
+    """`refcache.load_or_compute` for several processes: all of them reuse the file, or all compute it together.
+
+    Process r runs batches r, r + P, r + 2P, ... of the one-process pass (P processes; the same batches, so the
+    same values), the [N, 2] rows are summed over the processes (a row is non-zero on one process only, so the sum
+    is exact) and one file is written: byte for byte the file of one process with the same --batch-size.
+    """
+    try:
+        found = refcache.RefLogps(path, len(pairs)) if path.exists() else None
+    except ValueError as e:
+        log.warning("reference log-probs: ignoring a damaged cache file, recomputing (%s)", e)
+        found = None
+    if distributed.all_true(found is not None):  # a file that appeared meanwhile must not split the processes
+        return found, True
+    me = distributed.world()
+    order = refcache._sorted_order(pairs)  # the one-process pass's batches, longest first
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # Still longest first, so `compute`, which sorts its pairs the same (stable) way, forms exactly these batches.
+    mine = [i for batch in batches[me.rank::me.size] for i in batch]
+    rows = torch.zeros(len(pairs), 2)
+    if mine:
+        with tempfile.TemporaryDirectory(prefix="preftune-ref-") as tmp:
+            part = compute([pairs[i] for i in mine], Path(tmp) / "part.npy", progress=me.is_main)
+            rows[mine] = torch.from_numpy(np.array(part.array))
+    distributed.all_reduce_sum(rows)
+    if me.local_rank == 0:  # one writer per machine: the cache folder may be local to each
+        _write_logps(rows.numpy(), path)
+    distributed.barrier()
+    return refcache.RefLogps(path, len(pairs)), False
+
+
+def _write_logps(rows: np.ndarray, path: Path) -> None:
+    """[N, 2] float32 rows as a refcache .npy file, written under a temporary name and renamed when complete."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        checkpoint.fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: int) -> str:
@@ -208,16 +302,29 @@ def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: 
 # ---------------------------------------------------------------------------------------------------- data order
 
 
-def step_pairs(s: Setup, step: int) -> list[int]:
-    """Dataset indices of the pairs of optimizer step `step` (0-based).
+def global_batch(cfg: TrainConfig) -> int:
+    """Pairs per optimizer step over all processes: --batch-size × --grad-accum × processes."""
+    return cfg.batch_size * cfg.grad_accum * distributed.world().size
 
-    The order is a pure function of (seed, epoch): resuming at a step needs no saved data-loader state. It is
-    computed once per epoch (a shuffle, and a sort with --group-by-length, are O(n) or more per call).
+
+def batch_text(batch_size: int, grad_accum: int, processes: int) -> str:
+    """'--batch-size 4 × --grad-accum 2 × 2 processes = 16' (the processes only when more than one)."""
+    many = f" × {processes} processes" if processes > 1 else ""
+    return f"--batch-size {batch_size} × --grad-accum {grad_accum}{many} = {batch_size * grad_accum * processes}"
+
+
+def step_pairs(s: Setup, step: int) -> list[int]:
+    """Dataset indices of the pairs of optimizer step `step` (0-based), over all processes (see `global_batch`);
+    each process trains on its contiguous share of them (`distributed.share`).
+
+    The order is a pure function of (seed, epoch): resuming at a step needs no saved data-loader state, and with
+    the same global batch a step holds the same pairs whatever the number of processes. It is computed once per
+    epoch (a shuffle, and a sort with --group-by-length, are O(n) or more per call).
     """
     epoch, k = divmod(step, s.steps_per_epoch)
     if epoch not in s.orders:
         s.orders = {epoch: epoch_order(s.train_pairs, s.cfg, epoch)}
-    size = s.cfg.batch_size * s.cfg.grad_accum
+    size = global_batch(s.cfg)
     return s.orders[epoch][k * size:(k + 1) * size]
 
 
@@ -229,7 +336,7 @@ def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> lis
         return order
     # Sort windows of 16 steps by length, cut them into steps, then shuffle the steps: pairs of a step have
     # similar lengths (little padding) while the step order stays random.
-    size = cfg.batch_size * cfg.grad_accum
+    size = global_batch(cfg)
     length = lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)  # noqa: E731
     window = 16 * size
     grouped = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=length, reverse=True)]
@@ -266,8 +373,13 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs:
     Rewards, margins and accuracies are logged with the normalisation of the loss trained (`reward_kind`).
     """
     cfg = s.cfg
+    pair_weights = None
     with autocast(s.device, cfg.dtype):
-        chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch)
+        if cfg.wpo:  # WPO: each pair weighted by exp(mean aligned log-prob) of its chosen × its rejected response
+            chosen, rejected, chosen_len, rejected_len, chosen_w, rejected_w = compute_logps_wpo(s.policy, batch)
+            pair_weights = torch.exp(chosen_w + rejected_w)
+        else:
+            chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch)
     if reference is not None:
         ref_chosen, ref_rejected = reference.logps(batch)
     else:  # reference-free losses: no reference exists; the losses ignore these zeros
@@ -275,9 +387,11 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs:
     loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
                          ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, chosen_lengths=chosen_len,
                          rejected_lengths=rejected_len, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                         **{option: getattr(cfg, option) for option in OPTIONS})
+                         pair_weights=pair_weights, **{option: getattr(cfg, option) for option in OPTIONS})
     metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
                            reward=reward_kind(cfg.losses), chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+    if pair_weights is not None:
+        metrics["wpo/weights"] = pair_weights
     return loss, metrics
 
 
@@ -288,10 +402,19 @@ def _add(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> Non
         sums[key] = sums[key] + total if key in sums else total
 
 
-def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, backward: bool) -> dict[str, torch.Tensor]:
-    """Forward (and backward) over the micro-batches of one step; returns device sums of the metrics."""
-    num_pairs = sum(b.num_pairs for b in batches)
-    num_chosen_tokens = sum(b.num_chosen_tokens for b in batches)
+def step_counts(pairs: list[TokenizedPair], indices: list[int]) -> tuple[int, int]:
+    """(pairs, chosen response tokens) of a step over all processes: the loss's denominators. Every process holds
+    every pair, so each one counts them itself, without communication."""
+    return len(indices), sum(len(pairs[i].chosen_ids) for i in indices)
+
+
+def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, backward: bool,
+              counts: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Forward (and backward) over this process's micro-batches of one step; returns device sums of the metrics.
+
+    `counts` = `step_counts` of the whole step: each micro-batch's loss is divided by them, so the gradients summed
+    over micro-batches and processes are those of the whole step as one batch."""
+    num_pairs, num_chosen_tokens = counts
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         with nullcontext() if backward else torch.no_grad():
@@ -308,11 +431,21 @@ def per_pair(sums: dict[str, torch.Tensor], num_pairs: int) -> dict[str, torch.T
     return {k: v if k == "loss" else v / num_pairs for k, v in sums.items()}
 
 
-def evaluate(s: Setup) -> dict[str, float]:
+def evaluate(s: Setup, step: int) -> dict[str, float]:
+    """eval/* metrics: held-out pairs (split across processes) and sampling on --eval-prompts (rank 0)."""
+    metrics = evaluate_pairs(s) if s.eval_pairs else {}
+    if s.generation is not None and distributed.world().is_main:
+        metrics.update(s.generation(s.policy, step, s.run_dir))
+    return metrics
+
+
+def evaluate_pairs(s: Setup) -> dict[str, float]:
     s.policy.eval()
     indices = list(range(len(s.eval_pairs)))
-    batches = micro_batches(s, s.eval_pairs, indices)
-    metrics = per_pair(run_pairs(s, batches, s.eval_reference, backward=False), len(indices))
+    me = distributed.world()
+    batches = micro_batches(s, s.eval_pairs, distributed.share(indices, me.rank, me.size))
+    sums = run_pairs(s, batches, s.eval_reference, backward=False, counts=step_counts(s.eval_pairs, indices))
+    metrics = per_pair(distributed.sum_scalars(sums, s.device, len(indices)), len(indices))
     values = torch.stack(list(metrics.values())).tolist()  # one host sync
     s.policy.train()
     return {"eval/" + k: v for k, v in zip(metrics, values)}
@@ -332,19 +465,29 @@ def make_optimizer(s: Setup):
 
 
 def start_or_resume(s: Setup, optimizer, scheduler) -> int:
-    """Write the run's config, or restore the newest checkpoint; return the first step to run."""
+    """Write the run's config, or restore the newest checkpoint; return the first step to run.
+
+    Every process restores the same checkpoint (whatever number of processes wrote it: it holds the whole model);
+    only rank 0 writes."""
     cfg = s.cfg
-    s.run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every process has checked the run folder (in `setup`) before rank 0 writes into it
     path = checkpoint.latest(s.run_dir) if cfg.resume else None
     if path is None:
-        if cfg.resume:
-            log.info("no checkpoint in %s yet: starting again from step 0", s.run_dir)
-            _truncate_metrics(s.run_dir / METRICS, 0)
-        write_yaml(cfg, s.run_dir / "config.yaml")
+
+        def start() -> None:
+            s.run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.resume:
+                log.info("no checkpoint in %s yet: starting again from step 0", s.run_dir)
+                _truncate_metrics(s.run_dir / METRICS, 0)
+            _write_launch(cfg, s.run_dir)
+            write_yaml(cfg, s.run_dir / "config.yaml")
+
+        distributed.on_main(start)
         torch.manual_seed(cfg.seed)
         return 0
     step = checkpoint.load(path, s.policy, optimizer, scheduler)
-    _truncate_metrics(s.run_dir / METRICS, step)
+    distributed.on_main(_truncate_metrics, s.run_dir / METRICS, step)
+    distributed.on_main(_write_launch, cfg, s.run_dir)
     log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
     return step
 
@@ -381,10 +524,14 @@ class StepMetrics:
 
 def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     cfg = s.cfg
-    indices = step_pairs(s, step)
-    batches = micro_batches(s, s.train_pairs, indices)
+    indices = step_pairs(s, step)  # the whole step's pairs, over all processes
+    me = distributed.world()
+    batches = micro_batches(s, s.train_pairs, distributed.share(indices, me.rank, me.size))
     optimizer.zero_grad(set_to_none=True)
-    sums = run_pairs(s, batches, s.reference, backward=True)
+    sums = run_pairs(s, batches, s.reference, backward=True, counts=step_counts(s.train_pairs, indices))
+    # Every process adds up the others' gradients and metric sums: all replicas take the same update.
+    distributed.sum_gradients(s.policy.parameters())
+    sums = distributed.sum_scalars(sums, s.device, len(indices))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm)
     lr = scheduler.get_last_lr()[0]
@@ -398,8 +545,10 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     else:
         optimizer.step()
     scheduler.step()  # a skipped step still counts: the schedule follows the step number, as on resume
-    return StepMetrics(step + 1, lr, len(indices), sum(b.num_tokens for b in batches), list(metrics),
-                       torch.stack(list(metrics.values())))
+    # Tokens as `num_tokens` of the batches counts them (both prompts), over all processes.
+    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                 for p in (s.train_pairs[i] for i in indices))
+    return StepMetrics(step + 1, lr, len(indices), tokens, list(metrics), torch.stack(list(metrics.values())))
 
 
 def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, float]]:
@@ -423,7 +572,7 @@ def save_final(s: Setup) -> Path:
 
     def fill(tmp: Path) -> None:
         if adapter:
-            lora.save_adapter(s.policy, tmp)
+            lora.save_adapter(s.policy, tmp, s.cfg)
         else:
             s.policy.save_pretrained(tmp, safe_serialization=True)
         s.tokenizer.save_pretrained(tmp)
@@ -439,44 +588,55 @@ def save_final(s: Setup) -> Path:
     return final
 
 
+@distributed.launched  # under torchrun: join the other processes first (a no-op for one process)
 def train(cfg: TrainConfig) -> Path:
     s = setup(cfg)
     optimizer, scheduler = make_optimizer(s)
     first = start_or_resume(s, optimizer, scheduler)
     s.policy.train()
-    log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s", s.total_steps,
-             cfg.batch_size * cfg.grad_accum, len(s.train_pairs), s.steps_per_epoch, s.device)
+    main = distributed.world().is_main  # only rank 0 writes files and shows progress
+    log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s%s", s.total_steps,
+             global_batch(cfg), len(s.train_pairs), s.steps_per_epoch, s.device,
+             f" × {distributed.world().size} processes" if distributed.world().size > 1 else "")
+    has_eval = bool(s.eval_pairs) or s.generation is not None
+    watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / METRICS) if main else [])
+    distributed.on_main(observe.write_audit, s.audit, s.run_dir)
     pending: list[StepMetrics] = []
     skipped = 0
     clock = time.perf_counter()
     # The bar closes before an error propagates, so the error stays the last line the user sees.
-    with (tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True) as bar,
-          open(s.run_dir / METRICS, "a", encoding="utf-8") as metrics_file):
+    with (tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True,
+               disable=not main) as bar,
+          open(s.run_dir / METRICS if main else os.devnull, "a", encoding="utf-8") as metrics_file):
         for step in range(first, s.total_steps):
             pending.append(train_step(s, step, optimizer, scheduler))
             done = step + 1
             last = done == s.total_steps
-            evaluate_now = bool(s.eval_pairs) and ((cfg.eval_every and done % cfg.eval_every == 0) or last)
+            evaluate_now = has_eval and ((cfg.eval_every and done % cfg.eval_every == 0) or last)
             save_now = bool(cfg.save_every) and done % cfg.save_every == 0 and not last
             if done % cfg.log_every == 0 or evaluate_now or save_now or last:
                 records = to_records(pending, time.perf_counter() - clock)  # raises before a NaN model is saved
                 if evaluate_now:
-                    records[-1].update(evaluate(s))
-                writing(s, METRICS, lambda: (metrics_file.write("".join(json.dumps(r) + "\n" for r in records)),
-                                             metrics_file.flush()))
+                    records[-1].update(evaluate(s, done))
+                if main:
+                    watcher.observe(records)
+                distributed.on_main(writing, s, METRICS, lambda records=records: (
+                    metrics_file.write("".join(json.dumps(r) + "\n" for r in records)), metrics_file.flush()))
                 skipped += sum(int(r.get("skipped", 0)) for r in records)
                 bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", acc=f"{records[-1]['rewards/accuracies']:.2f}",
                                 refresh=False)
                 bar.update(len(records))
                 pending, clock = [], time.perf_counter()
             if save_now:
-                save_checkpoint(s, done, optimizer, scheduler)
+                distributed.on_main(save_checkpoint, s, done, optimizer, scheduler)
                 clock = time.perf_counter()
             after_step(done)
     if skipped:
         log.warning("skipped %d step%s with a non-finite loss or gradient (--skip-nonfinite)", skipped,
                     "s" * (skipped != 1))
-    final = writing(s, "the final model", lambda: save_final(s))
+    final = distributed.on_main(writing, s, "the final model", lambda: save_final(s), default=s.run_dir / "final")
+    if not cfg.no_report:
+        distributed.on_main(observe.write_report, s.run_dir)
     log.info("done: %s", final)
     return final
 

@@ -7,6 +7,8 @@ Sources (`load_pairs(source)`):
     *.csv      header row, then one row per pair (all values are strings); "data.csv row 1" is the first data row
     *.parquet  "data.parquet row 1" is the first row
     owner/name a Hugging Face hub dataset (when no such local path exists); "hub:owner/name[train] row 1"
+Files are strict UTF-8 text (a leading BOM is fine): a bad byte, a UTF-16 file, a NUL byte or a source without a
+single row is an error.
 
 Shapes, detected per row after `--columns` renamed source columns to the canonical names:
     standard         {"prompt": "Q: hi there\\nA: ", "chosen": "good", "rejected": "bad"}
@@ -32,17 +34,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import socket
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from preftune.errors import UserError
+
+log = logging.getLogger("preftune")
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
@@ -139,7 +145,13 @@ def _apply_columns(row: dict[str, Any], columns: dict[str, str], where: str) -> 
 
 
 def _column_list(row: dict[str, Any]) -> str:
-    return ", ".join(map(str, row)) or "no columns"
+    return ", ".join(_printable(str(name)) for name in row) or "no columns"
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped ("a\\nb" → "a\\\\nb"): a value quoted in an error stays one line and
+    cannot move the terminal's cursor or change its colours."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ------------------------------------------------------------------------------------------------- row → pair
@@ -154,6 +166,11 @@ def _check_kinds(fields: dict[str, Any], where: str) -> bool:
     for name, value in fields.items():
         if not isinstance(value, (str, list)):
             raise UserError(f"{where}: field '{name}' must be a string or a list of messages, got {_type_name(value)}")
+        # Before the mix check: a list of token ids or strings is not "a list of messages" either.
+        for i, item in enumerate(value if isinstance(value, list) else []):
+            if not isinstance(item, dict):
+                raise UserError(f"{where}: field '{name}' message {i} must be an object with 'role' and 'content', "
+                                f"got {_type_name(item)}")
     kinds = {name: isinstance(value, list) for name, value in fields.items()}
     if len(set(kinds.values())) > 1:
         described = ", ".join(f"{n} is {'a list of messages' if k else 'a string'}" for n, k in kinds.items())
@@ -176,7 +193,7 @@ def _check_messages(messages: list, name: str, where: str) -> None:
             if not isinstance(message[key], str):
                 raise UserError(f"{at}: '{key}' must be a string, got {_type_name(message[key])}")
         if message["role"] not in ROLES:
-            raise UserError(f"{at}: unknown role '{message['role']}'; expected one of {', '.join(ROLES)}")
+            raise UserError(f"{at}: unknown role {message['role']!r}; expected one of {', '.join(ROLES)}")
 
 
 def _check_text_response(text: str, name: str, where: str, implicit: bool) -> None:
@@ -225,6 +242,17 @@ def shared_message_prompt(chosen: list[Message], rejected: list[Message]) -> int
             break
         n += 1
     return n
+
+
+def _check_encodable(fields: dict[str, Any], where: str) -> None:
+    """Every text must be encodable: a lone surrogate (JSON "\\ud800") is a Python string no tokenizer accepts."""
+    for name, value in fields.items():
+        for text in [value] if isinstance(value, str) else [message["content"] for message in value]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"{where}: field '{name}' holds {text[e.start]!r}, half of a UTF-16 surrogate pair, "
+                                f"which no tokenizer can encode (a broken \\u escape?)") from None
 
 
 def _split_hh(text: str) -> tuple[str, str]:
@@ -277,6 +305,7 @@ def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None 
         (prompt, chosen, rejected), shape = _split_messages(fields, where), "conversational"
     else:
         prompt, chosen, rejected, shape = _split_text(fields, where)
+    _check_encodable(fields, where)
     # An identical pair is skipped or refused by the caller, whatever its responses hold.
     if chosen != rejected:
         for name, response in (("chosen", chosen), ("rejected", rejected)):
@@ -292,6 +321,15 @@ def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None 
 
 def _decode(data: bytes, path: str, first_line: int = 1) -> str:
     """Strict UTF-8 (a leading BOM is allowed); a bad byte → UserError naming the file and line."""
+    if first_line == 1 and data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path} line 1: the file is UTF-16 (it starts with a UTF-16 byte order mark); "
+                        f"save the file as UTF-8")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        # Valid UTF-8, yet no text file holds a NUL byte: binary data, or UTF-16/32 without a byte order mark.
+        line = first_line + data.count(b"\n", 0, nul)
+        raise UserError(f"{path} line {line}: holds a NUL byte (0x00), so it is not a text file (binary data or "
+                        f"UTF-16?); save the file as UTF-8")
     try:
         return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as e:
@@ -316,10 +354,15 @@ def _rows_jsonl(path: str) -> Iterator[tuple[dict, str]]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"{where}: not valid JSON ({_json_problem(e)})") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {_json_type(row)}")
         yield row, where
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """"Expecting value at column 13"; "Unterminated string starting at column 30" (json's message ends in "at")."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _json_type(value: Any) -> str:
@@ -331,7 +374,7 @@ def _rows_json(path: str) -> Iterator[tuple[dict, str]]:
     try:
         data = json.loads(_decode(_read_bytes(path), path))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path} line {e.lineno}: not valid JSON ({_json_problem(e)})") from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(data) != 1 or len(lists) != 1:
@@ -349,14 +392,15 @@ def _rows_json(path: str) -> Iterator[tuple[dict, str]]:
 
 def _rows_csv(path: str) -> Iterator[tuple[dict, str]]:
     text = _decode(_read_bytes(path), path)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: a quoted value never closed (a file cut short) is an error, not a value running to the end of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if header is None:
             raise UserError(f"{path}: empty file; expected a header row")
         duplicates = sorted({name for name in header if header.count(name) > 1})
         if duplicates:
-            raise UserError(f"{path} header: column '{duplicates[0]}' appears more than once")
+            raise UserError(f"{path} header: column {duplicates[0]!r} appears more than once")
         for i, values in enumerate(reader, start=1):
             if not values:  # a blank line holds no row
                 continue
@@ -495,5 +539,51 @@ def load_pairs(source: str, *, columns: dict[str, str] | None = None, on_identic
             continue
         pairs.append(pair)
         report.shapes[shape] += 1
+    if not report.rows:
+        raise UserError(f"{source}: holds no data rows (an empty file, blank lines only or an empty list)")
     report.pairs = len(pairs)
+    _warn_if_mixed(source, pairs)
     return pairs, report
+
+
+def _warn_if_mixed(source: str, pairs: list[PreferencePair]) -> None:
+    """Plain-text and conversational pairs in one source are allowed (tests/data/fmt_shapes.jsonl holds every
+    shape), but are often a mistake: the chat template formats the conversations only. Said once, not per row."""
+    first_text = next((p.where for p in pairs if isinstance(p.chosen, str)), None)
+    first_chat = next((p.where for p in pairs if isinstance(p.chosen, list)), None)
+    if first_text and first_chat:
+        log.warning("%s: mixes plain-text pairs (first: %s) and conversations (first: %s); the chat template "
+                    "formats the conversations only", source, first_text, first_chat)
+
+
+def iter_pairs(source: str, columns: dict[str, str] | None = None) -> Iterator[tuple[PreferencePair, str]]:
+    """Every row of `source` as (pair, shape), in order, for the data audit (`preftune audit`).
+
+    Unlike `load_pairs`, nothing is skipped: rows whose chosen equals rejected are yielded, and so are rows with an
+    empty or whitespace-only response (training refuses those; the audit counts them). Every other check of
+    `row_to_pair` still raises. Hub datasets are read from their "train" split.
+    """
+    columns = dict(columns or {})
+    _check_columns(columns)
+    if os.path.exists(source):
+        rows = _rows_local(source)
+    elif _looks_like_hub_name(source):
+        rows = _rows_hub(source, "train")
+    else:
+        raise UserError(f"{source}: no such file")
+    for row, where in rows:
+        fields = _apply_columns(row, columns, where)
+        for name in ("chosen", "rejected"):
+            if name not in fields:
+                raise UserError(f"{where}: missing field '{name}' (the row has: {_column_list(row)}; "
+                                f"rename columns with --columns)")
+        if _check_kinds(fields, where):
+            (prompt, chosen, rejected), shape = _split_messages(fields, where), "conversational"
+            for name, response in (("chosen", chosen), ("rejected", rejected)):
+                if response and chosen != rejected:
+                    # Every content filled in: only the structure checks (assistant turn, order) can fire.
+                    filled = [{**message, "content": "x"} for message in response]
+                    _check_message_response(filled, name, where, "prompt" not in fields)
+        else:
+            prompt, chosen, rejected, shape = _split_text(fields, where)
+        yield PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where), shape

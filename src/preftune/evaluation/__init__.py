@@ -1,0 +1,10 @@
+"""Evaluation of a policy against its reference (`preftune eval`, also callable during training).
+
+    pairs.py     held-out pair metrics: accuracy (ties apart), margins, implicit rewards, per length bucket
+    sampling.py  prompts → sampled responses; their log-probs under the sampling distribution
+    stats.py     mean ± SE, KL estimate, distinct-n, win rate with a Wilson interval
+    rewards.py   --reward: a sequence-classification model folder or a module:function
+    refusal.py   over-refusal and unsafe compliance with a replaceable refusal detector
+    command.py   options, `run_eval`, `evaluate_models`, `flat_metrics`, eval.json
+    table.py     the terminal table
+"""

@@ -1,0 +1,119 @@
+"""What a training run reports besides its loss: the data audit at the start, generation-based evaluation every
+--eval-every steps, plain-language warnings as metrics arrive, and the HTML report at the end.
+
+Kept out of train.py so the recipe stays readable; every piece is the same code as the `audit`, `eval` and
+`report` commands, not a second implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from preftune.config import TrainConfig
+from preftune.data.audit import audit_pairs, write_json
+from preftune.data.formats import PreferencePair
+from preftune.errors import UserError
+from preftune.monitor import TrainingMonitor
+
+log = logging.getLogger("preftune")
+AUDIT = "audit.json"
+EVAL = "eval.json"
+
+
+def audit_data(train: list[PreferencePair], held_out: list[PreferencePair]):
+    """The cheap part of `preftune audit` (no tokenizer: truncation is reported by tokenization already)."""
+    report = audit_pairs(train, eval_pairs=held_out or None)
+    for warning in report.warnings():
+        log.warning("--data audit: %s", warning)
+    return report
+
+
+def write_audit(report, run_dir: Path) -> None:
+    write_json(report, str(run_dir / AUDIT))
+
+
+class Watcher:
+    """Feeds every metrics record to a `TrainingMonitor` and logs each new warning once.
+
+    After --resume the records kept from before are replayed silently, so a warning given before the
+    interruption is not given again.
+    """
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, kept_records: list[dict]):
+        self.monitor = TrainingMonitor(total_steps, cfg.losses, cfg.weights)
+        for record in kept_records:
+            self.monitor.observe(record)
+
+    def observe(self, records: list[dict]) -> None:
+        for record in records:
+            for warning in self.monitor.observe(record):
+                log.warning("%s", warning)
+
+
+class GenerationEval:
+    """Sampling, KL to the reference and rewards on --eval-prompts, through `preftune eval`'s own functions.
+
+    The reference must be a model here (cached log-probs cannot sample): the live reference when there is one,
+    else the reference folder is loaded on the first evaluation and kept.
+    """
+
+    def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, live_reference=None):
+        from preftune.evaluation.command import EvalOptions, load_inputs
+
+        self.cfg = cfg
+        self.options = EvalOptions(model=cfg.output, ref=cfg.ref_model or cfg.model, prompts=cfg.eval_prompts,
+                                   reward=cfg.eval_reward, max_new_tokens=cfg.eval_max_new_tokens,
+                                   max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size,
+                                   seed=cfg.seed, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        self.inputs = load_inputs(self.options, tokenizer)  # every input error before the first step
+        self.tokenizer = tokenizer
+        self.device = device
+        self.reference = live_reference
+
+    def _reference(self):
+        if self.reference is None:
+            from preftune.loading import load_causal_lm
+
+            self.reference = load_causal_lm(self.options.ref, trust_remote_code=self.cfg.trust_remote_code,
+                                            allow_pickle_weights=self.cfg.allow_pickle_weights,
+                                            what="--ref-model" if self.cfg.ref_model else "--model").to(self.device)
+        return self.reference
+
+    def __call__(self, policy, step: int, run_dir: Path | None) -> dict[str, float]:
+        """eval/* metrics of the policy now; the full result goes to eval.json (rank 0 passes run_dir)."""
+        from preftune.evaluation.command import evaluate_models, flat_metrics, write_json
+
+        was_training = policy.training
+        policy.eval()
+        try:
+            result = evaluate_models(self.inputs, policy, self._reference(), self.tokenizer, self.options)
+        finally:
+            policy.train(was_training)
+        result["step"] = step
+        if run_dir is not None:
+            write_json(result, str(run_dir / EVAL))
+        return {"eval/" + k: v for k, v in flat_metrics(result).items()}
+
+
+def check_generation_options(cfg: TrainConfig) -> None:
+    from preftune.lora import carries_adapter
+
+    if cfg.eval_prompts and carries_adapter(cfg.model):
+        raise UserError("--eval-prompts: sampling the reference of a model that carries a LoRA adapter is not "
+                        "supported yet; evaluate final/ afterwards with `preftune eval`")
+
+
+def kept_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_report(run_dir: Path) -> None:
+    from preftune.report import write_report as write
+
+    log.info("report: %s", write(run_dir))
