@@ -108,14 +108,20 @@ def test_accuracy_saturating_late_is_fine():
 
 
 def test_loss_stuck_at_ln2():
-    # |loss − ln 2| = 0.001 at every step: the 20-step mean 0.001 < 0.01, judged from step 20 on.
-    monitor = TrainingMonitor(total_steps=100, loss_names="sigmoid")
+    # |loss − ln 2| = 0.001 at every step: the 20-step mean 0.001 < 0.01, judged from step 20 on (half the run).
+    monitor = TrainingMonitor(total_steps=40, loss_names="sigmoid")
     records = [record(s, loss=LN2 + 0.001 * (-1) ** s, lr=1e-7) for s in range(1, 41)]
     warnings = fired(monitor, records)
     assert [step for step, _ in warnings] == [20]
     assert warnings[0][1].startswith("step 20: the loss has stayed at ln 2 ≈ 0.6931 for 20 steps (mean distance "
                                      "0.0010)")
     assert "learning rate now 1e-07" in warnings[0][1]
+
+
+def test_loss_at_ln2_not_judged_before_half_the_run():
+    # 100 steps: a loss flat at ln 2 for the first 49 steps is normal warmup; still flat at step 50, it fires.
+    flat = [record(s, loss=LN2) for s in range(1, 51)]
+    assert [step for step, _ in fired(TrainingMonitor(100, ["sigmoid"]), flat)] == [50]
 
 
 def test_loss_at_ln2_not_judged_for_other_losses_or_when_it_moves():
@@ -130,7 +136,7 @@ def test_loss_at_ln2_not_judged_for_other_losses_or_when_it_moves():
 
 def test_loss_at_weighted_ln2():
     # Two sigmoid-family losses weighted 1 and 0.5 start at 1.5·ln 2; a tolerance of 0.01·1.5.
-    monitor = TrainingMonitor(100, ["sigmoid", "robust"], [1.0, 0.5])
+    monitor = TrainingMonitor(40, ["sigmoid", "robust"], [1.0, 0.5])
     warnings = fired(monitor, [record(s, loss=1.5 * LN2) for s in range(1, 25)])
     assert [step for step, _ in warnings] == [20]
     assert "stayed at 1.5 × ln 2 ≈ 1.0397" in warnings[0][1]

@@ -20,8 +20,9 @@ one step:
   ≥ 0.95 at a step ≤ 25% of `total_steps` (runs shorter than 40 steps are never judged: the window does not
   fit in their first quarter).
 - **loss stuck at ln 2** (window 20 steps; losses whose value at π = π_ref is ln 2 only — the sigmoid
-  family, see `AT_LN2`): the mean of |loss − w·ln 2| over the last 20 steps is < 0.01·w, with w the sum of
-  the loss weights (1 for a single loss). A combination with any other loss (e.g. `sigmoid,sft`) has no fixed
+  family, see `AT_LN2`): halfway through the run or later, the mean of |loss − w·ln 2| over the last 20
+  steps is < 0.01·w, with w the sum of the loss weights (1 for a single loss). Judged no earlier than half the
+  run: with a small learning rate or warmup the loss legitimately stays near ln 2 for a while. A combination with any other loss (e.g. `sigmoid,sft`) has no fixed
   starting value and is not judged.
 - **non-finite values**: any numeric field of a record (train or eval) is NaN or ±inf.
 
@@ -47,6 +48,7 @@ ACCURACY_LEVEL = 0.95
 ACCURACY_EARLY = 0.25  # share of the run
 LN2_WINDOW = 20
 LN2_TOLERANCE = 0.01
+LN2_FROM = 0.5  # share of the run before the rule is judged
 
 _TRACKED = ("loss", "rewards/accuracies", "rewards/chosen", "rewards/margins", "logps/chosen")
 
@@ -140,7 +142,7 @@ class TrainingMonitor:
 
     def _stuck_at_ln2(self, step, record: dict) -> str | None:
         points = self._window("loss", LN2_WINDOW)
-        if self.start_loss is None or points is None:
+        if self.start_loss is None or points is None or step < LN2_FROM * self.total_steps:
             return None
         level = self.start_loss
         deviation = sum(abs(v - level) for _, v in points) / len(points)
