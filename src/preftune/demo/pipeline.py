@@ -7,7 +7,9 @@ miniature, offline, in minutes on a CPU.
                with Bradley–Terry noise                                                  pairs/{train,heldout,prompts}.jsonl
     4 dpo      `preftune.train.train` on the pairs, the SFT model as policy and reference  dpo/ (final/ = the DPO model)
 
-Everything is seeded: the same sizes give the same files (up to float rounding across machines).
+Stages 5–6 (eval, report) are in module `command` (`preftune demo`); module `frontier` reuses stages 1–3 and
+`run_dpo` for a β sweep. Everything is seeded: the same sizes give the same files (up to float rounding across
+machines).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _stage(stages: dict, name: str, start: tuple[float, float], line: str, **num
     are what the stage costs, while wall seconds also count the waiting."""
     wall, cpu = (now - then for now, then in zip(_clock(), start))
     stages[name] = {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "summary": line, **numbers}
-    log.info("stage %d/4 %s (%.1f s): %s", len(stages), name, wall, line)
+    log.info("stage %d %s (%.1f s): %s", len(stages), name, wall, line)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -153,15 +155,17 @@ def make_pairs(out: Path, model, tokenizer, sizes: Sizes, stages: dict) -> dict[
     return paths
 
 
-def run_dpo(out: Path, sft_folder: Path, paths: dict[str, Path], sizes: Sizes, stages: dict) -> Path:
-    """DPO through preftune's normal training path, exactly as `preftune train` runs it."""
+def run_dpo(out: Path, sft_folder: Path, paths: dict[str, Path], sizes: Sizes, stages: dict, *, beta: float = 0.1,
+            name: str = "dpo") -> Path:
+    """DPO through preftune's normal training path, exactly as `preftune train` runs it, into out/name. Every β
+    shares out/ref-cache: the reference log-probs do not depend on β, so runs after the first reuse them."""
     from preftune.config import resolve
     from preftune.train import train
 
     start = _clock()
-    run = out / "dpo"
+    run = out / name
     cfg, _ = resolve({"model": str(sft_folder), "data": str(paths["train_pairs"]),
-                      "eval_data": str(paths["heldout_pairs"]), "output": str(run), "beta": 0.1,
+                      "eval_data": str(paths["heldout_pairs"]), "output": str(run), "beta": beta,
                       "learning_rate": sizes.dpo_lr, "lr_scheduler": "constant", "warmup_steps": 5,
                       "batch_size": sizes.dpo_batch, "max_steps": sizes.dpo_steps,
                       "eval_every": max(1, sizes.dpo_steps // 4), "seed": sizes.seed,
@@ -172,7 +176,7 @@ def run_dpo(out: Path, sft_folder: Path, paths: dict[str, Path], sizes: Sizes, s
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     evals = [r for r in records if "eval/loss" in r]
     first, last = records[0], records[-1]
-    _stage(stages, "dpo", start, f"{len(records)} steps: loss {first['loss']:.3f} → {last['loss']:.3f}; held-out "
+    _stage(stages, name, start, f"{len(records)} steps: loss {first['loss']:.3f} → {last['loss']:.3f}; held-out "
            f"reward accuracy {last['eval/rewards/accuracies']:.2f}, margin {last['eval/rewards/margins']:.3f} "
            f"→ {run / 'final'}", steps=len(records), first_loss=first["loss"], last_loss=last["loss"],
            eval_accuracy=[r["eval/rewards/accuracies"] for r in evals],

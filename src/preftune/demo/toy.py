@@ -1,8 +1,8 @@
-"""A built-in toy task that runs offline in seconds: a tiny Llama learns, from preference pairs alone, to count.
+"""A toy task for the test suite: a tiny random Llama, and preference pairs that teach it to count.
 
 Prompt: "count from 3 :"; chosen: "3 4 5 6"; rejected: the same numbers shuffled or shifted. The model starts
-from random weights (it is a stand-in for an SFT model) and DPO must raise the chosen responses above the
-rejected ones relative to that frozen start. The same builders make the tiny models of the test suite.
+from random weights (a stand-in for an SFT model). `preftune demo` itself is the sentiment task of
+`preftune.demo.pipeline`; these builders make the tiny models and data sets of the tests.
 """
 
 from __future__ import annotations
@@ -69,27 +69,3 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
-
-def run_demo(output: str, quick: bool = False) -> None:
-    from preftune.config import resolve
-    from preftune.train import train
-
-    out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        from preftune.errors import UserError
-
-        raise UserError(f"--output {output}: folder is not empty; choose a new folder")
-    work = out / "inputs"
-    work.mkdir(parents=True)
-    model = save_model_folder(work / "model")
-    train_file = write_jsonl(counting_pairs(256, seed=1), work / "train.jsonl")
-    eval_file = write_jsonl(counting_pairs(64, seed=2), work / "eval.jsonl")
-    log.info("demo: tiny Llama in %s, %s, %s", model, train_file, eval_file)
-    cfg, _ = resolve({"model": str(model), "data": str(train_file), "eval_data": str(eval_file),
-                      "output": str(out / "run"), "learning_rate": 1e-3, "batch_size": 16, "beta": 0.1,
-                      "max_steps": 16 if quick else 64, "eval_every": 8, "lr_scheduler": "constant"})
-    train(cfg)
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    first, last = records[0], records[-1]
-    log.info("demo: loss %.4f → %.4f, held-out reward accuracy %.2f, margin %.3f (run folder: %s)",
-             first["loss"], last["loss"], last["eval/rewards/accuracies"], last["eval/rewards/margins"], out / "run")
