@@ -101,6 +101,64 @@ def test_resume_after_interruption_reproduces_the_run(toy, tmp_path, monkeypatch
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tr_dpo_resume_after_interruption_reproduces_the_run(toy, tmp_path, monkeypatch):
+    """TR-DPO's reference drifts: a checkpoint after its first update holds it, and resuming is exact."""
+    from safetensors.torch import load_file
+
+    args = lambda out: base_args(toy, out, steps=6) + ["--save-every", "2", "--ref-update", "soft",
+                                                       "--ref-update-every", "3", "--ref-update-alpha", "0.5"]
+    whole = tmp_path / "whole"
+    assert run(args(whole)) == 0
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(train_module, "after_step", interrupt)
+    assert run(args(cut)) == 130
+    monkeypatch.undo()
+    # Step 2 comes before the first update (step 3): its reference is the loaded model, not saved again.
+    assert not (cut / "checkpoints" / "step-00000002" / "reference.safetensors").exists()
+    saved = load_file(cut / "checkpoints" / "step-00000004" / "reference.safetensors")
+    start = load_file(Path(toy["model"]) / "model.safetensors")
+    policy = load_file(cut / "checkpoints" / "step-00000004" / "model.safetensors")
+    # The reference of step 4 is the mix of step 3: neither the start nor the policy of step 4.
+    assert any(not torch.equal(saved[k], start[k]) for k in start)
+    assert any(not torch.equal(saved[k], policy[k]) for k in policy)
+    assert run(args(cut) + ["--resume"]) == 0
+
+    timing = {"pairs_per_s", "tokens_per_s", "step_time_s"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+    assert strip(read_metrics(cut)) == strip(read_metrics(whole))
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ld_alpha_cached_reference_matches_the_live_one(toy, tmp_path, capsys):
+    """LD-DPO weights the reference's log-probs too: cached (α in the key) or live, the run is the same."""
+    live, cached, plain = tmp_path / "live", tmp_path / "cached", tmp_path / "plain"
+    cache = ["--ref-cache", str(tmp_path / "cache")]
+    # The toy pairs' responses have equal lengths, where LD-DPO changes nothing: cut each rejected to 2 numbers.
+    rows = [{**p, "rejected": " ".join(p["rejected"].split(" ")[:3])} for p in counting_pairs(64, seed=1)]
+    data = ["--data", str(write_jsonl(rows, tmp_path / "uneven.jsonl"))]
+    assert run(base_args(toy, live, steps=2) + data + ["--ld-alpha", "0.5", "--no-ref-cache"]) == 0
+    assert run(base_args(toy, plain, steps=1) + data + cache) == 0
+    capsys.readouterr()
+    assert run(base_args(toy, cached, steps=2) + data + cache + ["--ld-alpha", "0.5"]) == 0
+    assert "reference log-probs: computed" in capsys.readouterr().err  # not the plain run's file
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    for x, y in zip(read_metrics(live), read_metrics(cached)):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
+    # At step 1 π = π_ref either way (loss ln 2); the chosen responses are the longer ones, so the weighting
+    # (tokens past the rejected's length count half) shrinks their log-probs and leaves the rejected's alone.
+    first, unweighted = read_metrics(cached)[0], read_metrics(plain)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert unweighted["logps/chosen"] < first["logps/chosen"] - 0.1
+    assert unweighted["logps/rejected"] == pytest.approx(first["logps/rejected"], rel=1e-5)
+
+
 def test_grad_accum_matches_one_big_batch(toy, tmp_path):
     big, small = tmp_path / "big", tmp_path / "small"
     assert run(base_args(toy, big, steps=2)) == 0
@@ -129,6 +187,14 @@ def test_rpo_combination_logs_and_trains(toy, tmp_path):
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--batch-size", "100"], "fewer than one optimizer step"),
     (["--max-prompt-length", "2000"], "--max-prompt-length (2000) must be below --max-length (1024)"),
+    (["--ld-alpha", "0"], "--ld-alpha must be in (0, 1], got 0.0"),
+    (["--ld-alpha", "0.5", "--loss", "sigmoid,sft"], "--ld-alpha is not defined for --loss sft"),
+    (["--ref-update-every", "4"], "--ref-update-every has no effect without --ref-update"),
+    (["--ref-update", "hard", "--ref-update-alpha", "0.5"], "--ref-update-alpha has no effect with --ref-update hard"),
+    (["--ref-update", "soft", "--ref-cache", "c"], "--ref-update and --ref-cache contradict each other"),
+    (["--ref-update", "soft", "--lora-r", "4"], "--ref-update is not supported with LoRA"),
+    (["--ref-update", "soft", "--ref-update-alpha", "1.5"], "--ref-update-alpha must be in (0, 1], got 1.5"),
+    (["--ref-update", "soft", "--loss", "simpo"], "--ref-update has no effect with --loss simpo"),
 ])
 def test_bad_flags_give_one_line_and_write_nothing(toy, tmp_path, capsys, extra, message):
     out = tmp_path / "run"

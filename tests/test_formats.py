@@ -420,3 +420,53 @@ def test_identical_pair_error_and_bad_policy(tmp_path):
 
 def test_empty_report_summary():
     assert LoadReport().summary() == "0 rows → 0 pairs (none); 0 skipped (chosen == rejected)"
+
+
+# ------------------------------------------------------------------------------------- several rejected responses
+
+
+def test_a_list_of_rejected_texts_becomes_one_pair_each(tmp_path):
+    """All-pairs form of a ranking: the chosen response over each rejected one, with the same prompt."""
+    several = {"prompt": "Q: 2+2?\nA: ", "chosen": "4", "rejected": ["5", "22", "four?"]}
+    path = write_jsonl(tmp_path / "d.jsonl", [several, STANDARD, {**several, "prompt": "Q: 2+2 =\nA: "}])
+    pairs, report = load_pairs(path)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("Q: 2+2?\nA: ", "4", "5"), ("Q: 2+2?\nA: ", "4", "22"), ("Q: 2+2?\nA: ", "4", "four?"),
+        ("Q: hi there\nA: ", "good", "bad"),
+        ("Q: 2+2 =\nA: ", "4", "5"), ("Q: 2+2 =\nA: ", "4", "22"), ("Q: 2+2 =\nA: ", "4", "four?")]
+    assert [p.where for p in pairs[:4]] == [f"{path} line 1 rejected[0]", f"{path} line 1 rejected[1]",
+                                            f"{path} line 1 rejected[2]", f"{path} line 2"]
+    assert (report.rows, report.pairs) == (3, 7)
+    assert report.summary() == ("3 rows → 7 pairs (standard 7); 0 skipped (chosen == rejected); "
+                                "2 rows with 3 rejected each → 6 pairs")
+
+
+def test_a_list_of_rejected_conversations_and_a_mapped_column(tmp_path):
+    row = {"prompt": [user("hi")], "chosen": [assistant("good")], "worse": [[assistant("bad")], [assistant("meh")]]}
+    pairs, report = load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]), columns=parse_columns("rejected=worse"))
+    assert [p.rejected for p in pairs] == [[assistant("bad")], [assistant("meh")]]
+    assert all(p.chosen == [assistant("good")] and p.prompt == [user("hi")] for p in pairs)
+    assert report.rejected_lists == {2: 1} and report.shapes == {"conversational": 2}
+
+
+def test_a_rejected_equal_to_chosen_in_a_list_is_skipped_and_counted(tmp_path):
+    row = {"prompt": "Q: ", "chosen": "yes", "rejected": ["no", "yes"]}
+    pairs, report = load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert [p.rejected for p in pairs] == ["no"]
+    assert (report.rows, report.pairs, report.identical_skipped) == (1, 1, 1)
+    with pytest.raises(UserError) as e:
+        load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]), on_identical="error")
+    assert str(e.value) == f"{tmp_path / 'd.jsonl'} line 1 rejected[1]: 'chosen' and 'rejected' are identical " \
+                           "(--on-identical error)"
+
+
+def test_a_bad_item_in_a_rejected_list_names_it(tmp_path):
+    row = {"prompt": "Q: ", "chosen": "yes", "rejected": ["no", "  "]}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(UserError) as e:
+        load_pairs(path)
+    assert str(e.value) == f"{path} line 1 rejected[1]: field 'rejected' is empty"
+    mixed = {"prompt": "Q: ", "chosen": "yes", "rejected": ["no", 3]}  # not a list of responses: refused as before
+    with pytest.raises(UserError) as e:
+        load_pairs(write_jsonl(tmp_path / "m.jsonl", [mixed]))
+    assert "field 'rejected' message 0 must be an object with 'role' and 'content', got str" in str(e.value)

@@ -3,7 +3,8 @@
 Covered: every loss type of TRL's DPOTrainer (sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
 sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, and sft in the RPO combination
 sigmoid + 0.2·sft), its f-divergences (forward_kl, js_divergence, alpha_divergence), its WPO weighting
-(use_weighting, preftune's --wpo), and simpo and cpo against trl.experimental's CPOTrainer. preftune's per-step `loss`, `logps/*`, `rewards/*`, `grad_norm` and learning rate
+(use_weighting, preftune's --wpo), LD-DPO (ld_alpha, preftune's --ld-alpha), TR-DPO's reference
+updates (sync_ref_model, preftune's --ref-update soft and hard), and simpo and cpo against trl.experimental's CPOTrainer. preftune's per-step `loss`, `logps/*`, `rewards/*`, `grad_norm` and learning rate
 must equal TRL's within float32 rounding, and `rewards/accuracies` exactly. Steps 2 and 3 run after real AdamW
 updates (lr 1e-3), so they check the gradients and the optimizer too, not only the forward pass. Every loss runs
 with preftune's defaults (packed prefix-shared layout, reference log-probs computed once and cached); one case
@@ -51,6 +52,7 @@ absolute error times their slope, still well within TOL.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,9 @@ CASES = [
     ("sigmoid/wpo", ["--loss", "sigmoid", "--wpo"], {"loss_type": ["sigmoid"], "use_weighting": True}),
     # (Not hinge: TRL 1.16 multiplies relu's output in place and fails in backward; preftune's hinge + WPO trains.)
     ("ipo/wpo", ["--loss", "ipo", "--wpo"], {"loss_type": ["ipo"], "use_weighting": True}),
+    # LD-DPO: 6 of the 8 pairs have responses of different lengths, so the weighting changes their log-probs; the
+    # reference log-probs come from the cache, computed with the same weights.
+    ("sigmoid/ld_alpha", ["--loss", "sigmoid", "--ld-alpha", "0.3"], {"loss_type": ["sigmoid"], "ld_alpha": 0.3}),
 ]
 LENGTH_NORMALISED = {"ipo", "sigmoid_norm"}  # preftune logs per-token rewards for these: compared separately
 
@@ -165,7 +170,7 @@ def run_preftune(model_dir: Path, output: Path, flags: list[str], data: Path = D
             "--max-steps", str(STEPS), "--learning-rate", str(LEARNING_RATE), "--lr-scheduler", "linear",
             "--max-length", str(MAX_LENGTH), "--seed", str(SEED), "--no-report", *BETA, *flags]
     losses = flags[flags.index("--loss") + 1].split(",")
-    if "--no-ref-cache" not in flags and any(LOSSES[loss].needs_reference for loss in losses):
+    if not {"--no-ref-cache", "--ref-update"} & set(flags) and any(LOSSES[loss].needs_reference for loss in losses):
         args += ["--ref-cache", str(output.parent / "ref-cache")]
     assert main(args) == 0
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -275,3 +280,31 @@ def test_reference_free_losses_match_trl_cpo_trainer(model_dir, tmp_path, name, 
     assert_training_moved(ours)
     # No reference: the rewards are β·log π (per token for SimPO), far from 0 at step 1.
     assert ours[0]["rewards/chosen"] < -0.5
+
+
+# (id, preftune flags, DPOConfig overrides): TR-DPO's reference updates, small τ so that they matter within 3 steps.
+TR_DPO_CASES = [
+    ("soft", ["--ref-update", "soft", "--ref-update-every", "1", "--ref-update-alpha", "0.5"],
+     {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}),
+    ("hard", ["--ref-update", "hard", "--ref-update-every", "2"],
+     {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 1.0}),
+]
+
+
+@pytest.mark.parametrize("name, flags, trl_overrides", TR_DPO_CASES, ids=[c[0] for c in TR_DPO_CASES])
+def test_tr_dpo_matches_trl_sync_ref_model(model_dir, tmp_path, name, flags, trl_overrides):
+    """TR-DPO against TRL's sync_ref_model: the updated reference shows in the rewards of the steps after it."""
+    ours = run_preftune(model_dir, tmp_path / "preftune", ["--loss", "sigmoid", *flags])
+    theirs = run_trl(model_dir, tmp_path / "trl", loss_type=["sigmoid"], **trl_overrides)
+    assert_same(ours, theirs, METRICS, name)
+    assert abs(ours[2]["logps/chosen"] - ours[0]["logps/chosen"]) > 1e-2  # the policy trained
+    # The updates have teeth: from the first step after one, the rewards differ from plain DPO's (fixed reference).
+    plain = run_preftune(model_dir, tmp_path / "plain", ["--loss", "sigmoid", "--no-ref-cache"])
+    first_after = trl_overrides["ref_model_sync_steps"]  # 0-based index of the first step with a moved reference
+    assert ours[first_after - 1]["rewards/margins"] == plain[first_after - 1]["rewards/margins"]
+    assert abs(ours[first_after]["rewards/margins"] - plain[first_after]["rewards/margins"]) > 1e-3
+    if name == "hard":  # the step after a hard update starts from π = π_ref: every reward is 0, the loss log 2
+        assert ours[2]["rewards/margins"] == 0 and ours[2]["rewards/accuracies"] == 0
+        assert ours[2]["loss"] == pytest.approx(math.log(2), rel=1e-6) and ours[1]["loss"] < ours[0]["loss"] - 1e-3
+    else:
+        assert abs(ours[2]["loss"] - ours[0]["loss"]) > 1e-3

@@ -63,9 +63,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
+REFERENCE = "reference.safetensors"  # TR-DPO's updated reference, when it has drifted from the loaded model
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, reference=None) -> Path:
     def fill(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        if reference is not None:
+            save_model(reference, str(tmp / REFERENCE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "step": step}, tmp / "state.pt")
 
@@ -96,9 +101,12 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
-def load(path: Path, model, optimizer, scheduler) -> int:
-    """Restore everything saved by `save` and return the step it was taken at."""
+def load(path: Path, model, optimizer, scheduler, reference=None) -> int:
+    """Restore everything saved by `save` and return the step it was taken at. `reference` is restored when the
+    checkpoint holds one (else it stays as loaded: it had not drifted yet)."""
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    if reference is not None and (path / REFERENCE).exists():
+        load_model(reference, str(path / REFERENCE), device=str(next(reference.parameters()).device))
     # weights_only: even our own files are loaded without executing pickled code
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])

@@ -37,6 +37,8 @@ class TrainConfig:
     columns: str | None = _opt(None, "Column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k.")
     on_identical: str = _opt("skip", "Pairs whose chosen equals rejected: skip (counted) or error.",
                              ("skip", "error"))
+    stream: bool = _opt(False, "Data larger than memory: read --data (and --eval-data) a row at a time into token ids "
+                        "memory-mapped from OUTPUT/tokens/; skips the data audit at the start (run `preftune audit`).")
     # The objective.
     loss: str = _opt("sigmoid", f"Loss or comma-separated losses (docs/losses.md): {', '.join(LOSSES)}.")
     loss_weights: str | None = _opt(None, "Comma-separated weights, one per loss (default: all 1).")
@@ -54,6 +56,13 @@ class TrainConfig:
                              tuple(F_DIVERGENCES))
     f_alpha: float = _opt(0.5, "α of --f-divergence alpha_divergence (TRL's f_alpha_divergence_coef: 1 → reverse "
                           "KL, 0 → forward KL).")
+    ld_alpha: float | None = _opt(None, "LD-DPO's α (TRL's ld_alpha): in policy and reference log-probs, response "
+                                  "tokens beyond the shorter response of the pair count α times, α in (0, 1].")
+    ref_update: str | None = _opt(None, "TR-DPO: update the reference from the policy every --ref-update-every steps: "
+                                  "soft (ref ← α·policy + (1−α)·ref) or hard (ref ← policy). Keeps a live reference.",
+                                  ("soft", "hard"))
+    ref_update_every: int = _opt(512, "TR-DPO's τ: steps between reference updates (TRL's ref_model_sync_steps).")
+    ref_update_alpha: float = _opt(0.6, "TR-DPO's α of --ref-update soft (TRL's ref_model_mixup_alpha).")
     wpo: bool = _opt(False, "WPO (TRL's use_weighting): weight each pair's loss by the policy's own length-normalised "
                      "probability of both responses, as if sampled from it.")
     # Optimisation.
@@ -279,6 +288,33 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
     if "on_overlength" in explicit and cfg.max_length is None and cfg.max_prompt_length is None:
         raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
     _validate_lora(cfg, explicit)
+    _validate_ref_update(cfg, explicit)
+
+
+def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:
+    """TR-DPO needs a live reference with weights of its own, of the policy's shape."""
+    from preftune.lora import carries_adapter
+
+    if cfg.ref_update is None:
+        given = [n for n in ("ref_update_every", "ref_update_alpha") if n in explicit]
+        if given:
+            raise UserError(f"{flag(given[0])} has no effect without --ref-update")
+        return
+    if "ref_update_alpha" in explicit and cfg.ref_update == "hard":
+        raise UserError("--ref-update-alpha has no effect with --ref-update hard (it copies the policy)")
+    if not cfg.needs_reference:
+        raise UserError(f"--ref-update has no effect with --loss {cfg.loss}: it uses no reference model")
+    if cfg.ref_cache:
+        raise UserError("--ref-update and --ref-cache contradict each other: an updated reference cannot be cached")
+    if cfg.ref_model:
+        raise UserError("--ref-update moves the reference towards the policy: it cannot start from another "
+                        "--ref-model")
+    if cfg.lora_r or carries_adapter(cfg.model):
+        raise UserError("--ref-update is not supported with LoRA (as in TRL): the reference is the policy's own base, "
+                        "with no weights of its own to update")
+    _positive(cfg, "ref_update_every")
+    if not (0 < cfg.ref_update_alpha <= 1):
+        raise UserError(f"--ref-update-alpha must be in (0, 1], got {cfg.ref_update_alpha}")
 
 
 def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
@@ -333,6 +369,15 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
         if option in explicit and option not in used:
             raise UserError(f"{flag(option)} has no effect with --loss {cfg.loss}")
     _validate_f_divergence(cfg, explicit)
+    if cfg.ld_alpha is not None:
+        if not (0 < cfg.ld_alpha <= 1):
+            raise UserError(f"--ld-alpha must be in (0, 1], got {cfg.ld_alpha}")
+        # As TRL, whose DPOTrainer weights its reference-based losses' log-probs; its NLL term (sft) and the
+        # reference-free trainers (CPO, SimPO, ORPO) stay unweighted.
+        free = [n for n in names if not LOSSES[n].needs_reference]
+        if free:
+            raise UserError(f"--ld-alpha is not defined for --loss {free[0]} (only for losses with a reference, "
+                            "as TRL's DPOTrainer)")
     if "robust" in names and not 0 <= cfg.label_smoothing < 0.5:
         raise UserError(f"--label-smoothing must be in [0, 0.5) for the robust loss, got {cfg.label_smoothing}")
     if "exo_pair" in names and not 0 < cfg.label_smoothing < 1:

@@ -20,13 +20,24 @@ class ReferenceModel:
         self.dtype = dtype
 
     @torch.no_grad()
-    def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs [B] of the chosen and rejected rows of `batch`."""
+    def logps(self, batch: PackedBatch | PaddedBatch,
+              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
         device = next(self.model.parameters()).device
         bf16 = self.dtype == "bfloat16"
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            chosen, rejected, _, _ = compute_logps(self.model, batch)
+            chosen, rejected, _, _ = compute_logps(self.model, batch, ld_alpha=ld_alpha)
         return chosen, rejected
+
+    @torch.no_grad()
+    def update(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO (Gorbatovski et al. 2024): ref ← α·policy + (1−α)·ref, parameter by parameter; α = 1 copies the
+        policy. In place and in TRL's order of operations (`SyncRefModelCallback`), so the numbers are TRL's."""
+        for ref, live in zip(self.model.parameters(), policy.parameters(), strict=True):
+            if alpha == 1.0:
+                ref.copy_(live)
+            else:
+                ref.mul_(1.0 - alpha).add_(live, alpha=alpha)
 
 
 class PolicyReference:
@@ -42,15 +53,16 @@ class PolicyReference:
         self.dtype = dtype
 
     @torch.no_grad()
-    def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs [B] of the chosen and rejected rows of `batch`."""
+    def logps(self, batch: PackedBatch | PaddedBatch,
+              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
         was_training = self.model.training
         device = next(self.model.parameters()).device
         bf16 = self.dtype == "bfloat16"
         self.model.eval()
         try:
             with self.context(), torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-                chosen, rejected, _, _ = compute_logps(self.model, batch)
+                chosen, rejected, _, _ = compute_logps(self.model, batch, ld_alpha=ld_alpha)
         finally:
             self.model.train(was_training)
         return chosen, rejected
@@ -62,5 +74,7 @@ class CachedReference:
     def __init__(self, logps: RefLogps):
         self.cached = logps
 
-    def logps(self, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, batch: PackedBatch | PaddedBatch,
+              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached rows; `ld_alpha` is part of the cache key, so they were computed with it."""
         return self.cached.lookup(batch.index, batch.input_ids.device)

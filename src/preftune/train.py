@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 from preftune import checkpoint, distributed, lora, observe, refcache
 from preftune.config import TrainConfig, write_yaml
 from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
-from preftune.data.formats import PreferencePair, load_pairs, parse_columns
-from preftune.data.tokenize import TokenizedPair, tokenize_pairs
+from preftune.data.formats import LoadReport, PreferencePair, load_pairs, parse_columns, read_pairs
+from preftune.data.store import TokenStore
+from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized, tokenize_pairs
 from preftune.errors import UserError
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
 from preftune.logps import compute_logps, compute_logps_wpo, packed_layout_works
@@ -45,14 +47,15 @@ class Setup:
     policy: torch.nn.Module
     reference: ReferenceModel | CachedReference | None
     eval_reference: ReferenceModel | CachedReference | None
-    train_pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
+    train_pairs: list[TokenizedPair] | TokenStore  # a TokenStore (token ids on disk) with --stream
+    eval_pairs: list[TokenizedPair] | TokenStore
     steps_per_epoch: int
     total_steps: int
     layout: str
-    orders: dict[int, list[int]] = field(default_factory=dict)  # the current epoch's pair order
+    orders: dict[int, np.ndarray | list[int]] = field(default_factory=dict)  # the current epoch's pair order
     audit: object = None  # the data audit of --data (and --eval-data), written to audit.json
     generation: observe.GenerationEval | None = None  # sampling-based evaluation on --eval-prompts
+    token_dir: Path | None = None  # --stream: the folder of the token stores
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -82,6 +85,72 @@ def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> tuple[list[T
     return tokenized, pairs
 
 
+TOKENS = "tokens"  # --stream: <output>/tokens/{train,eval}, the token ids of --data and --eval-data
+
+
+def stream_data(path: str, cfg: TrainConfig, tokenizer, flag: str, folder: Path) -> TokenStore:
+    """`load_data` for --stream: pairs are read, tokenized and appended to a TokenStore in `folder` one at a time
+    (a .jsonl file line by line, a .parquet file row group by row group), so memory does not grow with the data.
+    The same pairs, ids, order, counts and errors as `load_data`."""
+    loaded, trunc = LoadReport(), TruncationReport()
+    pairs = read_pairs(path, loaded, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
+    store = TokenStore.write(folder, iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
+                                                    max_prompt_length=cfg.max_prompt_length,
+                                                    on_overlength=cfg.on_overlength))
+    log.info("%s %s: %s", flag, path, loaded.summary())
+    log.info("%s tokens: %s (on disk in %s)", flag, trunc.summary(), folder)
+    if not len(store):
+        raise UserError(f"{flag} {path}: no pairs left to train on")
+    return store
+
+
+def check_one_step(cfg: TrainConfig, num_pairs: int) -> None:
+    if num_pairs < global_batch(cfg):
+        raise UserError(f"--data {cfg.data}: {num_pairs} pairs, fewer than one optimizer step "
+                        f"({batch_text(cfg.batch_size, cfg.grad_accum, distributed.world().size)})")
+
+
+def token_dir(cfg: TrainConfig, run_dir: Path, training: bool) -> Path:
+    """Where --stream keeps token ids: inside the run folder, so they live and go with the run and no two runs
+    share (or must validate) them; rebuilt from --data at every start and resume, as the in-memory path re-reads
+    it. Each process of several writes its own (their run folders may be on different machines). Without a run
+    (`precompute`), a temporary folder the caller removes."""
+    if not training:
+        return Path(tempfile.mkdtemp(prefix="preftune-tokens-"))
+    me = distributed.world()
+    return run_dir / TOKENS / (f"rank{me.rank}" if me.size > 1 else "")
+
+
+def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore, list | TokenStore]:
+    """(train store, eval store or []) in `folder`; on any error the folder (and a run folder this made) is removed:
+    a mistake in the data leaves nothing half-written."""
+    made, p = [], folder  # the folders this makes, deepest first (the run folder itself on a first start)
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    shutil.rmtree(folder, ignore_errors=True)  # a previous start's ids (--resume), or a start killed while writing
+    try:
+        train_pairs = stream_data(cfg.data, cfg, tokenizer, "--data", folder / "train")
+        check_one_step(cfg, len(train_pairs))  # here too: its error must not leave the ids behind
+        eval_pairs = stream_data(cfg.eval_data, cfg, tokenizer, "--eval-data", folder / "eval") if cfg.eval_data \
+            else []
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for p in made:
+            _remove_if_empty(p)
+        raise
+    log.info("--stream: the data audit at the start is skipped (it holds every pair in memory); run "
+             "`preftune audit %s` separately", cfg.data)
+    return train_pairs, eval_pairs
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another process's ids) or already gone
+        pass
+
+
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.output)
     if run_dir.exists() and not run_dir.is_dir():
@@ -92,7 +161,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             raise UserError(f"--resume: no run to resume in {cfg.output} (no checkpoint, no config.yaml)")
         saved = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
         _check_same_config(cfg, saved, run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != TOKENS for p in run_dir.iterdir()):  # tokens/: a start killed early
         raise UserError(f"--output {cfg.output}: folder is not empty; pass --resume to continue it, "
                         "or choose a new folder")
     return run_dir
@@ -153,14 +222,18 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
                                    what="--tokenizer" if cfg.tokenizer else "--model")
     else:
         tokenizer = lora.load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
-    train_pairs, train_raw = load_data(cfg.data, cfg, tokenizer, "--data")
+    tokens = token_dir(cfg, run_dir, training) if cfg.stream else None
+    if tokens is not None:  # the audit needs every pair in memory: --stream skips it
+        train_pairs, eval_pairs = load_streamed(cfg, tokenizer, tokens)
+        audit = None
+    else:
+        train_pairs, train_raw = load_data(cfg.data, cfg, tokenizer, "--data")
     per_step = global_batch(cfg)
-    if len(train_pairs) < per_step:
-        raise UserError(f"--data {cfg.data}: {len(train_pairs)} pairs, fewer than one optimizer step "
-                        f"({batch_text(cfg.batch_size, cfg.grad_accum, distributed.world().size)})")
-    eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
-    audit = observe.audit_data(train_raw, eval_raw)
-    del train_raw, eval_raw  # training needs only the token ids
+    check_one_step(cfg, len(train_pairs))
+    if tokens is None:
+        eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
+        audit = observe.audit_data(train_raw, eval_raw)
+        del train_raw, eval_raw  # training needs only the token ids
     observe.check_generation_options(cfg)
 
     # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
@@ -170,7 +243,7 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     steps_per_epoch = math.ceil(len(train_pairs) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
     s = Setup(cfg, run_dir, device, tokenizer, policy, None, None, train_pairs, eval_pairs, steps_per_epoch, total,
-              layout, audit=audit)
+              layout, audit=audit, token_dir=tokens)
     if cfg.needs_reference:
         attach_reference(s)
     if cfg.eval_prompts:
@@ -197,7 +270,7 @@ def attach_reference(s: Setup) -> None:
     if loaded is not None and s.layout == "packed":  # both models must fit the layout their batches share
         s.layout = choose_layout(cfg, loaded, s.train_pairs, s.tokenizer.pad_token_id)
     adapter = loaded is None and lora.enabled(cfg)
-    if cfg.no_ref_cache:
+    if cfg.no_ref_cache or cfg.ref_update:  # TR-DPO's reference changes: a cache of it would be stale
         s.reference = s.eval_reference = (lora.live_reference(s.policy, cfg) if adapter else
                                           ReferenceModel(loaded or copy.deepcopy(s.policy), dtype=cfg.dtype))
         return
@@ -216,13 +289,17 @@ def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cach
     cfg = s.cfg
     # Options outside the weights that change log-probs (rope scaling, soft-capping...) live in the config.
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra={"config": config})
+    extra = {"config": config}
+    if cfg.ld_alpha is not None:  # LD-DPO's weighted log-probs; absent otherwise, so plain keys stay as they were
+        extra["ld_alpha"] = cfg.ld_alpha
+    key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra=extra)
 
     # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
     batch_size = cfg.batch_size * (4 if s.device.type == "cuda" else 1)
 
     def compute(some: list[TokenizedPair], out: Path, progress: bool = True):
-        return refcache.compute(model, some, batch_size=batch_size, logps_fn=compute_logps,
+        return refcache.compute(model, some, batch_size=batch_size,
+                                logps_fn=lambda m, batch: compute_logps(m, batch, ld_alpha=cfg.ld_alpha),
                                 collate_fn=lambda ps, idx: collate(s, ps, idx), device=s.device, dtype=cfg.dtype,
                                 out=out, progress=progress)
 
@@ -325,15 +402,19 @@ def step_pairs(s: Setup, step: int) -> list[int]:
     if epoch not in s.orders:
         s.orders = {epoch: epoch_order(s.train_pairs, s.cfg, epoch)}
     size = global_batch(s.cfg)
-    return s.orders[epoch][k * size:(k + 1) * size]
+    chunk = s.orders[epoch][k * size:(k + 1) * size]
+    return chunk.tolist() if isinstance(chunk, np.ndarray) else chunk
 
 
-def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> list[int]:
+def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> np.ndarray | list[int]:
+    """The epoch's dataset indices: an int64 array (8 bytes a pair, where a list of ints takes ~36: with --stream it
+    is the one thing held per pair), or with --group-by-length a list (its sort reads every pair's length anyway)."""
     n = len(pairs)
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    order = list(range(n)) if cfg.no_shuffle else torch.randperm(n, generator=generator).tolist()
+    order = np.arange(n) if cfg.no_shuffle else torch.randperm(n, generator=generator).numpy()
     if not cfg.group_by_length:
         return order
+    order = order.tolist()
     # Sort windows of 16 steps by length, cut them into steps, then shuffle the steps: pairs of a step have
     # similar lengths (little padding) while the step order stays random.
     size = global_batch(cfg)
@@ -376,12 +457,13 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs:
     pair_weights = None
     with autocast(s.device, cfg.dtype):
         if cfg.wpo:  # WPO: each pair weighted by exp(mean aligned log-prob) of its chosen × its rejected response
-            chosen, rejected, chosen_len, rejected_len, chosen_w, rejected_w = compute_logps_wpo(s.policy, batch)
+            chosen, rejected, chosen_len, rejected_len, chosen_w, rejected_w = compute_logps_wpo(
+                s.policy, batch, ld_alpha=cfg.ld_alpha)
             pair_weights = torch.exp(chosen_w + rejected_w)
         else:
-            chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch)
+            chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch, ld_alpha=cfg.ld_alpha)
     if reference is not None:
-        ref_chosen, ref_rejected = reference.logps(batch)
+        ref_chosen, ref_rejected = reference.logps(batch, ld_alpha=cfg.ld_alpha)
     else:  # reference-free losses: no reference exists; the losses ignore these zeros
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
@@ -485,7 +567,7 @@ def start_or_resume(s: Setup, optimizer, scheduler) -> int:
         distributed.on_main(start)
         torch.manual_seed(cfg.seed)
         return 0
-    step = checkpoint.load(path, s.policy, optimizer, scheduler)
+    step = checkpoint.load(path, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step=None))
     distributed.on_main(_truncate_metrics, s.run_dir / METRICS, step)
     distributed.on_main(_write_launch, cfg, s.run_dir)
     log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
@@ -545,6 +627,8 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     else:
         optimizer.step()
     scheduler.step()  # a skipped step still counts: the schedule follows the step number, as on resume
+    if cfg.ref_update and (step + 1) % cfg.ref_update_every == 0:  # TR-DPO, after the update as TRL's callback
+        s.reference.update(s.policy, 1.0 if cfg.ref_update == "hard" else cfg.ref_update_alpha)
     # Tokens as `num_tokens` of the batches counts them (both prompts), over all processes.
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                  for p in (s.train_pairs[i] for i in indices))
@@ -600,7 +684,8 @@ def train(cfg: TrainConfig) -> Path:
              f" × {distributed.world().size} processes" if distributed.world().size > 1 else "")
     has_eval = bool(s.eval_pairs) or s.generation is not None
     watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / METRICS) if main else [])
-    distributed.on_main(observe.write_audit, s.audit, s.run_dir)
+    if s.audit is not None:  # None with --stream
+        distributed.on_main(observe.write_audit, s.audit, s.run_dir)
     pending: list[StepMetrics] = []
     skipped = 0
     clock = time.perf_counter()
@@ -641,8 +726,17 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+def _drifted_reference(s: Setup, step: int | None) -> torch.nn.Module | None:
+    """The live reference model when TR-DPO has updated it by `step` (None: at any step; a checkpoint holds it only
+    then), else None: an unchanged reference is the loaded model again, so it is not saved."""
+    if not s.cfg.ref_update or (step is not None and step < s.cfg.ref_update_every):
+        return None
+    return s.reference.model
+
+
 def save_checkpoint(s: Setup, step: int, optimizer, scheduler) -> None:
-    writing(s, f"checkpoint step {step}", lambda: checkpoint.save(s.run_dir, step, s.policy, optimizer, scheduler))
+    writing(s, f"checkpoint step {step}", lambda: checkpoint.save(s.run_dir, step, s.policy, optimizer, scheduler,
+                                                                  reference=_drifted_reference(s, step)))
     if s.cfg.keep_last:
         checkpoint.prune(s.run_dir, s.cfg.keep_last)
 
@@ -659,10 +753,13 @@ def writing(s: Setup, what: str, write):
 
 def precompute(cfg: TrainConfig) -> None:
     """Fill the reference cache for --data (and --eval-data) so that `train` with the same options skips it."""
-    if not cfg.needs_reference or cfg.no_ref_cache:
+    if not cfg.needs_reference or cfg.no_ref_cache or cfg.ref_update:
+        live = "--no-ref-cache" if cfg.no_ref_cache else "--ref-update"
         raise UserError(f"precompute: nothing to do with --loss {cfg.loss}" +
-                        (" and --no-ref-cache" if cfg.no_ref_cache else ": it uses no reference"))
-    setup(cfg, training=False)
+                        (f" and {live}" if cfg.no_ref_cache or cfg.ref_update else ": it uses no reference"))
+    s = setup(cfg, training=False)
+    if s.token_dir is not None:  # --stream: the ids served the reference pass only
+        shutil.rmtree(s.token_dir, ignore_errors=True)
 
 
 def after_step(step: int) -> None:

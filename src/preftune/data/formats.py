@@ -85,12 +85,16 @@ class LoadReport:
     pairs: int = 0  # pairs returned
     identical_skipped: int = 0  # chosen == rejected (after prompt extraction), skipped
     shapes: Counter = field(default_factory=Counter)  # "standard" / "conversational" / "implicit" / "hh"
+    rejected_lists: Counter = field(default_factory=Counter)  # k → rows whose 'rejected' lists k responses
 
     def summary(self) -> str:
-        """One line, e.g. "120 rows → 117 pairs (hh 117); 3 skipped (chosen == rejected)"."""
+        """One line, e.g. "120 rows → 117 pairs (hh 117); 3 skipped (chosen == rejected)"; rows with a list of
+        rejected responses add e.g. "; 12 rows with 3 rejected each → 36 pairs"."""
         shapes = ", ".join(f"{name} {n}" for name, n in sorted(self.shapes.items()))
+        expanded = "".join(f"; {n} rows with {k} rejected each → {n * k} pairs"
+                           for k, n in sorted(self.rejected_lists.items()))
         return (f"{self.rows} rows → {self.pairs} pairs ({shapes or 'none'}); "
-                f"{self.identical_skipped} skipped (chosen == rejected)")
+                f"{self.identical_skipped} skipped (chosen == rejected){expanded}")
 
 
 # ----------------------------------------------------------------------------------------------------- columns
@@ -345,8 +349,19 @@ def _read_bytes(path: str) -> bytes:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def _lines(path: str) -> Iterator[bytes]:
+    """The file's lines without their b"\\n", read one at a time (never the whole file): as `read_bytes().split()`,
+    minus the empty piece after a final newline, which would be a blank line anyway."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                yield raw[:-1] if raw.endswith(b"\n") else raw
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def _rows_jsonl(path: str) -> Iterator[tuple[dict, str]]:
-    for i, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
+    for i, raw in enumerate(_lines(path), start=1):
         text = _decode(raw, path, first_line=i)
         if not text.strip():
             continue
@@ -416,12 +431,16 @@ def _rows_parquet(path: str) -> Iterator[tuple[dict, str]]:
     import pyarrow
     import pyarrow.parquet as pq
 
+    # Row group by row group: memory holds one group's rows, not the file's.
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        with pq.ParquetFile(path) as f:
+            for group in range(f.num_row_groups):
+                for row in f.read_row_group(group).to_pylist():
+                    i += 1
+                    yield row, f"{path} row {i}"
     except (pyarrow.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    for i, row in enumerate(rows, start=1):
-        yield row, f"{path} row {i}"
 
 
 _READERS = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}
@@ -515,7 +534,18 @@ def load_pairs(source: str, *, columns: dict[str, str] | None = None, on_identic
     """Read every row of `source` (a local file or a hub dataset name) into pairs.
 
     columns: canonical name → source column (see `parse_columns`). on_identical: "skip" (counted) or "error".
-    split: the hub split; ignored for local files. Keeps the whole source in memory.
+    split: the hub split; ignored for local files. Keeps the whole source in memory (`read_pairs` does not).
+    """
+    report = LoadReport()
+    pairs = list(read_pairs(source, report, columns=columns, on_identical=on_identical, split=split))
+    return pairs, report
+
+
+def read_pairs(source: str, report: LoadReport, *, columns: dict[str, str] | None = None, on_identical: str = "skip",
+               split: str = "train") -> Iterator[PreferencePair]:
+    """`load_pairs` one pair at a time: the same pairs, checks and errors, counted into `report` as they are read
+    (its totals are final once the iterator is exhausted). .jsonl and .parquet files are read a line or a row
+    group at a time, so memory does not grow with the file; other sources are read whole by their reader.
     """
     if on_identical not in ON_IDENTICAL:
         raise UserError(f"--on-identical must be one of {', '.join(ON_IDENTICAL)}, got '{on_identical}'")
@@ -527,33 +557,62 @@ def load_pairs(source: str, *, columns: dict[str, str] | None = None, on_identic
         rows = _rows_hub(source, split)
     else:
         raise UserError(f"{source}: no such file")
-    pairs: list[PreferencePair] = []
-    report = LoadReport()
+    return _pairs_of_rows(source, rows, report, columns, on_identical)
+
+
+def _rejected_list(row: dict[str, Any], columns: dict[str, str]) -> list | None:
+    """The row's rejected responses when its 'rejected' field lists several (strings, or conversations: lists of
+    messages), else None (a string, or one conversation: a list of message objects)."""
+    value = row.get(columns.get("rejected") or "rejected")
+    if isinstance(value, list) and value and (all(isinstance(v, str) for v in value)
+                                              or all(isinstance(v, list) for v in value)):
+        return value
+    return None
+
+
+def _expand_rejected(rows: Iterator[tuple[dict, str]], columns: dict[str, str],
+                     report: LoadReport | None = None) -> Iterator[tuple[dict, str, bool]]:
+    """(row, where, first) per pair: a row whose 'rejected' lists k responses becomes k rows, one per rejected
+    response with the same prompt and chosen (the all-pairs form of a ranking: chosen over each), `where` naming
+    the item as "rejected[i]"; `first` is True for a source row's first pair. Counted in `report.rejected_lists`."""
     for row, where in rows:
-        report.rows += 1
+        several = _rejected_list(row, columns)
+        if several is None:
+            yield row, where, True
+            continue
+        if report is not None:
+            report.rejected_lists[len(several)] += 1
+        name = columns.get("rejected") or "rejected"
+        for i, rejected in enumerate(several):
+            yield {**row, name: rejected}, f"{where} rejected[{i}]", i == 0
+
+
+def _pairs_of_rows(source: str, rows: Iterator[tuple[dict, str]], report: LoadReport, columns: dict[str, str],
+                   on_identical: str) -> Iterator[PreferencePair]:
+    first = {}  # kind → `where` of its first pair: "text" / "chat" (see `_warn_if_mixed`)
+    for row, where, new_row in _expand_rejected(rows, columns, report):
+        report.rows += int(new_row)
         pair, shape = row_to_pair(row, where, columns)
         if pair.chosen == pair.rejected:
             if on_identical == "error":
                 raise UserError(f"{where}: 'chosen' and 'rejected' are identical (--on-identical error)")
             report.identical_skipped += 1
             continue
-        pairs.append(pair)
+        report.pairs += 1
         report.shapes[shape] += 1
+        first.setdefault("text" if isinstance(pair.chosen, str) else "chat", pair.where)
+        yield pair
     if not report.rows:
         raise UserError(f"{source}: holds no data rows (an empty file, blank lines only or an empty list)")
-    report.pairs = len(pairs)
-    _warn_if_mixed(source, pairs)
-    return pairs, report
+    _warn_if_mixed(source, first)
 
 
-def _warn_if_mixed(source: str, pairs: list[PreferencePair]) -> None:
+def _warn_if_mixed(source: str, first: dict[str, str]) -> None:
     """Plain-text and conversational pairs in one source are allowed (tests/data/fmt_shapes.jsonl holds every
     shape), but are often a mistake: the chat template formats the conversations only. Said once, not per row."""
-    first_text = next((p.where for p in pairs if isinstance(p.chosen, str)), None)
-    first_chat = next((p.where for p in pairs if isinstance(p.chosen, list)), None)
-    if first_text and first_chat:
+    if "text" in first and "chat" in first:
         log.warning("%s: mixes plain-text pairs (first: %s) and conversations (first: %s); the chat template "
-                    "formats the conversations only", source, first_text, first_chat)
+                    "formats the conversations only", source, first["text"], first["chat"])
 
 
 def iter_pairs(source: str, columns: dict[str, str] | None = None) -> Iterator[tuple[PreferencePair, str]]:
@@ -571,7 +630,7 @@ def iter_pairs(source: str, columns: dict[str, str] | None = None) -> Iterator[t
         rows = _rows_hub(source, "train")
     else:
         raise UserError(f"{source}: no such file")
-    for row, where in rows:
+    for row, where, _ in _expand_rejected(rows, columns):
         fields = _apply_columns(row, columns, where)
         for name in ("chosen", "rejected"):
             if name not in fields:

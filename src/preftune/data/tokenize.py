@@ -34,6 +34,7 @@ would need a cut and counts it. Nothing is cut or dropped without being counted 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,15 +182,29 @@ def truncate(tp: TokenizedPair, *, max_length: int | None,
     return result, keep < len(tp.prompt_ids), response_cut
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Any, *, max_length: int | None = None,
+def tokenize_pairs(pairs: Iterable[PreferencePair], tokenizer: Any, *, max_length: int | None = None,
                    max_prompt_length: int | None = None,
                    on_overlength: str = "truncate") -> tuple[list[TokenizedPair], TruncationReport]:
     """Tokenize every pair, then truncate ("truncate") or drop ("drop") the over-length ones, counting each."""
+    report = TruncationReport()
+    out = list(iter_tokenized(pairs, tokenizer, report, max_length=max_length, max_prompt_length=max_prompt_length,
+                              on_overlength=on_overlength))
+    return out, report
+
+
+def iter_tokenized(pairs: Iterable[PreferencePair], tokenizer: Any, report: TruncationReport, *,
+                   max_length: int | None = None, max_prompt_length: int | None = None,
+                   on_overlength: str = "truncate") -> Iterator[TokenizedPair]:
+    """`tokenize_pairs` one pair at a time, counted into `report` as they go (final once exhausted). The options
+    are checked at the call, before any pair is read."""
     if on_overlength not in ON_OVERLENGTH:
         raise UserError(f"--on-overlength must be one of {', '.join(ON_OVERLENGTH)}, got '{on_overlength}'")
     _check_lengths(max_length, max_prompt_length)
-    report = TruncationReport()
-    out: list[TokenizedPair] = []
+    return _tokenized(pairs, tokenizer, report, max_length, max_prompt_length, on_overlength)
+
+
+def _tokenized(pairs, tokenizer, report: TruncationReport, max_length, max_prompt_length,
+               on_overlength) -> Iterator[TokenizedPair]:
     for pair in pairs:
         tp, shifted = _tokenize_pair(pair, tokenizer)
         report.boundaries_shifted += shifted
@@ -201,6 +216,5 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Any, *, max_length: i
             continue
         report.prompts_truncated += prompt_cut
         report.responses_truncated += response_cut
-        out.append(cut)
-    report.pairs = len(out)
-    return out, report
+        report.pairs += 1
+        yield cut
