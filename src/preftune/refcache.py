@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ import torch
 from torch import LongTensor, Tensor
 from tqdm.auto import tqdm
 
+from preftune import distributed
 from preftune.checkpoint import fsync
 from preftune.data.tokenize import TokenizedPair
 
@@ -128,7 +130,7 @@ class RefLogps:
 # ---------------------------------------------------------------------------------------------------- compute
 
 
-def _sorted_order(pairs: list[TokenizedPair]) -> list[int]:
+def sorted_order(pairs: list[TokenizedPair]) -> list[int]:
     """Dataset positions, longest padded row first: similar lengths share a batch (less padding), and an
     out-of-memory error shows up in the first batch rather than near the end."""
     def row_length(i: int) -> int:
@@ -174,7 +176,7 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, batch_size: i
     model.eval()
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pairs), 2))
-        _fill(array, model, pairs, _sorted_order(pairs), batch_size=batch_size, logps_fn=logps_fn,
+        _fill(array, model, pairs, sorted_order(pairs), batch_size=batch_size, logps_fn=logps_fn,
               collate_fn=collate_fn, device=device, dtype=dtype, progress=progress)
         array.flush()
         del array
@@ -201,6 +203,51 @@ def load_or_compute(cache_dir: Path, key: str, compute_fn: Callable[[Path], RefL
             log.warning("reference log-probs: ignoring a damaged cache file, recomputing (%s)", e)
     cache_dir.mkdir(parents=True, exist_ok=True)
     return compute_fn(path), False
+
+
+def load_or_compute_sharded(path: Path, pairs: list[TokenizedPair], batch_size: int, compute):
+    """`load_or_compute` for several processes: all of them reuse the file, or all compute it together.
+
+    Process r runs batches r, r + P, r + 2P, ... of the one-process pass (P processes; the same batches, so the
+    same values), the [N, 2] rows are summed over the processes (a row is non-zero on one process only, so the sum
+    is exact) and one file is written: byte for byte the file of one process with the same --batch-size.
+    """
+    try:
+        found = RefLogps(path, len(pairs)) if path.exists() else None
+    except ValueError as e:
+        log.warning("reference log-probs: ignoring a damaged cache file, recomputing (%s)", e)
+        found = None
+    if distributed.all_true(found is not None):  # a file that appeared meanwhile must not split the processes
+        return found, True
+    me = distributed.world()
+    order = sorted_order(pairs)  # the one-process pass's batches, longest first
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # Still longest first, so `compute`, which sorts its pairs the same (stable) way, forms exactly these batches.
+    mine = [i for batch in batches[me.rank::me.size] for i in batch]
+    rows = torch.zeros(len(pairs), 2)
+    if mine:
+        with tempfile.TemporaryDirectory(prefix="preftune-ref-") as tmp:
+            part = compute([pairs[i] for i in mine], Path(tmp) / "part.npy", progress=me.is_main)
+            rows[mine] = torch.from_numpy(np.array(part.array))
+    distributed.all_reduce_sum(rows)
+    if me.local_rank == 0:  # one writer per machine: the cache folder may be local to each
+        write_rows(rows.numpy(), path)
+    distributed.barrier()
+    return RefLogps(path, len(pairs)), False
+
+
+def write_rows(rows: np.ndarray, path: Path) -> None:
+    """[N, 2] float32 rows as a refcache .npy file, written under a temporary name and renamed when complete."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

@@ -311,55 +311,10 @@ def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cach
     if distributed.world().size == 1:
         logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
     else:
-        logps, hit = _load_or_compute_together(cache_dir / f"{key}.npy", pairs, batch_size, compute)
+        logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute)
     log.info("%s reference log-probs: %s %s", what, "reused" if hit else
              f"computed in {time.perf_counter() - start:.1f} s,", logps.path)
     return logps
-
-
-def _load_or_compute_together(path: Path, pairs: list[TokenizedPair], batch_size: int, compute):
-    """`refcache.load_or_compute` for several processes: all of them reuse the file, or all compute it together.
-
-    Process r runs batches r, r + P, r + 2P, ... of the one-process pass (P processes; the same batches, so the
-    same values), the [N, 2] rows are summed over the processes (a row is non-zero on one process only, so the sum
-    is exact) and one file is written: byte for byte the file of one process with the same --batch-size.
-    """
-    try:
-        found = refcache.RefLogps(path, len(pairs)) if path.exists() else None
-    except ValueError as e:
-        log.warning("reference log-probs: ignoring a damaged cache file, recomputing (%s)", e)
-        found = None
-    if distributed.all_true(found is not None):  # a file that appeared meanwhile must not split the processes
-        return found, True
-    me = distributed.world()
-    order = refcache._sorted_order(pairs)  # the one-process pass's batches, longest first
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    # Still longest first, so `compute`, which sorts its pairs the same (stable) way, forms exactly these batches.
-    mine = [i for batch in batches[me.rank::me.size] for i in batch]
-    rows = torch.zeros(len(pairs), 2)
-    if mine:
-        with tempfile.TemporaryDirectory(prefix="preftune-ref-") as tmp:
-            part = compute([pairs[i] for i in mine], Path(tmp) / "part.npy", progress=me.is_main)
-            rows[mine] = torch.from_numpy(np.array(part.array))
-    distributed.all_reduce_sum(rows)
-    if me.local_rank == 0:  # one writer per machine: the cache folder may be local to each
-        _write_logps(rows.numpy(), path)
-    distributed.barrier()
-    return refcache.RefLogps(path, len(pairs)), False
-
-
-def _write_logps(rows: np.ndarray, path: Path) -> None:
-    """[N, 2] float32 rows as a refcache .npy file, written under a temporary name and renamed when complete."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        checkpoint.fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: int) -> str:
