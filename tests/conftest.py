@@ -1,4 +1,7 @@
-"""Shared fixtures: `tiny_tokenizer`, and the settings every test runs under (one thread, a private cache)."""
+"""Shared fixtures: `tiny_tokenizer`, `stopped_after`, and the settings every test runs under (one thread, a private
+cache)."""
+
+from contextlib import contextmanager
 
 import pytest
 
@@ -33,6 +36,23 @@ def build_tiny_tokenizer():
     backend.add_special_tokens(TINY_SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    chat_template=TINY_CHAT_TEMPLATE)
+
+
+@contextmanager
+def stopped_after(step: int):
+    """Runs inside `with stopped_after(step):` are interrupted (a Ctrl-C) once optimizer step `step` is done.
+
+    Patches only `train.after_step`, and only for the block: a test's `monkeypatch` (which also holds the private
+    cache and thread settings below) is left alone."""
+    from preftune import train
+
+    def interrupt(done: int) -> None:
+        if done == step:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "after_step", interrupt)
+        yield
 
 
 @pytest.fixture(scope="session")

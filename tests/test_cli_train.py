@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune import train as train_module
 from preftune.cli import main
 from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from conftest import stopped_after
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +75,16 @@ def test_learns_toy_task_and_final_loads(toy, tmp_path):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
-def test_resume_after_interruption_reproduces_the_run(toy, tmp_path, monkeypatch):
+def test_resume_after_interruption_reproduces_the_run(toy, tmp_path):
     args = lambda out: base_args(toy, out, steps=6) + ["--save-every", "2", "--lr-scheduler", "linear",
                                                        "--warmup-steps", "2"]
     whole = tmp_path / "whole"
     assert run(args(whole)) == 0
 
-    def interrupt(step):
-        if step == 5:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(train_module, "after_step", interrupt)
-    assert run(args(cut)) == 130
+    with stopped_after(5):
+        assert run(args(cut)) == 130
     assert len(read_metrics(cut)) == 5 and not (cut / "final").exists()
-    monkeypatch.undo()
     assert run(args(cut) + ["--resume"]) == 0
 
     timing = {"pairs_per_s", "tokens_per_s", "step_time_s"}
@@ -101,7 +96,7 @@ def test_resume_after_interruption_reproduces_the_run(toy, tmp_path, monkeypatch
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tr_dpo_resume_after_interruption_reproduces_the_run(toy, tmp_path, monkeypatch):
+def test_tr_dpo_resume_after_interruption_reproduces_the_run(toy, tmp_path):
     """TR-DPO's reference drifts: a checkpoint after its first update holds it, and resuming is exact."""
     from safetensors.torch import load_file
 
@@ -110,14 +105,9 @@ def test_tr_dpo_resume_after_interruption_reproduces_the_run(toy, tmp_path, monk
     whole = tmp_path / "whole"
     assert run(args(whole)) == 0
 
-    def interrupt(step):
-        if step == 5:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(train_module, "after_step", interrupt)
-    assert run(args(cut)) == 130
-    monkeypatch.undo()
+    with stopped_after(5):
+        assert run(args(cut)) == 130
     # Step 2 comes before the first update (step 3): its reference is the loaded model, not saved again.
     assert not (cut / "checkpoints" / "step-00000002" / "reference.safetensors").exists()
     saved = load_file(cut / "checkpoints" / "step-00000004" / "reference.safetensors")

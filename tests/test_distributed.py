@@ -22,10 +22,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from preftune import train as train_module
 from preftune.cli import main
 from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.distributed import share
+from conftest import stopped_after
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s"}
@@ -95,13 +95,8 @@ def mixed(toy):
     """Step 1 in one process, interrupted; steps 2-4 in 2 processes (`torchrun`), which resume it."""
     out = toy["root"] / "mixed"
 
-    def interrupt(step):
-        if step == 1:
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, stopped_after(1):
         mp.setenv("PREFTUNE_CACHE", str(toy["root"] / "cache-one"))
-        mp.setattr(train_module, "after_step", interrupt)
         assert main(args(toy, out, 8)) == 130
     assert len(records(out)) == 1 and not (out / "final").exists()
     proc = torchrun(args(toy, out, 4, "--resume"), toy["root"] / "cache-two")

@@ -21,6 +21,7 @@ from preftune import checkpoint
 from preftune import train as train_module
 from preftune.cli import main
 from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from conftest import stopped_after
 
 STEPS = 4
 
@@ -118,14 +119,7 @@ def test_kill_9_at_a_random_moment(toy, uninterrupted, tmp_path):
 
 def test_resume_ignores_a_metrics_line_cut_mid_write(toy, tmp_path, uninterrupted):
     out = tmp_path / "run"
-    stop = {"step": 2}
-
-    def interrupt(step):
-        if step == stop["step"]:
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "after_step", interrupt)
+    with stopped_after(2):
         assert main(args(toy, out)) == 130
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 0.6')  # what a kill during the write leaves

@@ -20,6 +20,7 @@ from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.loading import load_causal_lm
 from preftune.logps import compute_logps
 from preftune.reference import PolicyReference
+from conftest import stopped_after
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_live_reference_equals_the_cache_which_a_plain_run_shares(toy, tmp_path,
     assert losses(cached)[1] < losses(cached)[0]
 
 
-def test_resume_with_lora_reproduces_the_adapter(toy, tmp_path, monkeypatch):
+def test_resume_with_lora_reproduces_the_adapter(toy, tmp_path):
     def args(out):
         return base_args(toy, out, steps=3) + ["--lora-r", "4", "--lora-dropout", "0.1", "--save-every", "1",
                                                "--lora-targets", "q_proj,self_attn.v_proj,embed_tokens"]
@@ -150,13 +151,8 @@ def test_resume_with_lora_reproduces_the_adapter(toy, tmp_path, monkeypatch):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(args(whole)) == 0
 
-    def interrupt(step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "after_step", interrupt)
-    assert main(args(cut)) == 130
-    monkeypatch.undo()
+    with stopped_after(2):
+        assert main(args(cut)) == 130
     assert main(args(cut) + ["--resume"]) == 0
     assert losses(cut) == losses(whole)
     a, b = load_file(whole / "final" / "adapter_model.safetensors"), load_file(cut / "final" / "adapter_model.safetensors")

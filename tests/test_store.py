@@ -17,6 +17,7 @@ from preftune.data.formats import LoadReport, load_pairs, read_pairs
 from preftune.data.store import TokenStore, split_where
 from preftune.data.tokenize import TokenizedPair
 from preftune.demo.toy import build_tokenizer, counting_pairs, save_model_folder, write_jsonl
+from conftest import stopped_after
 
 TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s"}
 
@@ -155,18 +156,13 @@ def test_stream_run_equals_a_normal_run(toy, tmp_path, capsys):
     assert len(TokenStore(streamed / "tokens" / "train")) == 39 and len(TokenStore(streamed / "tokens" / "eval")) == 16
 
 
-def test_stream_resume_reproduces_the_run(toy, tmp_path, monkeypatch):
+def test_stream_resume_reproduces_the_run(toy, tmp_path):
     args = lambda out: cli_args(toy, out, steps=4) + ["--stream", "--save-every", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(args(whole)) == 0
 
-    def interrupt(step):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "after_step", interrupt)
-    assert run(args(cut)) == 130
-    monkeypatch.undo()
+    with stopped_after(3):
+        assert run(args(cut)) == 130
     assert run(args(cut) + ["--resume"]) == 0  # the token ids are written again from --data
     assert metrics(cut) == metrics(whole)
 
