@@ -296,8 +296,13 @@ def _split_text(fields: dict[str, Any], where: str) -> tuple[str, str, str, str]
     return chosen[:n], chosen[n:], rejected[n:], "implicit"
 
 
-def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None = None) -> tuple[PreferencePair, str]:
-    """One row → (pair, shape name). Raises UserError naming `where` and the field at fault."""
+def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None = None, *,
+                strict: bool = True) -> tuple[PreferencePair, str]:
+    """One row → (pair, shape name). Raises UserError naming `where` and the field at fault.
+
+    strict=False is the audit's reading: empty responses and encoding problems are not errors (the audit counts
+    them); every other check still raises, including the structure of conversational responses.
+    """
     fields = _apply_columns(row, columns or {}, where)
     for name in ("chosen", "rejected"):
         if name not in fields:
@@ -309,13 +314,17 @@ def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None 
         (prompt, chosen, rejected), shape = _split_messages(fields, where), "conversational"
     else:
         prompt, chosen, rejected, shape = _split_text(fields, where)
-    _check_encodable(fields, where)
+    if strict:
+        _check_encodable(fields, where)
     # An identical pair is skipped or refused by the caller, whatever its responses hold.
     if chosen != rejected:
         for name, response in (("chosen", chosen), ("rejected", rejected)):
-            if conversational:
+            if conversational and strict:
                 _check_message_response(response, name, where, implicit)
-            else:
+            elif conversational and response:
+                # Every content filled in: only the structure checks (assistant turn, order) can fire.
+                _check_message_response([{**m, "content": "x"} for m in response], name, where, implicit)
+            elif strict:
                 _check_text_response(response, name, where, shape == "implicit")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where), shape
 
@@ -551,13 +560,16 @@ def read_pairs(source: str, report: LoadReport, *, columns: dict[str, str] | Non
         raise UserError(f"--on-identical must be one of {', '.join(ON_IDENTICAL)}, got '{on_identical}'")
     columns = dict(columns or {})
     _check_columns(columns)
+    return _pairs_of_rows(source, _rows_of(source, split), report, columns, on_identical)
+
+
+def _rows_of(source: str, split: str) -> Iterator[tuple[dict, str]]:
+    """(row, where) of a local file, or of a hub dataset's `split`."""
     if os.path.exists(source):
-        rows = _rows_local(source)
-    elif _looks_like_hub_name(source):
-        rows = _rows_hub(source, split)
-    else:
-        raise UserError(f"{source}: no such file")
-    return _pairs_of_rows(source, rows, report, columns, on_identical)
+        return _rows_local(source)
+    if _looks_like_hub_name(source):
+        return _rows_hub(source, split)
+    raise UserError(f"{source}: no such file")
 
 
 def _rejected_list(row: dict[str, Any], columns: dict[str, str]) -> list | None:
@@ -624,25 +636,5 @@ def iter_pairs(source: str, columns: dict[str, str] | None = None) -> Iterator[t
     """
     columns = dict(columns or {})
     _check_columns(columns)
-    if os.path.exists(source):
-        rows = _rows_local(source)
-    elif _looks_like_hub_name(source):
-        rows = _rows_hub(source, "train")
-    else:
-        raise UserError(f"{source}: no such file")
-    for row, where, _ in _expand_rejected(rows, columns):
-        fields = _apply_columns(row, columns, where)
-        for name in ("chosen", "rejected"):
-            if name not in fields:
-                raise UserError(f"{where}: missing field '{name}' (the row has: {_column_list(row)}; "
-                                f"rename columns with --columns)")
-        if _check_kinds(fields, where):
-            (prompt, chosen, rejected), shape = _split_messages(fields, where), "conversational"
-            for name, response in (("chosen", chosen), ("rejected", rejected)):
-                if response and chosen != rejected:
-                    # Every content filled in: only the structure checks (assistant turn, order) can fire.
-                    filled = [{**message, "content": "x"} for message in response]
-                    _check_message_response(filled, name, where, "prompt" not in fields)
-        else:
-            prompt, chosen, rejected, shape = _split_text(fields, where)
-        yield PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, where=where), shape
+    for row, where, _ in _expand_rejected(_rows_of(source, "train"), columns):
+        yield row_to_pair(row, where, columns, strict=False)
