@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from preftune.errors import UserError
+from preftune.files import write_file_atomically
 from preftune.losses import F_DIVERGENCES, LOSSES, OPTIONS, loss_params
 
 
@@ -430,7 +431,5 @@ def _non_negative(cfg: TrainConfig, *names: str) -> None:
 
 
 def write_yaml(cfg: TrainConfig, path: Path) -> None:
-    """Written under a temporary name and renamed: a kill never leaves half a config for --resume to read."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Written atomically: a kill never leaves half a config for --resume to read."""
+    write_file_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

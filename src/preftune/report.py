@@ -13,12 +13,11 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.errors import UserError
+from preftune.files import write_file_atomically
 from preftune.monitor import TrainingMonitor
 
 METRICS = "metrics.jsonl"
@@ -255,7 +254,7 @@ def write_plots(records: list[dict], plots_dir: Path) -> dict[str, bytes]:
         if png is None:
             target.unlink(missing_ok=True)
             continue
-        _write_atomically(target, png)
+        write_file_atomically(target, png)
         drawn[plot.name] = png
     return drawn
 
@@ -474,25 +473,11 @@ def render(run: Run, pngs: dict[str, bytes], warnings: list[str]) -> str:
             + audit_section(run) + eval_section(run) + "</body>\n</html>\n")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/plots/*.png and RUN_DIR/report.html; return the report's path."""
     run = read_run(run_dir)
     pngs = write_plots(run.records, run.path / PLOTS)
     page = render(run, pngs, replay_warnings(run))
     target = run.path / REPORT
-    _write_atomically(target, page.encode("utf-8"))
+    write_file_atomically(target, page)
     return target

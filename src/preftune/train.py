@@ -29,6 +29,7 @@ from preftune.data.formats import LoadReport, PreferencePair, load_pairs, parse_
 from preftune.data.store import TokenStore
 from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized, tokenize_pairs
 from preftune.errors import UserError
+from preftune.files import write_file_atomically
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
 from preftune.logps import compute_logps, compute_logps_wpo, packed_layout_works
 from preftune.losses import OPTIONS, combined_loss, pair_metrics, reward_kind
@@ -203,9 +204,7 @@ def _last_launch(run_dir: Path, saved_config: dict) -> dict:
 
 def _write_launch(cfg: TrainConfig, run_dir: Path) -> None:
     launch = {"processes": distributed.world().size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
-    tmp = run_dir / (LAUNCH + ".tmp")  # renamed into place: --resume never reads half a file
-    tmp.write_text(json.dumps(launch) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / LAUNCH)
+    write_file_atomically(run_dir / LAUNCH, json.dumps(launch) + "\n")  # --resume reads it
 
 
 def setup(cfg: TrainConfig, training: bool = True) -> Setup:

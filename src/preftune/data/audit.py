@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from typing import Any
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import tokenize_pairs, truncate
 from preftune.errors import UserError
+from preftune.files import write_file_atomically
 
 EXAMPLES = 5  # rows named per finding
 TRUNCATED_WARN_SHARE = 0.05
@@ -397,14 +396,6 @@ def write_json(report: AuditReport, path: str) -> None:
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        write_file_atomically(target, json.dumps(report.to_dict(), indent=2) + "\n")
     except OSError as e:
-        raise UserError(f"--json {path}: cannot write ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"--json {path}: cannot write ({e.strerror})") from None

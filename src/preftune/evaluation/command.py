@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from preftune.evaluation.sampling import (
     sampled_logps,
 )
 from preftune.evaluation.stats import distinct_n, kl_estimate, mean_se, win_rate
+from preftune.files import write_file_atomically
 
 log = logging.getLogger("preftune")
 MAX_SAMPLES = 5  # sample continuations kept in eval.json for reports
@@ -391,14 +391,10 @@ def _finite(value):
 
 def write_json(result: dict, path: str) -> None:
     """Write atomically: a reader never sees half a file, and a failed run leaves the old one."""
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_finite(result), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_file_atomically(Path(path), json.dumps(_finite(result), indent=2, ensure_ascii=False, allow_nan=False)
+                              + "\n")
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"--json {path}: cannot write ({e.strerror})") from None
 
 
