@@ -121,7 +121,7 @@ def test_parse_columns():
 
 @pytest.mark.parametrize("spec, message", [
     ("prompt", "--columns: expected NAME=COLUMN items separated by commas, got 'prompt'"),
-    ("answer=x", "--columns: unknown name 'answer' in 'answer=x'; expected prompt, chosen or rejected"),
+    ("answer=x", "--columns: unknown name 'answer' in 'answer=x'; expected prompt, chosen, rejected, completion or label"),
     ("chosen=a,chosen=b", "--columns: 'chosen' is given twice"),
     ("chosen=", "--columns: 'chosen=' needs a column name (only 'prompt=' may be empty)"),
     ("chosen=x,rejected=x", "--columns: column 'x' is given for both chosen and rejected"),

@@ -335,7 +335,8 @@ def test_ln2_when_policy_equals_reference(name):
 # σ'(β·hw) − σ'(β·h) times β, whose sign depends on the pair); discopop is not monotone near x = β·h = 0, where
 # its mix m = σ(x/τ) moves fast from the logistic to the exponential part (its hand values above rise from x = 0
 # to x = 0.1: d/dx at 0 is −5·ln 2 − 0.25 + 5 − 0.5 = +0.78).
-SIGNED = [name for name in LOSSES if name not in ("apo_down", "discopop")]
+# The unpaired losses (kto, apo_zero_unpaired) have their own test: their sign depends on the example's label.
+SIGNED = [name for name in LOSSES if name not in ("apo_down", "discopop") and not LOSSES[name].unpaired]
 
 
 @pytest.mark.parametrize("name", SIGNED)
@@ -378,10 +379,13 @@ def test_loss_params_and_registry():
         "cpo": {"beta", "label_smoothing", "cpo_alpha"},
         "orpo": {"beta", "chosen_lengths", "rejected_lengths"},
         "sft": set(),
+        "kto": {"beta", "labels", "kl", "desirable_weight", "undesirable_weight"},
+        "apo_zero_unpaired": {"beta", "labels", "desirable_weight", "undesirable_weight"},
     }
     assert {name: loss_params(name) for name in LOSSES} == expected
     assert OPTIONS == {"beta", "label_smoothing", "simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha",
-                       "discopop_tau", "f_divergence", "f_alpha"}
+                       "discopop_tau", "f_divergence", "f_alpha", "desirable_weight", "undesirable_weight"}
+    assert {name for name, spec in LOSSES.items() if spec.unpaired} == {"kto", "apo_zero_unpaired"}
     assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "cpo", "orpo", "sft"}
     assert {name for name, spec in LOSSES.items() if spec.normalize != "pairs"} == {"sft"}
     assert {name: spec.nll for name, spec in LOSSES.items() if spec.nll is not None} == {"cpo": "cpo_alpha",
@@ -458,7 +462,8 @@ def test_combined_rejects_mismatched_weights():
         combined(["sigmoid", "sft"], [1.0], example(), (torch.ones(3), torch.ones(3)), 3, 3)
 
 
-PER_PAIR_LOSSES = [name for name in LOSSES if name not in ("aot", "aot_unpaired")]
+# Unpaired losses take labels (and kto the micro-batch's KL estimate) and train alone: tests/test_unpaired.py.
+PER_PAIR_LOSSES = [name for name in LOSSES if name not in ("aot", "aot_unpaired") and not LOSSES[name].unpaired]
 
 
 def test_grad_accumulation_equals_one_batch():

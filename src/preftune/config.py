@@ -66,6 +66,10 @@ class TrainConfig:
     ref_update_alpha: float = _opt(0.6, "TR-DPO's α of --ref-update soft (TRL's ref_model_mixup_alpha).")
     wpo: bool = _opt(False, "WPO (TRL's use_weighting): weight each pair's loss by the policy's own length-normalised "
                      "probability of both responses, as if sampled from it.")
+    desirable_weight: float = _opt(1.0, "KTO's λD: weight of the desirable examples' losses (kto, "
+                                   "apo_zero_unpaired; as TRL's desirable_weight).")
+    undesirable_weight: float = _opt(1.0, "KTO's λU: weight of the undesirable examples' losses (kto, "
+                                     "apo_zero_unpaired; as TRL's undesirable_weight).")
     # Optimisation.
     learning_rate: float = _opt(1e-6, "Peak learning rate of AdamW.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
@@ -137,6 +141,11 @@ class TrainConfig:
     @property
     def needs_reference(self) -> bool:
         return any(LOSSES[name].needs_reference for name in self.losses)
+
+    @property
+    def unpaired(self) -> bool:
+        """The loss trains on unpaired examples (prompt, completion, label): data/unpaired.py."""
+        return any(LOSSES[name].unpaired for name in self.losses)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
@@ -386,10 +395,12 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
                         f"got {cfg.label_smoothing}")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    _validate_unpaired(cfg)
     if "rdpo" in names and cfg.rdpo_alpha is None:
         raise UserError("--loss rdpo needs --rdpo-alpha (the weight of the length difference; no default fits all "
                         "datasets)")
-    _non_negative(cfg, *(o for o in ("simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha") if o in used))
+    _non_negative(cfg, *(o for o in ("simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha", "desirable_weight",
+                                     "undesirable_weight") if o in used))
     _positive(cfg, *(o for o in ("discopop_tau",) if o in used))
     if "f_alpha" in used and not math.isfinite(cfg.f_alpha):
         raise UserError(f"--f-alpha must be finite, got {cfg.f_alpha}")
@@ -400,6 +411,25 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
             raise UserError(f"--wpo cannot weight --loss {sorted_losses[0]}: it sorts the pairs of a batch")
         if all(LOSSES[n].normalize != "pairs" for n in names):
             raise UserError(f"--wpo has no effect with --loss {cfg.loss}: it weights pair losses only")
+
+
+def _validate_unpaired(cfg: TrainConfig) -> None:
+    """An unpaired loss (kto, apo_zero_unpaired) trains on single examples: it cannot be mixed with pair losses, and
+    the modifiers defined on pairs do not apply."""
+    unpaired = [n for n in cfg.losses if LOSSES[n].unpaired]
+    if not unpaired:
+        return
+    if len(cfg.losses) > 1:
+        raise UserError(f"--loss {unpaired[0]} trains on unpaired examples and cannot be combined with other losses "
+                        f"(--loss {cfg.loss})")
+    for name, active in (("--wpo", cfg.wpo), ("--ld-alpha", cfg.ld_alpha is not None)):
+        if active:
+            raise UserError(f"{name} is defined for pairs and has no effect with --loss {unpaired[0]}")
+    if unpaired[0] == "kto" and cfg.batch_size < 2:
+        raise UserError("--loss kto needs --batch-size of at least 2: its KL estimate comes from the other examples "
+                        "of the micro-batch (with one it would be the example's own reward)")
+    if cfg.desirable_weight == 0 and cfg.undesirable_weight == 0:
+        raise UserError("--desirable-weight and --undesirable-weight are both 0: nothing would be trained")
 
 
 def _validate_f_divergence(cfg: TrainConfig, explicit: set[str]) -> None:

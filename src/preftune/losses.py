@@ -358,6 +358,48 @@ def sft(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     return -policy_chosen_logps
 
 
+# ---------------------------------------------------------------------------------------------------- unpaired
+# An unpaired loss (LossSpec.unpaired) trains on examples (prompt, completion, label), not pairs. The data layer
+# (data/unpaired.py) gives each example the shape of a pair, so batching, the log-prob code and the reference
+# cache serve both: the "chosen" sequence is the example's own completion, the "rejected" one a mismatched
+# completion (another example's completion after this example's prompt) for KTO's KL estimate, and `labels` [B]
+# (1.0 desirable, 0.0 undesirable) says which side each example is on.
+
+
+def kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """(Σ, count) of the log-ratios π − r of the mismatched completions, [2], detached. The trainer adds them up over
+    the micro-batches of all processes that run together and takes max(0, Σ / count) as KTO's reference point z:
+    an estimate of KL(π ‖ π_ref) that carries no gradient (as TRL's KTOTrainer, which gathers it over devices)."""
+    logratios = (policy_kl_logps - ref_kl_logps).detach().float()
+    return torch.stack([logratios.sum(), logratios.new_tensor(float(logratios.numel()))])
+
+
+def kto(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+        beta: float, labels: Tensor, kl: Tensor, desirable_weight: float, undesirable_weight: float) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, Eq. 8), as TRL's KTOTrainer, [B]: with h = π − r the log-ratio of an example's
+    completion and z = `kl` the reference point (see `kl_estimate`),
+
+        desirable example:    λD·(1 − σ(β·(h − z)))
+        undesirable example:  λU·(1 − σ(β·(z − h)))
+
+    λD, λU = desirable_weight, undesirable_weight. The rejected log-probs (the mismatched completions) enter only
+    through z."""
+    logratios = policy_chosen_logps - ref_chosen_logps
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))
+    undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))
+    return torch.where(labels.bool(), desirable, undesirable)
+
+
+def apo_zero_unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                      beta: float, labels: Tensor, desirable_weight: float, undesirable_weight: float) -> Tensor:
+    """APO-zero for unpaired data (D'Oosterlinck et al. 2024), as TRL's KTOTrainer(loss_type="apo_zero_unpaired"),
+    [B]: λD·(1 − σ(β·h)) for a desirable example, λU·σ(β·h) for an undesirable one; no KL term."""
+    logratios = policy_chosen_logps - ref_chosen_logps
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * logratios))
+    undesirable = undesirable_weight * torch.sigmoid(beta * logratios)
+    return torch.where(labels.bool(), desirable, undesirable)
+
+
 # ---------------------------------------------------------------------------------------------------- the registry
 
 
@@ -372,6 +414,7 @@ class LossSpec:
     nll: str | float | None = None  # adds w × `sft` (token mean); w: this option's value, or this constant
     beta: str = "—"  # the β the paper recommends ("—": none recorded, see docs/losses.md)
     lr: str = "—"  # the learning rate the paper recommends
+    unpaired: bool = False  # trains on examples (prompt, completion, label), see "unpaired" above
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -446,6 +489,15 @@ LOSSES: dict[str, LossSpec] = {
         orpo, False, "NLL(yw) − β log σ(log odds(yw) − log odds(yl)), odds = p̄/(1−p̄), p̄ = e^(π/|y|)",
         "Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model "
         "(arXiv 2403.07691), Eqs. 4, 6, 7 (β = λ)", reward="logp_per_token", nll=1.0),
+    "kto": LossSpec(
+        kto, True, "λD(1 − σ(β(h − z))) if desirable, λU(1 − σ(β(z − h))) if not; h = π − r of the completion, "
+        "z = max(0, mean of π − r over mismatched completions), no gradient",
+        "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306), Eq. 8",
+        unpaired=True),
+    "apo_zero_unpaired": LossSpec(
+        apo_zero_unpaired, True, "λD(1 − σ(βh)) if desirable, λU σ(βh) if not; h = π − r of the completion",
+        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), APO-zero on unpaired data, as TRL's KTOTrainer",
+        unpaired=True),
     "sft": LossSpec(
         sft, False, "NLL(yw) = −πw, averaged over the step's chosen tokens",
         "negative log-likelihood of the chosen response (RPO: Pang et al. 2024, Iterative Reasoning Preference "
@@ -453,7 +505,9 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 _POSITIONAL = 4  # the four log-prob tensors every loss takes first
-PER_PAIR = frozenset({"chosen_lengths", "rejected_lengths"})  # per-pair tensors a loss may declare
+# Tensors a loss may declare: per pair ([B]: response token counts; `labels`, 1.0 for a desirable example of an
+# unpaired loss) and per micro-batch (`kl`: KTO's reference point, see `kl_estimate`).
+PER_PAIR = frozenset({"chosen_lengths", "rejected_lengths", "labels", "kl"})
 
 
 def loss_params(name: str) -> set[str]:
@@ -476,7 +530,8 @@ def reward_kind(names: list[str]) -> str:
 def combined_loss(names: list[str], weights: list[float], *, policy_chosen_logps: Tensor,
                   policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None,
                   chosen_lengths: Tensor, rejected_lengths: Tensor, num_pairs: int, num_chosen_tokens: int,
-                  pair_weights: Tensor | None = None, **options) -> Tensor:
+                  pair_weights: Tensor | None = None, labels: Tensor | None = None, kl: Tensor | None = None,
+                  **options) -> Tensor:
     """Σ_k w_k · sum(losses_k) / N_k, a scalar, with N_k = num_pairs or num_chosen_tokens (LossSpec.normalize).
 
     `options` are the loss options by name (beta=0.1, label_smoothing=0.0, ...; a loss's own default applies to
@@ -486,9 +541,11 @@ def combined_loss(names: list[str], weights: list[float], *, policy_chosen_logps
     micro-batches that each call this with the global totals and sum their gradients give exactly the loss and
     gradients of one big batch (a per-micro-batch mean would over-weight short micro-batches; `aot` and
     `aot_unpaired` are the exception, their losses depend on the micro-batch). ref_* may be None when no loss
-    in `names` needs the reference.
+    in `names` needs the reference. An unpaired loss takes `labels` [B] and (kto) `kl`, the micro-batch's
+    reference point; for it a "pair" is one example, so num_pairs counts examples.
     """
-    available = {**options, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+    available = {**options, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths,
+                 **({} if labels is None else {"labels": labels}), **({} if kl is None else {"kl": kl})}
     denominators = {"pairs": num_pairs, "chosen_tokens": num_chosen_tokens}
     total = policy_chosen_logps.new_zeros(())
     for name, weight in zip(names, weights, strict=True):
@@ -544,6 +601,29 @@ def pair_metrics(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
         "logps/chosen": policy_chosen_logps.detach(),
         "logps/rejected": policy_rejected_logps.detach(),
     }
+
+
+# Metrics of unpaired examples are means over the desirable or the undesirable ones only: `example_metrics` gives
+# each example's value masked by its label, and the trainer divides the step's sum by the step's count (these keys).
+MASKED_MEANS = {"rewards/chosen": "count/desirable", "logps/chosen": "count/desirable",
+                "rewards/rejected": "count/undesirable", "logps/rejected": "count/undesirable"}
+
+
+def example_metrics(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, beta: float,
+                    kl: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-example detached metrics of an unpaired loss, each [B], for the means TRL's KTOTrainer logs: rewards and
+    log-probs of the desirable examples ("chosen") and of the undesirable ones ("rejected"), each masked by the
+    label (see MASKED_MEANS), the label counts, and KTO's reference point `kl` of the micro-batch."""
+    desirable = labels.float()
+    undesirable = 1 - desirable
+    reward = beta * (policy_logps - ref_logps).detach()
+    policy_logps = policy_logps.detach()
+    metrics = {"rewards/chosen": reward * desirable, "rewards/rejected": reward * undesirable,
+               "logps/chosen": policy_logps * desirable, "logps/rejected": policy_logps * undesirable,
+               "count/desirable": desirable, "count/undesirable": undesirable}
+    if kl is not None:
+        metrics["kl"] = kl.detach().expand_as(desirable)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------- docs/losses.md

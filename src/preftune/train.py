@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,21 @@ from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, col
 from preftune.data.formats import LoadReport, PreferencePair, load_pairs, parse_columns, read_pairs
 from preftune.data.store import TokenStore
 from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized, tokenize_pairs
+from preftune.data.unpaired import ExampleReport, KLReport, check_balance, read_examples, with_kl_completions
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
 from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
 from preftune.logps import compute_logps, compute_logps_wpo, packed_layout_works
-from preftune.losses import OPTIONS, combined_loss, pair_metrics, reward_kind
+from preftune.losses import (
+    MASKED_MEANS,
+    OPTIONS,
+    combined_loss,
+    example_metrics,
+    kl_estimate,
+    loss_params,
+    pair_metrics,
+    reward_kind,
+)
 from preftune.reference import CachedReference, ReferenceModel
 
 log = logging.getLogger("preftune")
@@ -74,15 +85,46 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _read(path: str, cfg: TrainConfig, tokenizer) -> tuple[Iterator[TokenizedPair], LoadReport | ExampleReport,
+                                                           TruncationReport, KLReport | None]:
+    """The token ids of `path`'s pairs (or, for an unpaired loss, examples with their KL completions), one at a time,
+    and the reports the iterator fills as it goes (final once it is exhausted)."""
+    columns, trunc = parse_columns(cfg.columns), TruncationReport(unit="examples" if cfg.unpaired else "pairs")
+    if not cfg.unpaired:
+        loaded = LoadReport()
+        pairs = read_pairs(path, loaded, columns=columns, on_identical=cfg.on_identical)
+        return iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
+                              max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength), loaded, trunc, None
+    loaded, kl = ExampleReport(), KLReport()
+    examples = read_examples(path, loaded, columns=columns, on_identical=cfg.on_identical)
+    tokens = iter_tokenized(examples, tokenizer, trunc, max_length=cfg.max_length,
+                            max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
+    return with_kl_completions(tokens, global_batch(cfg), cfg.max_length, kl), loaded, trunc, kl
+
+
+def _log_read(cfg: TrainConfig, flag: str, path: str, loaded, trunc: TruncationReport, kl: KLReport | None,
+              where: str = "") -> None:
+    log.info("%s %s: %s", flag, path, loaded.summary())
+    log.info("%s tokens: %s%s", flag, trunc.summary(), where)
+    if kl is not None:
+        log.info("%s: %s", flag, kl.summary())
+        if flag == "--data":
+            check_balance(kl, cfg.desirable_weight, cfg.undesirable_weight)
+
+
 def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> tuple[list[TokenizedPair], list[PreferencePair]]:
-    """Token ids of the pairs of `path`, and the pairs as read (for the audit)."""
-    pairs, report = load_pairs(path, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
-    log.info("%s %s: %s", flag, path, report.summary())
-    tokenized, trunc = tokenize_pairs(pairs, tokenizer, max_length=cfg.max_length,
-                                      max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
-    log.info("%s tokens: %s", flag, trunc.summary())
+    """Token ids of the pairs of `path`, and the pairs as read (for the audit; none for unpaired examples)."""
+    if cfg.unpaired:
+        tokens, loaded, trunc, kl = _read(path, cfg, tokenizer)
+        tokenized, pairs = list(tokens), []
+    else:
+        pairs, loaded = load_pairs(path, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
+        tokenized, trunc = tokenize_pairs(pairs, tokenizer, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
+        kl = None
+    _log_read(cfg, flag, path, loaded, trunc, kl)
     if not tokenized:
-        raise UserError(f"{flag} {path}: no pairs left to train on")
+        raise UserError(f"{flag} {path}: no {trunc.unit} left to train on")
     return tokenized, pairs
 
 
@@ -93,15 +135,11 @@ def stream_data(path: str, cfg: TrainConfig, tokenizer, flag: str, folder: Path)
     """`load_data` for --stream: pairs are read, tokenized and appended to a TokenStore in `folder` one at a time
     (a .jsonl file line by line, a .parquet file row group by row group), so memory does not grow with the data.
     The same pairs, ids, order, counts and errors as `load_data`."""
-    loaded, trunc = LoadReport(), TruncationReport()
-    pairs = read_pairs(path, loaded, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
-    store = TokenStore.write(folder, iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
-                                                    max_prompt_length=cfg.max_prompt_length,
-                                                    on_overlength=cfg.on_overlength))
-    log.info("%s %s: %s", flag, path, loaded.summary())
-    log.info("%s tokens: %s (on disk in %s)", flag, trunc.summary(), folder)
+    tokens, loaded, trunc, kl = _read(path, cfg, tokenizer)
+    store = TokenStore.write(folder, tokens)
+    _log_read(cfg, flag, path, loaded, trunc, kl, f" (on disk in {folder})")
     if not len(store):
-        raise UserError(f"{flag} {path}: no pairs left to train on")
+        raise UserError(f"{flag} {path}: no {trunc.unit} left to train on")
     return store
 
 
@@ -231,8 +269,11 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     check_one_step(cfg, len(train_pairs))
     if tokens is None:
         eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
-        audit = observe.audit_data(train_raw, eval_raw)
+        audit = observe.audit_data(train_raw, eval_raw) if not cfg.unpaired else None
         del train_raw, eval_raw  # training needs only the token ids
+        if cfg.unpaired:
+            log.info("--loss %s: the data audit at the start covers pairs and is skipped for unpaired examples",
+                     cfg.loss)
     observe.check_generation_options(cfg)
 
     # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
@@ -420,15 +461,40 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs:
         ref_chosen, ref_rejected = reference.logps(batch, ld_alpha=cfg.ld_alpha)
     else:  # reference-free losses: no reference exists; the losses ignore these zeros
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    kl = reference_point(rejected, ref_rejected) if needs_kl(cfg) else None
     loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
                          ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, chosen_lengths=chosen_len,
                          rejected_lengths=rejected_len, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                         pair_weights=pair_weights, **{option: getattr(cfg, option) for option in OPTIONS})
+                         pair_weights=pair_weights, labels=batch.labels, kl=kl,
+                         **{option: getattr(cfg, option) for option in OPTIONS})
+    if cfg.unpaired:
+        return loss, example_metrics(chosen, ref_chosen, batch.labels, cfg.beta, kl)
     metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
                            reward=reward_kind(cfg.losses), chosen_lengths=chosen_len, rejected_lengths=rejected_len)
     if pair_weights is not None:
         metrics["wpo/weights"] = pair_weights
     return loss, metrics
+
+
+def needs_kl(cfg: TrainConfig) -> bool:
+    return any("kl" in loss_params(name) for name in cfg.losses)
+
+
+def reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's z for a micro-batch: max(0, mean log-ratio of the mismatched completions) over this micro-batch and
+    those the other processes run at the same time (as TRL's gather over devices); see `pad_kl_rounds`."""
+    total = distributed.all_reduce_sum(kl_estimate(policy_kl_logps, ref_kl_logps))
+    return (total[0] / total[1]).clamp(min=0)
+
+
+def pad_kl_rounds(s: Setup, done: int, num_items: int) -> None:
+    """Every process takes part in each micro-batch's KL all-reduce; a process with fewer micro-batches this step
+    (shares differ by one item) adds zeros for the rounds it has no micro-batch for, so none waits forever."""
+    if not needs_kl(s.cfg) or distributed.world().size == 1:
+        return
+    largest_share = -(-num_items // distributed.world().size)
+    for _ in range(-(-largest_share // s.cfg.batch_size) - done):
+        distributed.all_reduce_sum(torch.zeros(2, device=s.device))
 
 
 def _add(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
@@ -459,12 +525,25 @@ def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, bac
             loss.backward()
         _add(sums, metrics)
         _add(sums, {"loss": loss.detach()})
+    pad_kl_rounds(s, len(batches), num_pairs)
     return sums
 
 
 def per_pair(sums: dict[str, torch.Tensor], num_pairs: int) -> dict[str, torch.Tensor]:
-    """Per-pair means of summed metrics, still on the device (the loss is already normalised by the step)."""
-    return {k: v if k == "loss" else v / num_pairs for k, v in sums.items()}
+    """Per-pair means of summed metrics, still on the device (the loss is already normalised by the step).
+
+    Unpaired examples: the desirable ("chosen") and undesirable ("rejected") metrics are means over their own
+    examples (MASKED_MEANS; NaN when the step has none, left out of the log), the margin their difference, and the
+    label counts become `desirable_share`."""
+    means = {k: v if k == "loss" else v / num_pairs for k, v in sums.items()}
+    if "count/desirable" not in sums:
+        return means
+    for key, count in MASKED_MEANS.items():
+        means[key] = sums[key] / sums[count]
+    means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    means["desirable_share"] = means.pop("count/desirable")
+    del means["count/undesirable"]
+    return means
 
 
 def evaluate(s: Setup, step: int) -> dict[str, float]:
@@ -484,7 +563,16 @@ def evaluate_pairs(s: Setup) -> dict[str, float]:
     metrics = per_pair(distributed.sum_scalars(sums, s.device, len(indices)), len(indices))
     values = torch.stack(list(metrics.values())).tolist()  # one host sync
     s.policy.train()
-    return {"eval/" + k: v for k, v in zip(metrics, values)}
+    return {"eval/" + k: v for k, v in without_empty_means(dict(zip(metrics, values))).items()}
+
+
+def without_empty_means(metrics: dict[str, float]) -> dict[str, float]:
+    """Unpaired examples: drop the means over the desirable (or undesirable) examples of a step that had none (NaN,
+    0 / 0), as TRL's KTOTrainer logs nothing for them; pair metrics are returned as they are."""
+    if "desirable_share" not in metrics:
+        return metrics
+    empty = {k for k in (*MASKED_MEANS, "rewards/margins") if math.isnan(metrics[k])}
+    return {k: v for k, v in metrics.items() if k not in empty}
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -595,11 +683,20 @@ def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, flo
     per_step = elapsed / len(pending)  # steps of an interval are timed together: timing one would sync
     records = []
     for p, row in zip(pending, rows):
-        record = {"step": p.step, **dict(zip(p.keys, row)), "lr": p.lr, "pairs_per_s": p.pairs / per_step,
-                  "tokens_per_s": p.tokens / per_step, "step_time_s": per_step}
+        record = {"step": p.step, **without_empty_means(dict(zip(p.keys, row))), "lr": p.lr,
+                  "pairs_per_s": p.pairs / per_step, "tokens_per_s": p.tokens / per_step, "step_time_s": per_step}
         check_finite(record, p.step)
         records.append(record)
     return records
+
+
+def progress_fields(record: dict[str, float]) -> dict[str, str]:
+    """The progress bar's loss, and the pair accuracy (or, for unpaired examples, KTO's KL estimate)."""
+    shown = {"loss": f"{record['loss']:.4f}"}
+    for key, name in (("rewards/accuracies", "acc"), ("kl", "kl")):
+        if key in record:
+            shown[name] = f"{record[key]:.2f}"
+    return shown
 
 
 def save_final(s: Setup) -> Path:
@@ -633,8 +730,9 @@ def train(cfg: TrainConfig) -> Path:
     first = start_or_resume(s, optimizer, scheduler)
     s.policy.train()
     main = distributed.world().is_main  # only rank 0 writes files and shows progress
-    log.info("training %d steps of %d pairs (%d pairs, %d steps per epoch) on %s%s", s.total_steps,
-             global_batch(cfg), len(s.train_pairs), s.steps_per_epoch, s.device,
+    unit = "examples" if cfg.unpaired else "pairs"
+    log.info("training %d steps of %d %s (%d %s, %d steps per epoch) on %s%s", s.total_steps, global_batch(cfg), unit,
+             len(s.train_pairs), unit, s.steps_per_epoch, s.device,
              f" × {distributed.world().size} processes" if distributed.world().size > 1 else "")
     has_eval = bool(s.eval_pairs) or s.generation is not None
     watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / METRICS) if main else [])
@@ -662,8 +760,7 @@ def train(cfg: TrainConfig) -> Path:
                 distributed.on_main(writing, s, METRICS, lambda records=records: (
                     metrics_file.write("".join(json.dumps(r) + "\n" for r in records)), metrics_file.flush()))
                 skipped += sum(int(r.get("skipped", 0)) for r in records)
-                bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", acc=f"{records[-1]['rewards/accuracies']:.2f}",
-                                refresh=False)
+                bar.set_postfix(progress_fields(records[-1]), refresh=False)
                 bar.update(len(records))
                 pending, clock = [], time.perf_counter()
             if save_now:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch import LongTensor
+from torch import LongTensor, Tensor
 
 if TYPE_CHECKING:  # only for annotations: batching needs nothing else from tokenization
     from preftune.data.tokenize import TokenizedPair
@@ -38,6 +38,7 @@ class PaddedBatch:
     num_pairs: int
     num_tokens: int  # real (non-padding) tokens in all 2B rows
     num_chosen_tokens: int  # response tokens in the chosen rows
+    labels: Tensor | None = None  # [B] 1.0 desirable, 0.0 undesirable: unpaired examples only (data/unpaired.py)
 
     def to(self, device: torch.device | str) -> "PaddedBatch":
         """The same batch with every tensor on `device`."""
@@ -54,6 +55,11 @@ def _check_pair(pair: TokenizedPair) -> None:
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         if not getattr(pair, name):
             raise ValueError(f"{pair.where}: {name} is empty after tokenization; it must hold at least one token")
+
+
+def _labels(pairs: list[TokenizedPair]) -> Tensor | None:
+    """[B] float labels of unpaired examples (1.0 desirable), or None for pairs."""
+    return None if pairs[0].label is None else torch.tensor([float(p.label) for p in pairs])
 
 
 def _pad_rows(rows: list[list[int]], length: int, value: int) -> LongTensor:
@@ -83,6 +89,7 @@ def collate_padded(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
         num_pairs=len(pairs),
         num_tokens=sum(len(seq) for seq in sequences),
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
+        labels=_labels(pairs),
     )
 
 
@@ -114,6 +121,7 @@ class PackedBatch:
     num_pairs: int
     num_tokens: int  # tokens the plain layout would process: both prompts counted (for comparable tokens/s)
     num_chosen_tokens: int
+    labels: Tensor | None = None  # [B], as PaddedBatch.labels
 
     to = PaddedBatch.to
 
@@ -185,4 +193,5 @@ def collate_packed(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
         index=tensor(indices), num_pairs=len(pairs),
         num_tokens=sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
+        labels=_labels(pairs),
     )

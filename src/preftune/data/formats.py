@@ -53,6 +53,7 @@ log = logging.getLogger("preftune")
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
 CANONICAL = ("prompt", "chosen", "rejected")
+COLUMN_NAMES = (*CANONICAL, "completion", "label")  # --columns names: pairs, and unpaired examples (unpaired.py)
 ROLES = ("system", "user", "assistant", "tool")
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 ON_IDENTICAL = ("skip", "error")
@@ -75,6 +76,7 @@ class PreferencePair:
     chosen: str | list[Message]
     rejected: str | list[Message]
     where: str
+    label: bool | None = None  # an unpaired example (data/unpaired.py): True desirable; None for a pair
 
 
 @dataclass
@@ -112,9 +114,9 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         name, eq, source = (part.strip() for part in item.partition("="))
         if not eq:
             raise UserError(f"--columns: expected NAME=COLUMN items separated by commas, got '{item.strip()}'")
-        if name not in CANONICAL:
+        if name not in COLUMN_NAMES:
             raise UserError(f"--columns: unknown name '{name}' in '{item.strip()}'; "
-                            f"expected prompt, chosen or rejected")
+                            f"expected prompt, chosen, rejected, completion or label")
         if name in columns:
             raise UserError(f"--columns: '{name}' is given twice")
         if not source and name != "prompt":
@@ -126,8 +128,9 @@ def parse_columns(spec: str | None) -> dict[str, str]:
 
 def _check_columns(columns: dict[str, str]) -> None:
     for name in columns:
-        if name not in CANONICAL:
-            raise UserError(f"--columns: unknown name '{name}'; expected prompt, chosen or rejected")
+        if name not in COLUMN_NAMES:
+            raise UserError(f"--columns: unknown name '{name}'; expected prompt, chosen, rejected, completion or "
+                            f"label")
     sources = [s for s in columns.values() if s]
     for source in set(sources):
         if sources.count(source) > 1:
@@ -135,11 +138,12 @@ def _check_columns(columns: dict[str, str]) -> None:
             raise UserError(f"--columns: column '{source}' is given for both {names}")
 
 
-def _apply_columns(row: dict[str, Any], columns: dict[str, str], where: str) -> dict[str, Any]:
-    """The row's canonical fields: mapped columns renamed, unmapped canonical names taken as they are."""
-    fields = {name: row[name] for name in CANONICAL if name in row and name not in columns}
+def _apply_columns(row: dict[str, Any], columns: dict[str, str], where: str,
+                   names: tuple[str, ...] = CANONICAL) -> dict[str, Any]:
+    """The row's fields `names`: mapped columns renamed, unmapped names taken as they are."""
+    fields = {name: row[name] for name in names if name in row and name not in columns}
     for name, source in columns.items():
-        if not source:  # "prompt=": no prompt column, whatever the row holds
+        if not source or name not in names:  # "prompt=": no prompt column, whatever the row holds
             continue
         if source not in row:
             raise UserError(f"{where}: column '{source}' (--columns {name}={source}) not found; "
@@ -306,8 +310,10 @@ def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None 
     fields = _apply_columns(row, columns or {}, where)
     for name in ("chosen", "rejected"):
         if name not in fields:
-            raise UserError(f"{where}: missing field '{name}' (the row has: {_column_list(row)}; "
-                            f"rename columns with --columns)")
+            hint = ("an unpaired example (prompt, completion, label) trains only with --loss kto or "
+                    "apo_zero_unpaired" if (columns or {}).get("completion", "completion") in row
+                    else "rename columns with --columns")
+            raise UserError(f"{where}: missing field '{name}' (the row has: {_column_list(row)}; {hint})")
     conversational = _check_kinds(fields, where)
     implicit = "prompt" not in fields
     if conversational:

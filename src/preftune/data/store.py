@@ -13,6 +13,7 @@ Files (N pairs, T tokens in all):
     where.bin     int64 [N, 2]    `where` as (prefix number, row number): "data.jsonl line 12" → (0, 12) with
                                   prefixes[0] = "data.jsonl line"; a `where` not ending in a number is a prefix of
                                   its own with row number -1
+    labels.bin    int8 [N]        an unpaired example's label (1 desirable, 0 undesirable); -1 for a pair
     meta.json     {"pairs": N, "tokens": T, "prefixes": [...]}, written last: a folder without it is incomplete
 e.g. pairs ([1, 12, 7], [18, 2], [19, 2], "d.jsonl line 1") and ([1, 16], [17, 2], [2], "d.jsonl line 3") →
 ids [1, 12, 7, 18, 2, 19, 2, 1, 16, 17, 2, 2], offsets [0, 3, 5, 7, 9, 11, 12], where [[0, 1], [0, 3]].
@@ -47,6 +48,7 @@ class TokenStore:
         self._ids = _map(self.folder / "ids.bin", np.int32, (meta["tokens"],))
         self._offsets = _map(self.folder / "offsets.bin", np.int64, (3 * self._n + 1,))
         self._where = _map(self.folder / "where.bin", np.int64, (self._n, 2))
+        self._labels = _map(self.folder / "labels.bin", np.int8, (self._n,))
 
     @classmethod
     def write(cls, folder: Path | str, pairs: Iterable[TokenizedPair]) -> TokenStore:
@@ -59,8 +61,9 @@ class TokenStore:
         folder.mkdir(parents=True, exist_ok=False)
         prefixes: dict[str, int] = {}
         with open(folder / "ids.bin", "wb") as ids_file, open(folder / "offsets.bin", "wb") as offsets_file, \
-                open(folder / "where.bin", "wb") as where_file:
+                open(folder / "where.bin", "wb") as where_file, open(folder / "labels.bin", "wb") as labels_file:
             ids, offsets, where = _Appender(ids_file, "i"), _Appender(offsets_file, "q"), _Appender(where_file, "q")
+            labels = _Appender(labels_file, "b")
             offsets.add([0])
             count = 0
             for pair in pairs:
@@ -69,8 +72,9 @@ class TokenStore:
                     offsets.add([ids.total])
                 prefix, number = split_where(pair.where)
                 where.add([prefixes.setdefault(prefix, len(prefixes)), number])
+                labels.add([-1 if pair.label is None else int(pair.label)])
                 count += 1
-            for appender in (ids, offsets, where):
+            for appender in (ids, offsets, where, labels):
                 appender.flush()
             total = ids.total
         meta = {"pairs": count, "tokens": total, "prefixes": list(prefixes)}
@@ -97,8 +101,10 @@ class TokenStore:
         o = self._offsets[3 * i:3 * i + 4].tolist()
         prefix, number = self._where[i].tolist()
         where = self._prefixes[prefix] if number < 0 else f"{self._prefixes[prefix]} {number}"
+        label = int(self._labels[i])
         return TokenizedPair(prompt_ids=self._ids[o[0]:o[1]].tolist(), chosen_ids=self._ids[o[1]:o[2]].tolist(),
-                             rejected_ids=self._ids[o[2]:o[3]].tolist(), where=where)
+                             rejected_ids=self._ids[o[2]:o[3]].tolist(), where=where,
+                             label=None if label < 0 else bool(label))
 
 
 def split_where(where: str) -> tuple[str, int]:

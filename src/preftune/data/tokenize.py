@@ -52,6 +52,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     where: str
+    label: bool | None = None  # an unpaired example (data/unpaired.py): True desirable; None for a pair
 
 
 @dataclass
@@ -65,11 +66,12 @@ class TruncationReport:
     max_prompt_tokens: int = 0
     max_response_tokens: int = 0  # max over pairs of max(len(chosen), len(rejected))
     boundaries_shifted: int = 0  # pairs whose prompt tokens merged into the response (common-prefix rule)
+    unit: str = "pairs"  # what is counted, for `summary` ("examples" for unpaired data)
 
     def summary(self) -> str:
         """One line, e.g. "2616 pairs; 12 prompts cut from the left, 3 responses cut, 0 dropped; longest prompt
         700 tokens, longest response 300 tokens"."""
-        line = (f"{self.pairs} pairs; {self.prompts_truncated} prompts cut from the left, "
+        line = (f"{self.pairs} {self.unit}; {self.prompts_truncated} prompts cut from the left, "
                 f"{self.responses_truncated} responses cut, {self.dropped} dropped; longest prompt "
                 f"{self.max_prompt_tokens} tokens, longest response {self.max_response_tokens} tokens")
         if self.boundaries_shifted:
@@ -106,21 +108,22 @@ def _chat_ids(tokenizer: Any, messages: list, where: str, **kwargs: Any) -> list
 
 
 def _full_sequences(pair: PreferencePair, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, prompt+chosen ids, prompt+rejected ids), each tokenized on its own as TRL does."""
+    """(prompt_ids, prompt+chosen ids, prompt+rejected ids), each tokenized on its own as TRL does. An unpaired
+    example (data/unpaired.py: rejected is chosen) is tokenized once."""
+    responses = [pair.chosen] if pair.rejected is pair.chosen else [pair.chosen, pair.rejected]
     if isinstance(pair.chosen, list):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{pair.where}: the pair is a conversation (lists of messages) but the tokenizer has no "
                             f"chat template; use a tokenizer with a chat_template, or plain-text data")
         prompt_ids = _chat_ids(tokenizer, pair.prompt, pair.where, add_generation_prompt=True)
-        return (prompt_ids, _chat_ids(tokenizer, pair.prompt + pair.chosen, pair.where),
-                _chat_ids(tokenizer, pair.prompt + pair.rejected, pair.where))
+        fulls = [_chat_ids(tokenizer, pair.prompt + response, pair.where) for response in responses]
+        return prompt_ids, fulls[0], fulls[-1]
     eos = tokenizer.eos_token
     if not eos:
         raise UserError(f"{pair.where}: the tokenizer has no eos_token; plain-text responses need one to end them")
-    chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
-    rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
-    return (_text_ids(tokenizer, pair.prompt), _text_ids(tokenizer, pair.prompt + chosen),
-            _text_ids(tokenizer, pair.prompt + rejected))
+    fulls = [_text_ids(tokenizer, pair.prompt + (response if response.endswith(eos) else response + eos))
+             for response in responses]
+    return _text_ids(tokenizer, pair.prompt), fulls[0], fulls[-1]
 
 
 def _tokenize_pair(pair: PreferencePair, tokenizer: Any) -> tuple[TokenizedPair, bool]:
@@ -128,7 +131,7 @@ def _tokenize_pair(pair: PreferencePair, tokenizer: Any) -> tuple[TokenizedPair,
     prompt_ids, full_chosen, full_rejected = _full_sequences(pair, tokenizer)
     prompt_len = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
     tp = TokenizedPair(prompt_ids=prompt_ids[:prompt_len], chosen_ids=full_chosen[prompt_len:],
-                       rejected_ids=full_rejected[prompt_len:], where=pair.where)
+                       rejected_ids=full_rejected[prompt_len:], where=pair.where, label=pair.label)
     if not tp.prompt_ids:
         # The first token of a sequence is predicted by nothing, so the response needs at least one token before it.
         raise UserError(f"{pair.where}: the prompt is empty after tokenization; the first response token would "
@@ -178,7 +181,8 @@ def truncate(tp: TokenizedPair, *, max_length: int | None,
     room = None if max_length is None else max_length - keep
     chosen_ids, rejected_ids = tp.chosen_ids[:room], tp.rejected_ids[:room]
     response_cut = len(chosen_ids) < len(tp.chosen_ids) or len(rejected_ids) < len(tp.rejected_ids)
-    result = TokenizedPair(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, where=tp.where)
+    result = TokenizedPair(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, where=tp.where,
+                           label=tp.label)
     return result, keep < len(tp.prompt_ids), response_cut
 
 
