@@ -33,8 +33,9 @@ def test_table_has_one_row_per_loss_with_its_reference_need():
         assert cells[4] == spec.beta and cells[5] == spec.lr, name
     # The DPO row, spelled out: the formula, the paper's equation and its values, the flags it uses.
     assert rows[0] == ("| `sigmoid` | −log σ(βh); with ε > 0 (cDPO): −(1−ε) log σ(βh) − ε log σ(−βh) | Rafailov et al. "
-                       "2023, Direct Preference Optimization (arXiv 2305.18290), Eq. 7; cDPO: Mitchell 2023, A note on "
-                       "DPO with noisy preferences | yes | 0.1 | 1e-6 | β hw | `--beta`, `--f-alpha`, "
+                       "2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model (arXiv "
+                       "2305.18290), Eq. 7; cDPO: Mitchell 2023, A note on DPO with noisy preferences & relationship "
+                       "to IPO (ericmitchell.ai/cdpo.pdf), Eq. 3 | yes | 0.1 | 1e-6 | β hw | `--beta`, `--f-alpha`, "
                        "`--f-divergence`, `--label-smoothing` |")
     # |y| inside a cell is escaped, so the row keeps its 8 cells.
     assert "hw/\\|yw\\|" in rows[names.index("ipo")]

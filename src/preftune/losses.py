@@ -37,7 +37,8 @@ from torch import Tensor
 from preftune.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------- f-divergences
-# f-DPO (Wang et al. 2023, Beyond Reverse KL, arXiv 2309.16240): with an f-divergence in place of the reverse KL,
+# f-DPO (Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
+# Constraints, arXiv 2309.16240): with an f-divergence in place of the reverse KL,
 # the implicit reward of a response is β·f'(π/π_ref) instead of β·log(π/π_ref). The forms are TRL 1.16's.
 
 
@@ -353,7 +354,8 @@ def sft(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     """Negative log-likelihood of the chosen response, [B] (summed over its tokens).
 
     Registered with normalize="chosen_tokens": `combined_loss` divides the sum by the number of chosen tokens,
-    the token mean TRL uses. Added to "sigmoid" with a weight this is RPO (Pang et al. 2024).
+    the token mean TRL uses. Added to "sigmoid" with a weight this is RPO (Pang et al. 2024) up to its
+    normalisation: RPO divides each chosen response's NLL by that response's own length.
     """
     return -policy_chosen_logps
 
@@ -376,7 +378,7 @@ def kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
 
 def kto(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
         beta: float, labels: Tensor, kl: Tensor, desirable_weight: float, undesirable_weight: float) -> Tensor:
-    """KTO (Ethayarajh et al. 2024, Eq. 8), as TRL's KTOTrainer, [B]: with h = π − r the log-ratio of an example's
+    """KTO (Ethayarajh et al. 2024, Eq. 7 of arXiv 2402.01306 v2), as TRL's KTOTrainer, [B]: with h = π − r the log-ratio of an example's
     completion and z = `kl` the reference point (see `kl_estimate`),
 
         desirable example:    λD·(1 − σ(β·(h − z)))
@@ -420,39 +422,45 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(
         sigmoid, True, "−log σ(βh); with ε > 0 (cDPO): −(1−ε) log σ(βh) − ε log σ(−βh)",
-        "Rafailov et al. 2023, Direct Preference Optimization (arXiv 2305.18290), Eq. 7; cDPO: Mitchell 2023, "
-        "A note on DPO with noisy preferences", beta="0.1", lr="1e-6"),
+        "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
+        "(arXiv 2305.18290), Eq. 7; cDPO: Mitchell 2023, A note on DPO with noisy preferences & relationship to IPO "
+        "(ericmitchell.ai/cdpo.pdf), Eq. 3", beta="0.1", lr="1e-6"),
     "ipo": LossSpec(
         ipo, True, "(hw/|yw| − hl/|yl| − 1/(2β))²",
         "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
-        "(arXiv 2310.12036), Eq. 17, length-normalised as TRL and the IPO authors", reward="logratio_per_token"),
+        "(arXiv 2310.12036 v2), Eq. 17, length-normalised as TRL and the IPO authors", reward="logratio_per_token"),
     "ipo_sum": LossSpec(
         ipo_sum, True, "(h − 1/(2β))²",
         "Azar et al. 2023 (arXiv 2310.12036), Eq. 17 as written (summed log-probs)"),
     "sigmoid_norm": LossSpec(
         sigmoid_norm, True, "−log σ(β(hw/|yw| − hl/|yl|))",
-        "Lambert et al. 2024, Tülu 3 (arXiv 2411.15124), length-normalised DPO", reward="logratio_per_token",
-        beta="5", lr="5e-7"),
+        "Lambert et al. 2024, Tülu 3: Pushing Frontiers in Open Language Model Post-Training (arXiv 2411.15124), "
+        "length-normalised DPO", reward="logratio_per_token", beta="5", lr="5e-7 (8B), 2e-7 (70B)"),
     "hinge": LossSpec(
         hinge, True, "max(0, 1 − βh)",
-        "Zhao et al. 2023, SLiC-HF (arXiv 2305.10425); Liu et al. 2023, RSO (arXiv 2309.06657), hinge-norm loss"),
+        "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (arXiv 2305.10425); Liu et "
+        "al. 2023, Statistical Rejection Sampling Improves Preference Optimization (RSO, arXiv 2309.06657), "
+        "hinge-norm loss"),
     "robust": LossSpec(
         robust, True, "[−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε), ε < 0.5",
-        "Chowdhury et al. 2024, Provably Robust DPO (arXiv 2403.00409)"),
+        "Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy Feedback (arXiv 2403.00409)",
+        beta="0.01 †", lr="1e-3 †"),
     "exo_pair": LossSpec(
         exo_pair, True, "q log(q/(1−ε)) + (1−q) log((1−q)/ε), q = σ(βh), 0 < ε",
-        "Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (arXiv 2402.00856), "
-        "Eq. 16"),
+        "Ji et al. 2024, Towards Efficient and Exact Optimization of Language Model Alignment (arXiv 2402.00856), "
+        "Eq. 16", beta="0.1 (0.5 on HH)", lr="1e-6"),
     "nca_pair": LossSpec(
         nca_pair, True, "−log σ(βhw) − ½ log σ(−βhw) − ½ log σ(−βhl)",
         "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards "
-        "(arXiv 2402.05369), NCA for K = 2"),
+        "(arXiv 2402.05369), NCA for K = 2", beta="0.01", lr="5e-6 (QLoRA)"),
     "bco_pair": LossSpec(
         bco_pair, True, "−log σ(βhw) − log σ(−βhl)",
-        "Jung et al. 2024, Binary Classifier Optimization (arXiv 2404.04656), without the reward shift δ"),
+        "Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (arXiv 2404.04656), "
+        "without the reward shift δ", beta="0.01 †", lr="5e-7 †"),
     "sppo_hard": LossSpec(
         sppo_hard, True, "(hw − 1/(2β))² + (hl + 1/(2β))²",
-        "Wu et al. 2024, Self-Play Preference Optimization (arXiv 2405.00675), Eq. 4.7 with hard probabilities"),
+        "Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment (arXiv 2405.00675), "
+        "Eq. 4.7 (Algorithm 1) with hard probabilities", lr="5e-7"),
     "aot": LossSpec(
         aot, True, "−(1−ε) log σ(βd) − ε log σ(−βd), d = sort(πw − πl) − sort(rw − rl) over the micro-batch",
         "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
@@ -462,13 +470,15 @@ LOSSES: dict[str, LossSpec] = {
         "Melnyk et al. 2024 (arXiv 2406.05882), unpaired"),
     "apo_zero": LossSpec(
         apo_zero, True, "1 − σ(βhw) + σ(βhl)",
-        "D'Oosterlinck et al. 2024, Anchored Preference Optimization (arXiv 2408.06266), Eq. 7"),
+        "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions: Addressing "
+        "Underspecification in Alignment (arXiv 2408.06266), Eq. 7", beta="0.1 †", lr="2e-7 †"),
     "apo_down": LossSpec(
         apo_down, True, "σ(βhw) + 1 − σ(βh)",
-        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8"),
+        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8", beta="0.1 †", lr="2e-7 †"),
     "discopop": LossSpec(
         discopop, True, "(1 − m)(−log σ(βh)) + m e^(−βh), m = σ(βh/τ)",
-        "Lu et al. 2024, Discovering Preference Optimization Algorithms (arXiv 2406.08414), Eq. 5 (τ = 0.05)"),
+        "Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large Language Models "
+        "(arXiv 2406.08414), Eq. 5 (τ = 0.05)", beta="0.05", lr="5e-7"),
     "dpop": LossSpec(
         dpop, True, "−log σ(β(h − λ max(0, −hw)))",
         "Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive "
@@ -483,21 +493,22 @@ LOSSES: dict[str, LossSpec] = {
         "(arXiv 2405.14734), Eq. 6", reward="logp_per_token", beta="2.0–2.5", lr="3e-7–1e-6"),
     "cpo": LossSpec(
         cpo, False, "−log σ(β(πw − πl)) + α NLL(yw)",
-        "Xu et al. 2024, Contrastive Preference Optimization (arXiv 2401.08417), Eq. 3 + NLL term",
-        reward="logp", nll="cpo_alpha"),
+        "Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine "
+        "Translation (arXiv 2401.08417), Eq. 3 + NLL term", reward="logp", nll="cpo_alpha", beta="0.1",
+        lr="1e-4 (LoRA)"),
     "orpo": LossSpec(
         orpo, False, "NLL(yw) − β log σ(log odds(yw) − log odds(yl)), odds = p̄/(1−p̄), p̄ = e^(π/|y|)",
         "Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model "
-        "(arXiv 2403.07691), Eqs. 4, 6, 7 (β = λ)", reward="logp_per_token", nll=1.0),
+        "(arXiv 2403.07691), Eqs. 3, 4, 6, 7 (β = λ)", reward="logp_per_token", nll=1.0, beta="0.1", lr="5e-6"),
     "kto": LossSpec(
         kto, True, "λD(1 − σ(β(h − z))) if desirable, λU(1 − σ(β(z − h))) if not; h = π − r of the completion, "
         "z = max(0, mean of π − r over mismatched completions), no gradient",
-        "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306), Eq. 8",
-        unpaired=True),
+        "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306 v2), "
+        "Eq. 7", unpaired=True, beta="0.1", lr="5e-6"),
     "apo_zero_unpaired": LossSpec(
         apo_zero_unpaired, True, "λD(1 − σ(βh)) if desirable, λU σ(βh) if not; h = π − r of the completion",
-        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), APO-zero on unpaired data, as TRL's KTOTrainer",
-        unpaired=True),
+        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), unpaired variant of Eq. 7 (APO-zero), as TRL's KTOTrainer",
+        unpaired=True, beta="0.1 †", lr="2e-7 †"),
     "sft": LossSpec(
         sft, False, "NLL(yw) = −πw, averaged over the step's chosen tokens",
         "negative log-likelihood of the chosen response (RPO: Pang et al. 2024, Iterative Reasoning Preference "
