@@ -227,7 +227,8 @@ def trl_details(out: Path) -> dict:
             "reference_model_loaded": s["reference_model_loaded"], "final_loss": losses[-1] if losses else None}
 
 
-def run_one(name: str, args: argparse.Namespace, data: Path, work: Path) -> dict:
+def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=None) -> dict:
+    """Run `name` (its command line from `build`, default `command`) from clean caches; its numbers."""
     out = work / name
     stale_paths = [out, Path(str(out) + ".stats.json"), work / "hf_datasets"]
     if name == "preftune":  # starts with no cached reference log-probs; preftune-cached reuses what it leaves
@@ -237,7 +238,7 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path) -> dict
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    cmd = command(name, args, data, out)
+    cmd = (build or command)(name, args, data, out)
     print(f"[bench] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]  # other processes on the machine slow a run down: keep the evidence
     rc, wall, rss = run_process(cmd, child_env(args.threads, work), work / f"{name}.log")

@@ -1,6 +1,8 @@
-"""One TRL 1.16 DPOTrainer run on CPU, float32, for bench_dpo.py (which times it as a whole process).
+"""One TRL 1.16 DPOTrainer (or KTOTrainer) run on CPU, float32, for bench_dpo.py and bench_kto.py (which time it
+as a whole process).
 
     python benchmarks/trl_run.py --model M --data pairs.jsonl --output DIR --mode default|fast --stats stats.json
+    python benchmarks/trl_run.py --trainer kto ...      # KTOTrainer: the pairs are unpaired by TRL itself
 
 --mode default: DPOConfig's defaults — a reference model loaded next to the policy, reference log-probs computed
                 in every step, gradient checkpointing on (TRL's default, `_BaseConfig.gradient_checkpointing=True`).
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="jsonl of prompt/chosen/rejected strings")
     ap.add_argument("--output", required=True)
     ap.add_argument("--mode", choices=sorted(MODES), default="default")
+    ap.add_argument("--trainer", choices=("dpo", "kto"), default="dpo")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-length", type=int, default=1024)
@@ -50,7 +53,9 @@ def trained_tokens(dataset, max_length: int | None) -> dict[str, int]:
     total = response = cut = 0
     for ex in dataset:
         p = len(ex["prompt_ids"])
-        for r in (len(ex["chosen_ids"]), len(ex["rejected_ids"])):
+        # KTO: the example's completion and its mismatched KL completion, both after the example's prompt.
+        names = ("completion_ids", "KL_completion_ids") if "completion_ids" in ex else ("chosen_ids", "rejected_ids")
+        for r in (len(ex[names[0]]), len(ex[names[1]])):
             n = p + r if max_length is None else min(p + r, max_length)
             cut += n < p + r
             total += n
@@ -62,23 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     # An in-memory dataset: no on-disk datasets cache, so a second run cannot reuse the first's tokenization
     # or its precomputed reference log-probs.
     dataset = Dataset.from_list(rows)
-    config = DPOConfig(output_dir=args.output, per_device_train_batch_size=args.batch_size,
+    config_class, trainer_class = (KTOConfig, KTOTrainer) if args.trainer == "kto" else (DPOConfig, DPOTrainer)
+    config = config_class(output_dir=args.output, per_device_train_batch_size=args.batch_size,
                        num_train_epochs=args.epochs, max_length=args.max_length, learning_rate=args.learning_rate,
                        seed=args.seed, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
                        disable_tqdm=True, **MODES[args.mode])
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=args.model, args=config, train_dataset=dataset)
+    trainer = trainer_class(model=args.model, args=config, train_dataset=dataset)
     t1 = time.perf_counter()
     result = trainer.train()
     t2 = time.perf_counter()
     stats = {
         "mode": args.mode,
+        "trainer": args.trainer,
         "torch_threads": torch.get_num_threads(),
         "rows": len(rows),
         "examples": len(trainer.train_dataset),
