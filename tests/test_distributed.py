@@ -168,6 +168,107 @@ def test_an_error_after_training_started_is_printed_once(toy, tmp_path):
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------------- --fsdp
+
+
+@pytest.fixture(scope="module")
+def tied(toy):
+    """A toy model with tied embeddings (the LM head is the embedding matrix) and its uninterrupted one-process
+    run: (toy with that model, run folder)."""
+    spec = {**toy, "model": str(save_model_folder(toy["root"] / "tied-model", tie=True))}
+    out = toy["root"] / "tied-whole"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFTUNE_CACHE", str(toy["root"] / "cache-tied"))
+        assert main(args(spec, out, 8)) == 0
+    return spec, out
+
+
+@pytest.fixture(scope="module")
+def sharded(tied):
+    """The tied model's run by 2 processes with --fsdp (--batch-size 4 each: the same 8 pairs per step)."""
+    spec, _ = tied
+    out = spec["root"] / "tied-fsdp"
+    proc = torchrun(args(spec, out, 4, "--fsdp"), spec["root"] / "cache-tied")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_fsdp_trains_a_tied_model_like_one_process(tied, sharded):
+    """Packed layout (the LM head read outside forward), tied embeddings, the last step's single pair on rank 0 only
+    and 9 eval pairs (5 + 4): the same metrics, gradient norms (clipping sees the whole norm) and weights."""
+    (_, whole), (out, proc) = tied, sharded
+    got = records(out)
+    assert got[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # π = π_ref at step 1
+    assert_same_run(got, records(whole), tol=1e-5)
+    assert_same_weights(out, whole, tol=1e-5)
+    assert "Traceback" not in proc.stderr and "returned a view tensor" not in proc.stderr
+    # The files of a run without --fsdp: the tied matrix saved once, under the name safetensors keeps.
+    for step in ("step-00000001", "step-00000003"):
+        sharded_file = load_file(out / "checkpoints" / step / "model.safetensors")
+        assert sharded_file.keys() == load_file(whole / "checkpoints" / step / "model.safetensors").keys()
+        assert "lm_head.weight" in sharded_file and "model.embed_tokens.weight" not in sharded_file
+    assert "lm_head.weight" not in load_file(out / "final" / "model.safetensors")
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_in_one_process_without_fsdp(tied, sharded, tmp_path, monkeypatch):
+    """Its step-2 checkpoint (model and AdamW state gathered from 2 shards) finishes the run in one process."""
+    spec, whole = tied
+    out = copy_run(sharded[0], tmp_path / "run")
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-00000003")
+    monkeypatch.setenv("PREFTUNE_CACHE", str(spec["root"] / "cache-tied"))
+    assert main(args(spec, out, 8, "--resume")) == 0
+    assert_same_weights(out, whole, tol=1e-6)
+    assert_same_run(records(out), records(whole), tol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_a_one_process_checkpoint(toy, whole):
+    """Untied model: step 1 in one process, then 2 processes with --fsdp shard its checkpoint and train on with
+    --batch-size 2 × --grad-accum 2 (step 4's single pair: rank 1 runs its one micro-batch with a zero loss)."""
+    out = toy["root"] / "fsdp-resumed"
+    with pytest.MonkeyPatch.context() as mp, stopped_after(1):
+        mp.setenv("PREFTUNE_CACHE", str(toy["root"] / "cache-one"))
+        assert main(args(toy, out, 8)) == 130
+    proc = torchrun(args(toy, out, 2, "--grad-accum", "2", "--fsdp", "--resume"), toy["root"] / "cache-one")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("resumed from") == 1
+    assert_same_run(records(out), records(whole), tol=1e-5)
+    assert_same_weights(out, whole, tol=1e-5)
+
+
+@pytest.mark.parametrize("extra, refused", [
+    (["--lora-r", "4"], "LoRA (--lora-r, or a --model that holds an adapter): train adapters without it"),
+    (["--ref-update", "hard"], "--ref-update (the live reference would be updated from sharded weights)"),
+    (["--eval-prompts", "prompts.jsonl"],
+     "--eval-prompts (sampling on rank 0 alone would wait for the other processes)"),
+    (["--loss", "kto"],
+     "--loss kto (its KL estimate is exchanged between processes in the middle of each micro-batch)"),
+])
+def test_fsdp_refuses_what_it_does_not_handle(toy, tmp_path, capsys, extra, refused):
+    out = tmp_path / "run"
+    assert main(["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--fsdp",
+                 *extra]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"preftune: error: --fsdp: not supported with {refused}"
+    assert not out.exists()
+
+
+def test_tied_groups_name_the_tied_embeddings_once():
+    from preftune.demo.toy import build_model
+    from preftune.fsdp import tied_groups
+
+    assert tied_groups(build_model(12, tie=True)) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert tied_groups(build_model(12, tie=False)) == []
+
+
 @pytest.mark.parametrize("n, size, expected", [
     (7, 3, [[0, 1, 2], [3, 4], [5, 6]]),  # 7 = 3 + 2 + 2: the first parts are larger
     (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),

@@ -78,15 +78,15 @@ def test_pairs_are_unpaired_in_trls_order(tmp_path, monkeypatch):
     ([{"prompt": "p", "completion": "c", "label": "maybe"}],
      "line 1: field 'label' must be true or false (or 1/0), got 'maybe'"),
     ([{"prompt": "p", "completion": "c", "label": 2}], "line 1: field 'label' must be true or false (or 1/0), got 2"),
-    ([{"prompt": "p", "completion": "c"}], "line 1: missing field 'label' (the row has: prompt, completion); rename "
-                                           "columns with --columns"),
+    ([{"prompt": "p", "completion": "c"}], ("line 1: missing field 'label' (the row has: prompt, completion); "
+                                            "rename columns with --columns")),
     ([{"prompt": "p", "completion": " ", "label": True}], "line 1: field 'completion' is empty"),
     ([{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "chosen": "a", "rejected": "b"}],
-     "line 2: missing field 'completion' (the row has: prompt, chosen, rejected); a pair (chosen, rejected) in a "
-     "source of unpaired examples? use one format per file"),
+     ("line 2: missing field 'completion' (the row has: prompt, chosen, rejected); a pair (chosen, rejected) in a "
+      "source of unpaired examples? use one format per file")),
     ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "completion": "c", "label": True}],
-     "line 2: an unpaired example (completion, label) in a source of pairs (its first row is a pair); use one "
-     "format per file"),
+     ("line 2: an unpaired example (completion, label) in a source of pairs (its first row is a pair); use one "
+      "format per file")),
     ([{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", "content": "x"}],
        "label": True}], "line 1: field 'completion': conversation with no assistant turn"),
 ])
@@ -236,6 +236,9 @@ def test_kto_trains_and_streaming_gives_the_same_run(toy, tmp_path, capsys):
     (["--loss", "kto", "--batch-size", "1"], "--loss kto needs --batch-size of at least 2"),
     (["--loss", "sigmoid", "--desirable-weight", "2"], "--desirable-weight has no effect with --loss sigmoid"),
     (["--loss", "kto", "--undesirable-weight", "-1"], "--undesirable-weight must be zero or positive, got -1.0"),
+    (["--loss", "sigmoid", "--columns", "completion=answer"],
+     ("--columns completion=...: unpaired examples train only with --loss kto or apo_zero_unpaired, not --loss "
+      "sigmoid")),
 ])
 def test_bad_kto_flags(toy, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -274,3 +277,55 @@ def test_two_processes_train_kto_as_one(toy, tmp_path):
                     tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (uneven / "final").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------- the audit
+
+
+def test_audit_of_unpaired_examples(tmp_path, tiny_tokenizer, capsys):
+    """Planted findings: row 2 repeats row 1; rows 3 and 4 give one prompt and completion both labels; row 5 is
+    empty; row 6 holds U+FFFD; row 7's prompt is an eval prompt."""
+    from preftune.data.audit_examples import audit_examples, longer_probability
+    from preftune.data.unpaired import iter_examples
+
+    rows = [{"prompt": "Q: a", "completion": "good", "label": True},
+            {"prompt": "Q: a", "completion": "good", "label": True},
+            {"prompt": "Q: b", "completion": "ok", "label": True},
+            {"prompt": "Q: b", "completion": "ok", "label": False},
+            {"prompt": "Q: c", "completion": " ", "label": False},
+            {"prompt": "Q: d", "completion": "bad\ufffd", "label": True},
+            {"prompt": "Q: e", "completion": "meh", "label": False}]
+    data = write_jsonl(rows, tmp_path / "kto.jsonl")
+    held = write_jsonl([{"prompt": "Q: e", "completion": "x", "label": True}], tmp_path / "eval.jsonl")
+    report = audit_examples(list(iter_examples(str(data))), list(iter_examples(str(held))))
+
+    def line(i: int) -> str:
+        return f"{data} line {i}"
+
+    assert (report.rows, report.desirable, report.undesirable) == (7, 4, 3)
+    assert report.duplicates.examples == [line(2)]
+    assert report.conflicting_labels.examples == [line(3), line(4)]
+    assert report.empty_completions.examples == [line(5)]
+    assert report.encoding["replacement_char"].examples == [line(6)]
+    assert report.eval_leakage.examples == [line(7)] and report.eval_leakage.prompts == 1
+    # Desirable lengths [4, 4, 2, 4], undesirable [2, 3]: wins 2 + 2 + 0.5 + 2 = 6.5 (4 beats 2 and 3 each; 2 ties
+    # 2 and loses to 3) of 8.
+    assert report.desirable_longer_probability == 6.5 / 8
+    assert longer_probability([3, 5], [4]) == 0.5 and longer_probability([1], []) is None
+    assert any("same prompt and completion as an example with the other label" in w for w in report.warnings())
+    # Through the CLI, with a tokenizer: lengths in tokens, --json written.
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "audit.json"
+    assert main(["audit", str(data), "--tokenizer", str(tmp_path / "tok"), "--max-length", "4", "--json",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("audit of 7 unpaired examples: 4 desirable, 3 undesirable (57.1% desirable)")
+    saved = json.loads(out.read_text())
+    assert saved["conflicting_labels"]["count"] == 2 and saved["lengths"]["unit"] == "tokens"
+    assert saved["truncated"]["count"] >= 1
+
+
+def test_training_writes_the_unpaired_audit(toy, tmp_path):
+    train(toy, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert (saved["rows"], saved["desirable"], saved["undesirable"]) == (24, 16, 8)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINTS = "checkpoints"
 
@@ -66,12 +66,31 @@ def set_rng_state(state: dict) -> None:
 REFERENCE = "reference.safetensors"  # TR-DPO's updated reference, when it has drifted from the loaded model
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, reference=None) -> Path:
+def _quantized(model) -> bool:
+    """A model loaded 4/8-bit (bitsandbytes): its frozen base holds packed weights and quantization state."""
+    return getattr(model, "is_quantized", False) or getattr(getattr(model, "base_model", None), "is_quantized", False)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, reference=None, states=None) -> Path:
+    """`states`: (model state, optimizer state) gathered whole from a sharded model (`fsdp.full_states`) to be
+    written in the same files as an unsharded model's. A quantized base (QLoRA) is frozen and is read again from
+    its folder on resume, exactly: only the trainable (adapter) tensors are written."""
+
     def fill(tmp: Path) -> None:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        if states is None and _quantized(model):
+            save_file(_trainable(model), str(tmp / "model.safetensors"))
+        elif states is None:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        else:
+            save_file({k: v.contiguous() for k, v in states[0].items()}, str(tmp / "model.safetensors"))
         if reference is not None:
             save_model(reference, str(tmp / REFERENCE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer.state_dict() if states is None else states[1],
+                    "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "step": step}, tmp / "state.pt")
 
     final = run_dir / CHECKPOINTS / f"step-{step:08d}"
@@ -101,15 +120,34 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
-def load(path: Path, model, optimizer, scheduler, reference=None) -> int:
+def load(path: Path, model, optimizer, scheduler, reference=None, sharded: bool = False) -> int:
     """Restore everything saved by `save` and return the step it was taken at. `reference` is restored when the
-    checkpoint holds one (else it stays as loaded: it had not drifted yet)."""
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    if reference is not None and (path / REFERENCE).exists():
-        load_model(reference, str(path / REFERENCE), device=str(next(reference.parameters()).device))
+    checkpoint holds one (else it stays as loaded: it had not drifted yet). `sharded`: `model` was sharded by
+    `fsdp.shard` (every process reads the whole files and keeps its shard)."""
     # weights_only: even our own files are loaded without executing pickled code
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        from preftune import fsdp
+
+        fsdp.load_full_states(model, optimizer, load_file(path / "model.safetensors"), state["optimizer"])
+    elif _quantized(model):
+        _load_trainable(model, path / "model.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+        optimizer.load_state_dict(state["optimizer"])
+    if reference is not None and (path / REFERENCE).exists():
+        load_model(reference, str(path / REFERENCE), device=str(next(reference.parameters()).device))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _load_trainable(model, file: Path) -> None:
+    """The trainable tensors `save` wrote for a quantized base; exactly those, or a ValueError."""
+    saved = load_file(file, device=str(next(model.parameters()).device))
+    expected = set(_trainable(model))
+    if set(saved) != expected:
+        raise ValueError(f"{file}: holds {len(saved)} tensors, the model trains {len(expected)} "
+                         f"(e.g. {sorted(set(saved) ^ expected)[:1]})")
+    model.load_state_dict(saved, strict=False)

@@ -47,18 +47,27 @@ def _frontier(args: dict) -> None:
 
 def _audit(args: dict) -> None:
     from preftune.data.audit import audit_pairs, write_json
+    from preftune.data.audit_examples import audit_examples
     from preftune.data.formats import iter_pairs, parse_columns
+    from preftune.data.unpaired import is_unpaired_source, iter_examples
     from preftune.loading import load_tokenizer
 
     columns = parse_columns(args["columns"])
-    pairs = [pair for pair, _ in iter_pairs(args["data"], columns)]
-    eval_pairs = None if args["eval_data"] is None else [pair for pair, _ in iter_pairs(args["eval_data"], columns)]
+
+    def rows(source: str) -> tuple[list, bool]:  # (pairs or unpaired examples, whether unpaired)
+        if is_unpaired_source(source, columns):
+            return list(iter_examples(source, columns)), True
+        return [pair for pair, _ in iter_pairs(source, columns)], False
+
+    data, unpaired = rows(args["data"])
+    held_out = None if args["eval_data"] is None else rows(args["eval_data"])[0]  # only its prompts are compared
     tokenizer = None
     for flag in ("model", "tokenizer"):
         if args[flag] is not None:
             tokenizer = load_tokenizer(args[flag], trust_remote_code=args["trust_remote_code"], what=f"--{flag}")
-    report = audit_pairs(pairs, eval_pairs=eval_pairs, tokenizer=tokenizer, max_length=args["max_length"],
-                         max_prompt_length=args["max_prompt_length"])
+    audit = audit_examples if unpaired else audit_pairs
+    report = audit(data, held_out, tokenizer=tokenizer, max_length=args["max_length"],
+                   max_prompt_length=args["max_prompt_length"])
     print("\n".join(report.lines()))
     for warning in report.warnings():
         print(f"warning: {warning}")

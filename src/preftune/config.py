@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from preftune.data.formats import parse_columns
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
 from preftune.losses import F_DIVERGENCES, LOSSES, OPTIONS, loss_params
@@ -101,6 +102,8 @@ class TrainConfig:
                       ("float32", "bfloat16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    fsdp: bool = _opt(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
+                      "(FSDP2) instead of a whole copy in each; one process: no effect.")
     trust_remote_code: bool = _opt(False, "Allow model code shipped with the model folder to run.")
     allow_pickle_weights: bool = _opt(False, "Load pickle .bin/.pt weights (can run code: only for files you trust).")
     # LoRA.
@@ -111,6 +114,10 @@ class TrainConfig:
     lora_targets: str = _opt("all-linear", "Modules that get an adapter: comma-separated names (e.g. q_proj,v_proj) "
                              "or all-linear (every linear layer but the output layer).")
     merge: bool = _opt(False, "With LoRA: also write final-merged/, the model with the adapter merged into its weights.")
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base model's linear layers in 4 bits (NF4, bitsandbytes); "
+                              "only the LoRA adapter trains, so it needs --lora-r.")
+    load_in_8bit: bool = _opt(False, "Load the base model's linear layers in 8 bits (LLM.int8(), bitsandbytes); "
+                              "only the LoRA adapter trains, so it needs --lora-r.")
     # Bookkeeping.
     log_every: int = _opt(1, "Bring metrics to the host every N steps (one line per step either way; fewer "
                           "device syncs).")
@@ -344,6 +351,27 @@ def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
         _positive(cfg, "lora_alpha")
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    _validate_quantization(cfg)
+
+
+def _validate_quantization(cfg: TrainConfig) -> None:
+    """A quantized base cannot take gradient steps: only an adapter on top of it trains (QLoRA)."""
+    from preftune.lora import carries_adapter
+
+    given = [n for n in ("load_in_4bit", "load_in_8bit") if getattr(cfg, n)]
+    if not given:
+        return
+    if len(given) == 2:
+        raise UserError("--load-in-4bit and --load-in-8bit contradict each other: give one")
+    if not cfg.lora_r and not carries_adapter(cfg.model):
+        raise UserError(f"{flag(given[0])}: a quantized model trains only through a LoRA adapter; add --lora-r "
+                        "(e.g. --lora-r 16)")
+    if cfg.fsdp:
+        raise UserError(f"--fsdp: not supported with {flag(given[0])}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:  # an optional dependency
+        raise UserError(f"{flag(given[0])} needs the bitsandbytes package: pip install bitsandbytes") from None
 
 
 def _check_output(output: str) -> None:
@@ -418,6 +446,10 @@ def _validate_unpaired(cfg: TrainConfig) -> None:
     the modifiers defined on pairs do not apply."""
     unpaired = [n for n in cfg.losses if LOSSES[n].unpaired]
     if not unpaired:
+        named = [n for n in ("completion", "label") if n in parse_columns(cfg.columns)]
+        if named:
+            raise UserError(f"--columns {named[0]}=...: unpaired examples train only with --loss kto or "
+                            f"apo_zero_unpaired, not --loss {cfg.loss}")
         return
     if len(cfg.losses) > 1:
         raise UserError(f"--loss {unpaired[0]} trains on unpaired examples and cannot be combined with other losses "

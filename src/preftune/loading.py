@@ -122,22 +122,43 @@ def _is_bidirectional_encoder(config) -> bool:
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
-                   what: str = "--model") -> torch.nn.Module:
-    """A float32 causal LM in eval mode on the CPU. Raises UserError when `path` is not one."""
+                   what: str = "--model", bits: int | None = None, compute_dtype: str = "float32",
+                   device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A float32 causal LM in eval mode on the CPU. Raises UserError when `path` is not one.
+
+    bits: 4 or 8 loads its linear layers (all but the output layer) quantized by bitsandbytes, straight onto
+    `device` (each weight is quantized as it arrives there), computing in `compute_dtype`; the other weights
+    (embeddings, norms, output layer) stay float32.
+    """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     config = causal_lm_config(path, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights,
                               what=what)
+    quantized = {} if bits is None else {"quantization_config": bnb_config(bits, compute_dtype),
+                                         "device_map": {"": str(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
             # None: safetensors when the folder has them, pickle only when it has nothing else.
-            use_safetensors=None if allow_pickle_weights else True,
+            use_safetensors=None if allow_pickle_weights else True, **quantized,
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{what} {path}: cannot load the weights ({_first_line(e)})") from None
     return model.eval()
+
+
+def bnb_config(bits: int, compute_dtype: str):
+    """transformers' BitsAndBytesConfig for 4 bits (QLoRA's NF4 with double quantization) or 8 bits (LLM.int8())."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        # LLM.int8() casts every float32 input of a quantized layer to float16 and bitsandbytes logs that at each
+        # call: a warning per layer per step that says nothing new (the README says it once).
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
 
 def _first_line(e: Exception) -> str:

@@ -10,6 +10,8 @@ Two layouts give the same numbers (tests/test_packed.py checks values and gradie
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import LongTensor, Tensor
 
@@ -172,9 +174,20 @@ def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int | None =
     return _packed(model, batch, chunk, wpo=False, ld_alpha=ld_alpha)[:4]
 
 
+# A sharded model's (fsdp.py) method that runs `packed_run` with the LM head's and embeddings' weights gathered.
+FSDP_PACKED = "preftune_sharded_packed"
+
+
 def _packed(model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool,
             ld_alpha: float | None) -> tuple[Tensor, ...]:
     """`packed_logps`, plus the chosen and rejected WPO log-weights ([B] each) when `wpo`."""
+    sharded = getattr(model, FSDP_PACKED, None)  # reads head.weight outside forward: FSDP must gather it first
+    return (sharded or functools.partial(packed_run, model))(batch, chunk, wpo, ld_alpha)
+
+
+def packed_run(model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool,
+               ld_alpha: float | None) -> tuple[Tensor, ...]:
+    """`_packed` on a model whose weights are all present here."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     sdpa = model.config._attn_implementation == "sdpa"
     mask = batch.attention_mask(None if sdpa else next(model.parameters()).dtype)

@@ -14,7 +14,7 @@ Two ways in, one reference rule (π_ref is the policy before its first update, n
 
     policy = wrap(load_causal_lm(base_model_path(cfg.model)), cfg)   # a PeftModel, only adapter weights train
     save_adapter(policy, "runs/x/final", cfg)                         # PeftModel.from_pretrained(base, ...) loads it
-    merge(policy).save_pretrained("runs/x/final-merged")              # a plain model folder
+    merge(policy, cfg).save_pretrained("runs/x/final-merged")         # a plain model folder
 """
 
 from __future__ import annotations
@@ -121,6 +121,11 @@ def wrap(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return _load_adapter(model, cfg.model) if carries_adapter(cfg.model) else _add_adapter(model, cfg)
 
 
+def bits(cfg: TrainConfig) -> int | None:
+    """4 or 8 when the base is loaded quantized (--load-in-4bit, --load-in-8bit), else None."""
+    return 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
+
+
 def alpha(cfg: TrainConfig) -> float:
     """α of a fresh adapter (its update is scaled by α / r): --lora-alpha, default 2r (a rank sweep then keeps
     the same scale)."""
@@ -207,13 +212,27 @@ def reference_digest(policy: torch.nn.Module, cfg: TrainConfig) -> str:
 
     Fresh adapter: the base alone, under its own parameter names, so the digest equals
     `refcache.weights_digest` of the unwrapped model. Loaded adapter: base + adapter weights + the adapter
-    settings that change its output (α, rank pattern, ...: they are not tensors).
+    settings that change its output (α, rank pattern, ...: they are not tensors). A quantized base (--load-in-4bit,
+    --load-in-8bit) adds its quantization settings: its log-probs are not the full-precision base's.
     """
     if not carries_adapter(cfg.model):
-        return refcache.weights_digest(SimpleNamespace(state_dict=lambda: _base_state_dict(policy)))
-    settings = {k: v for k, v in policy.peft_config[TRAINED].to_dict().items() if k not in _NOT_FUNCTIONAL}
+        digest = refcache.weights_digest(SimpleNamespace(state_dict=lambda: _base_state_dict(policy)))
+    else:
+        settings = {k: v for k, v in policy.peft_config[TRAINED].to_dict().items() if k not in _NOT_FUNCTIONAL}
+        digest = _mixed(refcache.weights_digest(policy), settings)
+    quantization = getattr(policy.get_base_model().config, "quantization_config", None)
+    return digest if quantization is None else _mixed(digest, {"quantization": _as_dict(quantization)})
+
+
+def _mixed(digest: str, settings: dict) -> str:
+    """`digest` combined with `settings` (json with sorted keys)."""
     text = json.dumps(settings, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
-    return hashlib.blake2b(f"{refcache.weights_digest(policy)} {text}".encode(), digest_size=32).hexdigest()
+    return hashlib.blake2b(f"{digest} {text}".encode(), digest_size=32).hexdigest()
+
+
+def _as_dict(quantization) -> dict:
+    """A model config's quantization_config: a dict once saved and reloaded, a BitsAndBytesConfig when just loaded."""
+    return quantization if isinstance(quantization, dict) else quantization.to_dict()
 
 
 def _base_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -265,9 +284,27 @@ def save_adapter(policy: torch.nn.Module, folder: Path, cfg: TrainConfig) -> Non
                            save_embedding_layers=embeddings)
 
 
-def merge(policy: torch.nn.Module) -> torch.nn.Module:
+def merge(policy: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """The base model with the trained adapter merged into its weights: a plain transformers model.
 
-    In place (no second copy of the model): `policy` is unusable afterwards, so save the adapter first.
+    In place (no second copy of the model): `policy` is unusable afterwards, so save the adapter first. A quantized
+    base is not merged into: W + BA rounded back to 4 or 8 bits would lose most of the small update BA, and the
+    result would be a quantized folder. The adapter is merged into the full-precision base instead, read again
+    from disk onto the CPU (a float32 copy beside the quantized policy); it differs from the trained model by the
+    base's quantization error.
     """
-    return policy.merge_and_unload(adapter_names=[TRAINED])
+    if bits(cfg) is None:
+        return policy.merge_and_unload(adapter_names=[TRAINED])
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from preftune.loading import load_causal_lm
+
+    adapter = get_peft_model_state_dict(policy, adapter_name=TRAINED)
+    config = policy.peft_config[TRAINED]
+    full = load_causal_lm(base_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code,
+                          allow_pickle_weights=cfg.allow_pickle_weights)
+    with _quiet():
+        merged = PeftModel(full, config, adapter_name=TRAINED)
+    loaded = set_peft_model_state_dict(merged, adapter, adapter_name=TRAINED)
+    assert not loaded.unexpected_keys, loaded.unexpected_keys  # the same base architecture: every tensor fits
+    return merged.merge_and_unload(adapter_names=[TRAINED])

@@ -15,6 +15,7 @@ import torch
 
 from preftune.config import TrainConfig
 from preftune.data.audit import audit_pairs, write_json
+from preftune.data.audit_examples import audit_examples
 from preftune.data.formats import PreferencePair
 from preftune.errors import UserError
 from preftune.monitor import TrainingMonitor
@@ -24,9 +25,10 @@ AUDIT = "audit.json"
 EVAL = "eval.json"
 
 
-def audit_data(train: list[PreferencePair], held_out: list[PreferencePair]):
-    """The cheap part of `preftune audit` (no tokenizer: truncation is reported by tokenization already)."""
-    report = audit_pairs(train, eval_pairs=held_out or None)
+def audit_data(train: list[PreferencePair], held_out: list[PreferencePair], unpaired: bool = False):
+    """The cheap part of `preftune audit` (no tokenizer: truncation is reported by tokenization already), of pairs
+    or of unpaired examples."""
+    report = (audit_examples if unpaired else audit_pairs)(train, held_out or None)
     for warning in report.warnings():
         log.warning("--data audit: %s", warning)
     return report

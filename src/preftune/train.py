@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, distributed, lora, observe, refcache
+from preftune import checkpoint, distributed, fsdp, lora, observe, refcache
 from preftune.config import TrainConfig, write_yaml
 from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
-from preftune.data.formats import LoadReport, PreferencePair, load_pairs, parse_columns, read_pairs
+from preftune.data.formats import LoadReport, PreferencePair, parse_columns, read_pairs
 from preftune.data.store import TokenStore
-from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized, tokenize_pairs
+from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized
 from preftune.data.unpaired import ExampleReport, KLReport, check_balance, read_examples, with_kl_completions
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
@@ -85,21 +85,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _read(path: str, cfg: TrainConfig, tokenizer) -> tuple[Iterator[TokenizedPair], LoadReport | ExampleReport,
-                                                           TruncationReport, KLReport | None]:
-    """The token ids of `path`'s pairs (or, for an unpaired loss, examples with their KL completions), one at a time,
-    and the reports the iterator fills as it goes (final once it is exhausted)."""
-    columns, trunc = parse_columns(cfg.columns), TruncationReport(unit="examples" if cfg.unpaired else "pairs")
-    if not cfg.unpaired:
-        loaded = LoadReport()
-        pairs = read_pairs(path, loaded, columns=columns, on_identical=cfg.on_identical)
-        return iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
-                              max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength), loaded, trunc, None
-    loaded, kl = ExampleReport(), KLReport()
-    examples = read_examples(path, loaded, columns=columns, on_identical=cfg.on_identical)
-    tokens = iter_tokenized(examples, tokenizer, trunc, max_length=cfg.max_length,
+def _read(path: str, cfg: TrainConfig) -> tuple[Iterator[PreferencePair], LoadReport | ExampleReport]:
+    """The pairs of `path` (or, for an unpaired loss, its examples), one at a time, and the report they fill as they
+    go (final once the iterator is exhausted)."""
+    columns = parse_columns(cfg.columns)
+    loaded = ExampleReport() if cfg.unpaired else LoadReport()
+    read = read_examples if cfg.unpaired else read_pairs
+    return read(path, loaded, columns=columns, on_identical=cfg.on_identical), loaded
+
+
+def _tokens(pairs: Iterable[PreferencePair], cfg: TrainConfig,
+            tokenizer) -> tuple[Iterator[TokenizedPair], TruncationReport, KLReport | None]:
+    """Token ids of `pairs`, one at a time (unpaired examples with their KL completions), and the reports."""
+    trunc = TruncationReport(unit="examples" if cfg.unpaired else "pairs")
+    tokens = iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
                             max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
-    return with_kl_completions(tokens, global_batch(cfg), cfg.max_length, kl), loaded, trunc, kl
+    if not cfg.unpaired:
+        return tokens, trunc, None
+    kl = KLReport()
+    return with_kl_completions(tokens, global_batch(cfg), cfg.max_length, kl), trunc, kl
 
 
 def _log_read(cfg: TrainConfig, flag: str, path: str, loaded, trunc: TruncationReport, kl: KLReport | None,
@@ -113,15 +117,11 @@ def _log_read(cfg: TrainConfig, flag: str, path: str, loaded, trunc: TruncationR
 
 
 def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> tuple[list[TokenizedPair], list[PreferencePair]]:
-    """Token ids of the pairs of `path`, and the pairs as read (for the audit; none for unpaired examples)."""
-    if cfg.unpaired:
-        tokens, loaded, trunc, kl = _read(path, cfg, tokenizer)
-        tokenized, pairs = list(tokens), []
-    else:
-        pairs, loaded = load_pairs(path, columns=parse_columns(cfg.columns), on_identical=cfg.on_identical)
-        tokenized, trunc = tokenize_pairs(pairs, tokenizer, max_length=cfg.max_length,
-                                          max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
-        kl = None
+    """Token ids of the pairs (or unpaired examples) of `path`, and the pairs as read (for the audit)."""
+    pairs, loaded = _read(path, cfg)
+    pairs = list(pairs)
+    tokens, trunc, kl = _tokens(pairs, cfg, tokenizer)
+    tokenized = list(tokens)
     _log_read(cfg, flag, path, loaded, trunc, kl)
     if not tokenized:
         raise UserError(f"{flag} {path}: no {trunc.unit} left to train on")
@@ -135,7 +135,8 @@ def stream_data(path: str, cfg: TrainConfig, tokenizer, flag: str, folder: Path)
     """`load_data` for --stream: pairs are read, tokenized and appended to a TokenStore in `folder` one at a time
     (a .jsonl file line by line, a .parquet file row group by row group), so memory does not grow with the data.
     The same pairs, ids, order, counts and errors as `load_data`."""
-    tokens, loaded, trunc, kl = _read(path, cfg, tokenizer)
+    pairs, loaded = _read(path, cfg)
+    tokens, trunc, kl = _tokens(pairs, cfg, tokenizer)
     store = TokenStore.write(folder, tokens)
     _log_read(cfg, flag, path, loaded, trunc, kl, f" (on disk in {folder})")
     if not len(store):
@@ -213,7 +214,7 @@ def _check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path) -> None
     now = cfg.to_dict()
     # A checkpoint holds the whole model, so the number of processes may change between runs; what must not
     # change is the global batch (it fixes every step's pairs), so --batch-size and --grad-accum may change too.
-    per_process = ("batch_size", "grad_accum")
+    per_process = ("batch_size", "grad_accum", "fsdp")  # --fsdp too: its checkpoints hold the whole model
     for key, value in saved.items():
         if key not in ("resume", *per_process) and now.get(key) != value:
             raise UserError(f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
@@ -247,6 +248,7 @@ def _write_launch(cfg: TrainConfig, run_dir: Path) -> None:
 
 def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     """Validate and load everything before the run folder is touched: a mistake leaves nothing half-written."""
+    fsdp.check_supported(cfg)
     run_dir = prepare_run_dir(cfg) if training else Path(cfg.output)
     device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK with several processes
     base = lora.base_model_path(cfg.model)  # cfg.model itself, unless that folder holds only a LoRA adapter
@@ -269,16 +271,15 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     check_one_step(cfg, len(train_pairs))
     if tokens is None:
         eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
-        audit = observe.audit_data(train_raw, eval_raw) if not cfg.unpaired else None
+        audit = observe.audit_data(train_raw, eval_raw, unpaired=cfg.unpaired)
         del train_raw, eval_raw  # training needs only the token ids
-        if cfg.unpaired:
-            log.info("--loss %s: the data audit at the start covers pairs and is skipped for unpaired examples",
-                     cfg.loss)
     observe.check_generation_options(cfg)
 
     # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
+    # (A quantized base is loaded onto the device directly; peft still draws the adapter's weights on the CPU.)
     policy = lora.wrap(load_causal_lm(base, trust_remote_code=cfg.trust_remote_code,
-                                      allow_pickle_weights=cfg.allow_pickle_weights), cfg).to(device)
+                                      allow_pickle_weights=cfg.allow_pickle_weights, bits=lora.bits(cfg),
+                                      compute_dtype=cfg.dtype, device=device), cfg).to(device)
     layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
     steps_per_epoch = math.ceil(len(train_pairs) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
@@ -292,6 +293,9 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
+    if cfg.fsdp and training:
+        # Last: the layout check and the reference (cached, or a frozen replicated copy) used the whole policy.
+        fsdp.shard(policy, device)
     return s
 
 
@@ -560,6 +564,7 @@ def evaluate_pairs(s: Setup) -> dict[str, float]:
     me = distributed.world()
     batches = micro_batches(s, s.eval_pairs, distributed.share(indices, me.rank, me.size))
     sums = run_pairs(s, batches, s.eval_reference, backward=False, counts=step_counts(s.eval_pairs, indices))
+    fsdp.pad_rounds(s, len(batches), len(indices), backward=False)
     metrics = per_pair(distributed.sum_scalars(sums, s.device, len(indices)), len(indices))
     values = torch.stack(list(metrics.values())).tolist()  # one host sync
     s.policy.train()
@@ -609,7 +614,8 @@ def start_or_resume(s: Setup, optimizer, scheduler) -> int:
         distributed.on_main(start)
         torch.manual_seed(cfg.seed)
         return 0
-    step = checkpoint.load(path, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step=None))
+    step = checkpoint.load(path, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step=None),
+                           sharded=fsdp.enabled(s.policy))
     distributed.on_main(_truncate_metrics, s.run_dir / METRICS, step)
     distributed.on_main(_write_launch, cfg, s.run_dir)
     log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
@@ -653,11 +659,13 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     batches = micro_batches(s, s.train_pairs, distributed.share(indices, me.rank, me.size))
     optimizer.zero_grad(set_to_none=True)
     sums = run_pairs(s, batches, s.reference, backward=True, counts=step_counts(s.train_pairs, indices))
+    fsdp.pad_rounds(s, len(batches), len(indices), backward=True)
     # Every process adds up the others' gradients and metric sums: all replicas take the same update.
-    distributed.sum_gradients(s.policy.parameters())
+    if not fsdp.enabled(s.policy):  # FSDP2 has already reduce-scattered them, in backward
+        distributed.sum_gradients(s.policy.parameters())
     sums = distributed.sum_scalars(sums, s.device, len(indices))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm)
+    grad_norm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm))
     lr = scheduler.get_last_lr()[0]
     metrics = {**per_pair(sums, len(indices)), "grad_norm": grad_norm.float()}
     # --skip-nonfinite looks at the values before the update: one host sync per step.
@@ -699,7 +707,7 @@ def progress_fields(record: dict[str, float]) -> dict[str, str]:
     return shown
 
 
-def save_final(s: Setup) -> Path:
+def save_final(s: Setup, state: dict | None = None) -> Path:
     """final/: the model, or with LoRA the adapter (PeftModel.from_pretrained loads it onto its base); with
     --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer in both."""
     final = s.run_dir / "final"
@@ -709,14 +717,14 @@ def save_final(s: Setup) -> Path:
         if adapter:
             lora.save_adapter(s.policy, tmp, s.cfg)
         else:
-            s.policy.save_pretrained(tmp, safe_serialization=True)
+            s.policy.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # state: gathered by --fsdp
         s.tokenizer.save_pretrained(tmp)
 
     checkpoint.write_atomically(final, fill)
     if adapter and s.cfg.merge:  # after final/: merging changes the policy in place
 
         def fill_merged(tmp: Path) -> None:
-            lora.merge(s.policy).save_pretrained(tmp, safe_serialization=True)
+            lora.merge(s.policy, s.cfg).save_pretrained(tmp, safe_serialization=True)
             s.tokenizer.save_pretrained(tmp)
 
         checkpoint.write_atomically(s.run_dir / "final-merged", fill_merged)
@@ -764,13 +772,17 @@ def train(cfg: TrainConfig) -> Path:
                 bar.update(len(records))
                 pending, clock = [], time.perf_counter()
             if save_now:
-                distributed.on_main(save_checkpoint, s, done, optimizer, scheduler)
+                states = fsdp.full_states(s.policy, optimizer) if fsdp.enabled(s.policy) else None  # all gather
+                distributed.on_main(save_checkpoint, s, done, optimizer, scheduler, states)
                 clock = time.perf_counter()
             after_step(done)
     if skipped:
         log.warning("skipped %d step%s with a non-finite loss or gradient (--skip-nonfinite)", skipped,
                     "s" * (skipped != 1))
-    final = distributed.on_main(writing, s, "the final model", lambda: save_final(s), default=s.run_dir / "final")
+    whole = fsdp.full_model_state(s.policy, drop_tied=False) if fsdp.enabled(s.policy) else None  # all gather
+    final = distributed.on_main(writing, s, "the final model",
+                                lambda: save_final(s) if whole is None else save_final(s, whole),
+                                default=s.run_dir / "final")
     if not cfg.no_report:
         distributed.on_main(observe.write_report, s.run_dir)
     log.info("done: %s", final)
@@ -785,9 +797,10 @@ def _drifted_reference(s: Setup, step: int | None) -> torch.nn.Module | None:
     return s.reference.model
 
 
-def save_checkpoint(s: Setup, step: int, optimizer, scheduler) -> None:
+def save_checkpoint(s: Setup, step: int, optimizer, scheduler, states: tuple[dict, dict] | None = None) -> None:
+    """`states`: the whole model and optimizer state gathered from --fsdp's shards (`fsdp.full_states`)."""
     writing(s, f"checkpoint step {step}", lambda: checkpoint.save(s.run_dir, step, s.policy, optimizer, scheduler,
-                                                                  reference=_drifted_reference(s, step)))
+                                                                  reference=_drifted_reference(s, step), states=states))
     if s.cfg.keep_last:
         checkpoint.prune(s.run_dir, s.cfg.keep_last)
 

@@ -354,7 +354,7 @@ def _finding_line(name: str, finding: Finding, note: str = "") -> str:
 # ----------------------------------------------------------------------------------------------------- entry
 
 
-def audit_pairs(pairs: list[PreferencePair], *, eval_pairs: list[PreferencePair] | None = None,
+def audit_pairs(pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None, *,
                 tokenizer: Any = None, max_length: int | None = None,
                 max_prompt_length: int | None = None) -> AuditReport:
     """Check `pairs` (every row, identical ones included: see `formats.iter_pairs`). Pure: reads nothing.

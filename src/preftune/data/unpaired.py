@@ -110,10 +110,11 @@ def _only_pairs(rows: Iterator[tuple[dict, str]], columns: dict[str, str]) -> It
         yield row, where
 
 
-def row_to_example(row: dict[str, Any], where: str, columns: dict[str, str],
-                   report: ExampleReport | None = None) -> PreferencePair:
+def row_to_example(row: dict[str, Any], where: str, columns: dict[str, str], report: ExampleReport | None = None,
+                   *, strict: bool = True) -> PreferencePair:
     """One unpaired row → PreferencePair(prompt, completion, completion, where, label). Raises UserError naming
-    `where` and the field at fault."""
+    `where` and the field at fault. strict=False is the audit's reading: an empty completion and encoding problems
+    are not errors (the audit counts them)."""
     fields = _apply_columns(row, columns, where, names=FIELDS)
     for name in FIELDS:
         if name not in fields:
@@ -125,15 +126,33 @@ def row_to_example(row: dict[str, Any], where: str, columns: dict[str, str],
     if conversational:
         for name, messages in fields.items():
             _check_messages(messages, name, where)
-        _check_message_response(fields["completion"], "completion", where, implicit=False)
-    else:
+        # Not strict: every content filled in, so only the structure checks (assistant turn, order) can fire.
+        completion = fields["completion"] if strict else [{**m, "content": "x"} for m in fields["completion"]]
+        _check_message_response(completion, "completion", where, implicit=False)
+    elif strict:
         _check_text_response(fields["completion"], "completion", where, implicit=False)
-    _check_encodable(fields, where)
+    if strict:
+        _check_encodable(fields, where)
     if report is not None:
         report.rows += 1
         report.shapes["conversational" if conversational else "standard"] += 1
     completion = fields["completion"]
     return PreferencePair(prompt=fields["prompt"], chosen=completion, rejected=completion, where=where, label=label)
+
+
+def is_unpaired_source(source: str, columns: dict[str, str] | None = None) -> bool:
+    """Whether the first row of `source` is an unpaired example (completion, label) rather than a pair."""
+    first = next(_rows_of(source, "train"), None)
+    return first is not None and _is_unpaired(first[0], dict(columns or {}))
+
+
+def iter_examples(source: str, columns: dict[str, str] | None = None) -> Iterator[PreferencePair]:
+    """Every row of an unpaired `source`, for the audit: empty completions and encoding problems are kept (see
+    `row_to_example`); a pair among them is an error, as in training."""
+    columns = dict(columns or {})
+    _check_columns(columns)
+    for row, where in _rows_of(source, "train"):
+        yield row_to_example(row, where, columns, strict=False)
 
 
 def _label(value: Any, where: str) -> bool:
@@ -210,7 +229,7 @@ def _rotated(block: list[TokenizedPair], before_first: TokenizedPair, max_length
 
 def check_balance(report: KLReport, desirable_weight: float, undesirable_weight: float) -> None:
     """Warn, as TRL's KTOTrainer, when the desirable and undesirable examples are unbalanced and neither weight lies
-    in the range Eq. 8 of the KTO paper recommends: λD·nD / (λU·nU) in [1, 4/3]."""
+    in the range Eq. 8 of the KTO paper (arXiv 2402.01306 v2) recommends: λD·nD / (λU·nU) in [1, 4/3]."""
     n_d, n_u = max(report.desirable, 1), max(report.examples - report.desirable, 1)
     if n_d == n_u:
         return
