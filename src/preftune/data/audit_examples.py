@@ -29,6 +29,7 @@ from typing import Any
 from preftune.data.audit import (
     LENGTH_BIAS_WARN,
     TRUNCATED_WARN_SHARE,
+    AuditReport,
     Finding,
     Leakage,
     Truncation,
@@ -65,15 +66,7 @@ class ExampleAuditReport:
     lengths: dict[str, Any]  # unit, examples, excluded, and prompt / desirable / undesirable distributions
     encoding: dict[str, Finding]
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, Finding):
-                value = value.to_dict()
-            elif name == "encoding":
-                value = {kind: finding.to_dict() for kind, finding in value.items()}
-            out[name] = value
-        return out
+    to_dict = AuditReport.to_dict  # findings as dicts, the rest as it is
 
     def warnings(self) -> list[str]:
         out = []
