@@ -28,7 +28,7 @@ def test_store_files_and_pairs_as_in_the_docstring(tmp_path):
     store = TokenStore.write(tmp_path / "s", iter(pairs))
     assert np.fromfile(tmp_path / "s" / "ids.bin", np.int32).tolist() == [1, 12, 7, 18, 2, 19, 2, 1, 16, 17, 2, 2]
     assert np.fromfile(tmp_path / "s" / "offsets.bin", np.int64).tolist() == [0, 3, 5, 7, 9, 11, 12]
-    assert np.fromfile(tmp_path / "s" / "where.bin", np.int64).tolist() == [0, 1, 0, 3]
+    assert np.fromfile(tmp_path / "s" / "where.bin", np.int64).tolist() == [0, 1, -1, 0, 3, -1]
     assert json.loads((tmp_path / "s" / "meta.json").read_text()) == {"pairs": 2, "tokens": 12,
                                                                        "prefixes": ["d.jsonl line"]}
     reopened = TokenStore(tmp_path / "s")
@@ -41,12 +41,22 @@ def test_store_files_and_pairs_as_in_the_docstring(tmp_path):
         reopened[1.0]
 
 
-def test_where_is_split_into_a_shared_prefix_and_a_number():
-    assert split_where("data.jsonl line 12") == ("data.jsonl line", 12)
-    assert split_where("hub:o/n[train] row 5") == ("hub:o/n[train] row", 5)
+def test_where_is_split_into_a_shared_prefix_a_number_and_an_item():
+    assert split_where("data.jsonl line 12") == ("data.jsonl line", 12, -1)
+    assert split_where("hub:o/n[train] row 5") == ("hub:o/n[train] row", 5, -1)
+    assert split_where("data.jsonl line 12 rejected[3]") == ("data.jsonl line", 12, 3)
     # Kept whole when the number would not come back as written.
-    assert split_where("a row 007") == ("a row 007", -1)
-    assert split_where("nowhere") == ("nowhere", -1)
+    assert split_where("a row 007") == ("a row 007", -1, -1)
+    assert split_where("nowhere") == ("nowhere", -1, -1)
+    assert split_where("a row 7 rejected[01]") == ("a row 7 rejected[01]", -1, -1)
+    assert split_where("x rejected[0]") == ("x", -1, 0)
+
+
+def test_the_pairs_of_a_list_of_rejected_responses_share_one_prefix(tmp_path):
+    pairs = [TokenizedPair([1], [2], [3 + i], f"d.jsonl line {n} rejected[{i}]") for n in (1, 2) for i in range(3)]
+    store = TokenStore.write(tmp_path / "s", pairs)
+    assert list(store) == pairs
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["prefixes"] == ["d.jsonl line"]
 
 
 def test_unnumbered_where_comes_back_whole(tmp_path):

@@ -588,6 +588,16 @@ def _rejected_list(row: dict[str, Any], columns: dict[str, str]) -> list | None:
     return None
 
 
+_REJECTED_ITEM = re.compile(r"(.*) rejected\[(\d+)\]", re.DOTALL)
+
+
+def rejected_item(where: str) -> tuple[str, int | None]:
+    """(source row, item) of a pair's `where`: ("d.jsonl line 3", 1) for "d.jsonl line 3 rejected[1]", the pair of
+    item 1 of that row's list of rejected responses (see `_expand_rejected`); (where, None) for a row's only pair."""
+    match = _REJECTED_ITEM.fullmatch(where)
+    return (match.group(1), int(match.group(2))) if match else (where, None)
+
+
 def _expand_rejected(rows: Iterator[tuple[dict, str]], columns: dict[str, str],
                      report: LoadReport | None = None) -> Iterator[tuple[dict, str, bool]]:
     """(row, where, first) per pair: a row whose 'rejected' lists k responses becomes k rows, one per rejected

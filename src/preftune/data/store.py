@@ -10,13 +10,14 @@ Files (N pairs, T tokens in all):
     ids.bin       int32 [T]       every pair's prompt ‖ chosen ‖ rejected ids, pair after pair
     offsets.bin   int64 [3N + 1]  segment k of pair i (0 prompt, 1 chosen, 2 rejected) is
                                   ids[offsets[3i + k] : offsets[3i + k + 1]]
-    where.bin     int64 [N, 2]    `where` as (prefix number, row number): "data.jsonl line 12" → (0, 12) with
-                                  prefixes[0] = "data.jsonl line"; a `where` not ending in a number is a prefix of
-                                  its own with row number -1
+    where.bin     int64 [N, 3]    `where` as (prefix number, row number, item): "data.jsonl line 12" → (0, 12, -1)
+                                  with prefixes[0] = "data.jsonl line", and "data.jsonl line 12 rejected[2]" (a
+                                  row's list of rejected responses) → (0, 12, 2); a row name not ending in a number
+                                  is a prefix of its own with row number -1
     labels.bin    int8 [N]        an unpaired example's label (1 desirable, 0 undesirable); -1 for a pair
     meta.json     {"pairs": N, "tokens": T, "prefixes": [...]}, written last: a folder without it is incomplete
 e.g. pairs ([1, 12, 7], [18, 2], [19, 2], "d.jsonl line 1") and ([1, 16], [17, 2], [2], "d.jsonl line 3") →
-ids [1, 12, 7, 18, 2, 19, 2, 1, 16, 17, 2, 2], offsets [0, 3, 5, 7, 9, 11, 12], where [[0, 1], [0, 3]].
+ids [1, 12, 7, 18, 2, 19, 2, 1, 16, 17, 2, 2], offsets [0, 3, 5, 7, 9, 11, 12], where [[0, 1, -1], [0, 3, -1]].
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preftune.data.formats import rejected_item
 from preftune.data.tokenize import TokenizedPair
 
 META = "meta.json"
@@ -47,7 +49,7 @@ class TokenStore:
         self._prefixes: list[str] = meta["prefixes"]
         self._ids = _map(self.folder / "ids.bin", np.int32, (meta["tokens"],))
         self._offsets = _map(self.folder / "offsets.bin", np.int64, (3 * self._n + 1,))
-        self._where = _map(self.folder / "where.bin", np.int64, (self._n, 2))
+        self._where = _map(self.folder / "where.bin", np.int64, (self._n, 3))
         self._labels = _map(self.folder / "labels.bin", np.int8, (self._n,))
 
     @classmethod
@@ -70,8 +72,8 @@ class TokenStore:
                 for segment in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
                     ids.add(segment)
                     offsets.add([ids.total])
-                prefix, number = split_where(pair.where)
-                where.add([prefixes.setdefault(prefix, len(prefixes)), number])
+                prefix, number, item = split_where(pair.where)
+                where.add([prefixes.setdefault(prefix, len(prefixes)), number, item])
                 labels.add([-1 if pair.label is None else int(pair.label)])
                 count += 1
             for appender in (ids, offsets, where, labels):
@@ -99,20 +101,27 @@ class TokenStore:
 
     def _pair(self, i: int) -> TokenizedPair:
         o = self._offsets[3 * i:3 * i + 4].tolist()
-        prefix, number = self._where[i].tolist()
+        prefix, number, item = self._where[i].tolist()
         where = self._prefixes[prefix] if number < 0 else f"{self._prefixes[prefix]} {number}"
+        if item >= 0:
+            where += f" rejected[{item}]"
         label = int(self._labels[i])
         return TokenizedPair(prompt_ids=self._ids[o[0]:o[1]].tolist(), chosen_ids=self._ids[o[1]:o[2]].tolist(),
                              rejected_ids=self._ids[o[2]:o[3]].tolist(), where=where,
                              label=None if label < 0 else bool(label))
 
 
-def split_where(where: str) -> tuple[str, int]:
-    """"data.jsonl line 12" → ("data.jsonl line", 12); "line 007" or "x" (no canonical number) → ("x", -1)."""
-    match = _NUMBERED.fullmatch(where)
+def split_where(where: str) -> tuple[str, int, int]:
+    """"data.jsonl line 12" → ("data.jsonl line", 12, -1); "data.jsonl line 12 rejected[2]" → ("data.jsonl line",
+    12, 2); "line 007" or "x" (no canonical number) → ("x", -1, -1). A row's prefix is shared by all its pairs, so
+    the table of prefixes stays small whatever the number of rows."""
+    row, item = rejected_item(where)
+    if item is None or f"{row} rejected[{item}]" != where:  # "rejected[01]" would come back as "rejected[1]"
+        row, item = where, -1
+    match = _NUMBERED.fullmatch(row)
     if match and str(int(match.group(2))) == match.group(2):  # "007" would come back as "7"
-        return match.group(1), int(match.group(2))
-    return where, -1
+        return match.group(1), int(match.group(2)), item
+    return row, -1, item
 
 
 def _map(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
