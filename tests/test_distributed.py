@@ -280,6 +280,16 @@ def test_share_splits_contiguously(n, size, expected):
     assert parts == expected
 
 
+@pytest.mark.parametrize("n, size, unit, expected", [
+    (6, 2, 2, [[0, 1, 2, 3], [4, 5]]),  # 3 groups of 2: 2 + 1 groups
+    (9, 2, 3, [[0, 1, 2, 3, 4, 5], [6, 7, 8]]),
+    (3, 2, 3, [[0, 1, 2], []]),  # one group: rank 0 takes it whole
+    (8, 2, 1, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+])
+def test_share_keeps_groups_whole(n, size, unit, expected):
+    assert [share(list(range(n)), rank, size, unit) for rank in range(size)] == expected
+
+
 def test_gradient_buckets_hold_one_dtype_up_to_the_limit(monkeypatch):
     from preftune import distributed
 

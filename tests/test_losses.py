@@ -304,16 +304,88 @@ def test_f_divergence_changes_the_margin_of_the_loss():
 
 def test_losses_with_f_divergence_are_those_of_the_chosen_minus_rejected_difference():
     supported = {name for name in LOSSES if "f_divergence" in loss_params(name)}
-    assert supported == {"sigmoid", "ipo", "ipo_sum", "sigmoid_norm", "hinge", "robust", "exo_pair", "discopop"}
+    assert supported == {"sigmoid", "ipo", "ipo_sum", "sigmoid_norm", "hinge", "robust", "exo_pair", "discopop",
+                         "plackett_luce"}
     assert {name for name in supported if "f_alpha" in loss_params(name)} == supported
     assert set(F_DIVERGENCES) == {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}
+
+
+# ---------------------------------------------------------------------------------------------------- Plackett–Luce
+
+
+def ranking_probability(rewards: list[float], order: tuple[int, ...]) -> float:
+    """Eq. 18 of the DPO paper, written out: the probability of the ranking `order` (best first) of responses with
+    these rewards, a product of "best of the rest" softmax terms."""
+    p = 1.0
+    for k, best in enumerate(order):
+        p *= math.exp(rewards[best]) / sum(math.exp(rewards[j]) for j in order[k:])
+    return p
+
+
+def test_plackett_luce_by_hand():
+    # Two groups of k = 2 rejected responses, β = 0.5, log-ratios hw (chosen) and hl_j (rejected):
+    #   group 1: hw = 1, hl = [1, −1] → h = [0, 2] → log(1 + e^0 + e^(−1)) = log(2.3678794412) = 0.8619948041
+    #   group 2: hw = 2, hl = [0, 0]  → h = [2, 2] → log(1 + 2e^(−1))     = log(1.7357588823) = 0.5514447139
+    # Each pair carries its group's loss.
+    logps = t([1.0, 1.0, 2.0, 2.0]), t([1.0, -1.0, 0.0, 0.0]), t([0.0] * 4), t([0.0] * 4)
+    close(call("plackett_luce", logps, beta=0.5, group_size=2), [0.8619948041] * 2 + [0.5514447139] * 2)
+    # π = π_ref: every h is 0 and the loss is log(k + 1); k = 3 gives ln 4.
+    same = t([-3.0, -3.0, -3.0]), t([-4.0, -1.0, -9.0])
+    close(call("plackett_luce", (*same, *same), beta=0.5, group_size=3), [math.log(4)] * 3)
+
+
+def test_plackett_luce_of_one_rejected_response_is_dpo():
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = example()
+    logps = policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    torch.testing.assert_close(call("plackett_luce", logps, beta=BETA, group_size=1), call("sigmoid", logps, beta=BETA))
+
+
+def test_plackett_luce_is_the_probability_that_the_chosen_response_ranks_first():
+    # Independently of the closed form: sum Eq. 18 over the 3! orders of the rejected responses behind the chosen
+    # one (response 0). Rewards are β·log-ratios; a group of k = 3, f-divergence reverse KL.
+    import itertools
+
+    beta, hw, hl = 0.7, 0.4, [1.3, -0.2, 0.9]
+    rewards = [beta * hw] + [beta * x for x in hl]
+    first = sum(ranking_probability(rewards, (0, *rest)) for rest in itertools.permutations([1, 2, 3]))
+    logps = t([hw] * 3), t(hl), t([0.0] * 3), t([0.0] * 3)
+    close(call("plackett_luce", logps, beta=beta, group_size=3), [-math.log(first)] * 3, atol=1e-12)
+
+
+def test_plackett_luce_gradient_is_the_softmax_over_the_group():
+    # ∂L/∂hw = −β·(1 − p_w) and ∂L/∂hl_j = β·p_j, with p the softmax of β·(hw, hl_1, ..., hl_k): group 1 of the
+    # hand example (β = 0.5, hw = 1, hl = [1, −1]): p ∝ (e^0.5, e^0.5, e^−0.5). Summed over the k = 2 copies and
+    # divided by k (the mean over pairs), the gradient of one group's loss.
+    hw = t([1.0, 1.0]).requires_grad_()
+    hl = t([1.0, -1.0]).requires_grad_()
+    loss = call("plackett_luce", (hw, hl, t([0.0, 0.0]), t([0.0, 0.0])), beta=0.5, group_size=2).mean()
+    loss.backward()
+    z = 2 * math.exp(0.5) + math.exp(-0.5)
+    p = [math.exp(0.5) / z, math.exp(0.5) / z, math.exp(-0.5) / z]
+    assert hw.grad.sum().item() == pytest.approx(-0.5 * (1 - p[0]), abs=1e-12)
+    close(hl.grad, [0.5 * p[1], 0.5 * p[2]], atol=1e-12)
+
+
+def test_plackett_luce_groups_are_independent_and_unordered():
+    torch.manual_seed(0)
+    logps = [-10 * torch.rand(6, dtype=torch.float64) for _ in range(4)]
+    logps[0] = logps[0][[0, 0, 0, 3, 3, 3]]  # one chosen response per group of 3
+    logps[2] = logps[2][[0, 0, 0, 3, 3, 3]]
+    whole = call("plackett_luce", logps, beta=0.3, group_size=3)
+    for group in (slice(0, 3), slice(3, 6)):  # a group alone gives the same loss
+        torch.testing.assert_close(call("plackett_luce", [x[group] for x in logps], beta=0.3, group_size=3),
+                                   whole[group])
+    shuffled = [x[[2, 0, 1, 5, 3, 4]] for x in logps]  # the order of the rejected responses does not matter
+    torch.testing.assert_close(call("plackett_luce", shuffled, beta=0.3, group_size=3), whole)
+    with pytest.raises(ValueError, match="whole groups"):
+        call("plackett_luce", [x[:4] for x in logps], beta=0.3, group_size=3)
 
 
 # ---------------------------------------------------------------------------------------------------- properties
 
 ALL_PARAMS = {"beta": BETA, "label_smoothing": 0.1, "simpo_gamma": 0.5, "discopop_tau": 0.05, "dpop_lambda": 50.0,
               "rdpo_alpha": 0.05, "cpo_alpha": 1.0, "f_divergence": "reverse_kl", "f_alpha": 0.5,
-              "chosen_lengths": LENGTHS[0], "rejected_lengths": LENGTHS[1]}
+              "chosen_lengths": LENGTHS[0], "rejected_lengths": LENGTHS[1], "group_size": 1}
 
 
 def kwargs_for(name, params=ALL_PARAMS):
@@ -381,6 +453,7 @@ def test_loss_params_and_registry():
         "sft": set(),
         "kto": {"beta", "labels", "kl", "desirable_weight", "undesirable_weight"},
         "apo_zero_unpaired": {"beta", "labels", "desirable_weight", "undesirable_weight"},
+        "plackett_luce": {"beta", "group_size", "f_divergence", "f_alpha"},
     }
     assert {name: loss_params(name) for name in LOSSES} == expected
     assert OPTIONS == {"beta", "label_smoothing", "simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha",

@@ -150,6 +150,12 @@ class TrainConfig:
         return any(LOSSES[name].needs_reference for name in self.losses)
 
     @property
+    def grouped(self) -> str | None:
+        """The grouped loss (`plackett_luce`) among the losses, which trains a row's pairs as one group
+        (data/groups.py); None if there is none."""
+        return next((name for name in self.losses if "group_size" in loss_params(name)), None)
+
+    @property
     def unpaired(self) -> bool:
         """The loss trains on unpaired examples (prompt, completion, label): data/unpaired.py."""
         return any(LOSSES[name].unpaired for name in self.losses)
@@ -432,6 +438,13 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
     _positive(cfg, *(o for o in ("discopop_tau",) if o in used))
     if "f_alpha" in used and not math.isfinite(cfg.f_alpha):
         raise UserError(f"--f-alpha must be finite, got {cfg.f_alpha}")
+    if cfg.grouped:
+        single = (("--wpo", cfg.wpo), ("--ld-alpha", cfg.ld_alpha is not None),
+                  ("--group-by-length", cfg.group_by_length))
+        for name, active in single:
+            if active:
+                raise UserError(f"{name} works on single pairs and cannot be used with --loss {cfg.grouped}, which "
+                                "trains the pairs of a row as one group")
     if cfg.wpo:
         # WPO weights pairs; aot sorts them (a weight would land on another pair's quantile), sft has no pairs.
         sorted_losses = [n for n in names if n in ("aot", "aot_unpaired")]

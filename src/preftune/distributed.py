@@ -145,13 +145,15 @@ def local_device(device: torch.device) -> torch.device:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def share(items: list[T], rank: int, size: int) -> list[T]:
+def share(items: list[T], rank: int, size: int, unit: int = 1) -> list[T]:
     """Rank `rank`'s contiguous part of `items` when `size` ranks split them; parts differ by at most one
     item, the first ones larger: share([a, b, c, d, e], r, 2) → [a, b, c] for r = 0, [d, e] for r = 1.
-    A rank gets nothing only when there are fewer items than ranks; rank 0 always gets one if any exist."""
-    base, extra = divmod(len(items), size)
+    A rank gets nothing only when there are fewer items than ranks; rank 0 always gets one if any exist.
+    With `unit` > 1 the items are split in whole runs of `unit` (a grouped loss's groups, see data/groups.py):
+    share([a, b, c, d, e, f], r, 2, unit=2) → [a, b, c, d] for r = 0, [e, f] for r = 1."""
+    base, extra = divmod(len(items) // unit, size)
     start = rank * base + min(rank, extra)
-    return items[start:start + base + (rank < extra)]
+    return items[start * unit:(start + base + (rank < extra)) * unit]
 
 
 # ---------------------------------------------------------------------------------------------------- reductions
@@ -180,8 +182,8 @@ def barrier() -> None:
 
 def sum_scalars(sums: dict[str, torch.Tensor], device: torch.device, num_items: int) -> dict[str, torch.Tensor]:
     """Σ over ranks of each 0-d tensor in `sums`, as one all_reduce of the stacked vector (on `device`: no host
-    sync). `num_items` items were shared out; with fewer items than ranks some rank has none and so no sums and
-    no names: rank 0, which always has items, sends the names first."""
+    sync). `num_items` items (pairs, or a grouped loss's groups) were shared out; with fewer items than ranks some
+    rank has none and so no sums and no names: rank 0, which always has items, sends the names first."""
     size = world().size
     if size == 1:
         return sums

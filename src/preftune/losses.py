@@ -276,6 +276,33 @@ def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * h))
 
 
+# ---------------------------------------------------------------------------------------------------- grouped
+# A row whose `rejected` lists k responses is k pairs (chosen, rejected_j) in the data; a grouped loss sees them as
+# one group. The trainer keeps each group's k pairs next to each other, in one micro-batch (data/groups.py), and
+# passes k as `group_size`.
+
+
+def plackett_luce(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                  beta: float, group_size: int, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+    """DPO under the Plackett–Luce model (Rafailov et al. 2023, Appendix A.3) for one chosen response over the
+    k = `group_size` rejected responses of its group: −log of the probability that the chosen one ranks first,
+
+        −log [exp(β·hw) / (exp(β·hw) + Σ_j exp(β·hl_j))] = log(1 + Σ_j exp(−β·h_j)),   h_j = hw − hl_j,
+
+    the paper's ranking likelihood (Eq. 18, reward β·log π/π_ref) summed over every order of the rejected
+    responses, which the data does not give. Pairs j of a group sit next to each other in the batch ([B], B a
+    multiple of k); each carries its group's loss, so the mean over pairs is the mean over groups. k = 1 is DPO;
+    at π = π_ref the loss is ln(k + 1).
+    """
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                f_divergence, f_alpha)
+    if h.numel() % group_size:
+        raise ValueError(f"{h.numel()} pairs do not make whole groups of {group_size}")
+    scaled = (-beta * h).view(-1, group_size)
+    losses = torch.logsumexp(F.pad(scaled, (1, 0)), dim=1)  # the padded 0 is the chosen response's own term
+    return losses.repeat_interleave(group_size)
+
+
 # ---------------------------------------------------------------------------------------------------- batch-sorted
 
 
@@ -487,6 +514,11 @@ LOSSES: dict[str, LossSpec] = {
         rdpo, True, "−log σ(βh + α(|yw| − |yl|))",
         "Park et al. 2024, Disentangling Length from Quality in Direct Preference Optimization "
         "(arXiv 2403.19159), R-DPO"),
+    "plackett_luce": LossSpec(
+        plackett_luce, True, "log(1 + Σ_j exp(−βh_j)) over the k rejected responses j of a row, h_j = hw − hl_j "
+        "(a row's loss, carried by each of its k pairs)",
+        "Rafailov et al. 2023 (arXiv 2305.18290), Appendix A.3, Eq. 18 with the chosen response ranked first and "
+        "the rejected ones in any order (the paper runs no experiment with it)"),
     "simpo": LossSpec(
         simpo, False, "−log σ(β(πw/|yw| − πl/|yl|) − γ)",
         "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
@@ -516,9 +548,10 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 _POSITIONAL = 4  # the four log-prob tensors every loss takes first
-# Tensors a loss may declare: per pair ([B]: response token counts; `labels`, 1.0 for a desirable example of an
-# unpaired loss) and per micro-batch (`kl`: KTO's reference point, see `kl_estimate`).
-PER_PAIR = frozenset({"chosen_lengths", "rejected_lengths", "labels", "kl"})
+# Values a loss may declare besides its options: per pair ([B]: response token counts; `labels`, 1.0 for a desirable
+# example of an unpaired loss) and per micro-batch (`kl`: KTO's reference point, see `kl_estimate`; `group_size`:
+# the pairs of one group, see "grouped" above).
+PER_PAIR = frozenset({"chosen_lengths", "rejected_lengths", "labels", "kl", "group_size"})
 
 
 def loss_params(name: str) -> set[str]:
@@ -542,7 +575,7 @@ def combined_loss(names: list[str], weights: list[float], *, policy_chosen_logps
                   policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None,
                   chosen_lengths: Tensor, rejected_lengths: Tensor, num_pairs: int, num_chosen_tokens: int,
                   pair_weights: Tensor | None = None, labels: Tensor | None = None, kl: Tensor | None = None,
-                  **options) -> Tensor:
+                  group_size: int = 1, **options) -> Tensor:
     """Σ_k w_k · sum(losses_k) / N_k, a scalar, with N_k = num_pairs or num_chosen_tokens (LossSpec.normalize).
 
     `options` are the loss options by name (beta=0.1, label_smoothing=0.0, ...; a loss's own default applies to
@@ -553,9 +586,11 @@ def combined_loss(names: list[str], weights: list[float], *, policy_chosen_logps
     gradients of one big batch (a per-micro-batch mean would over-weight short micro-batches; `aot` and
     `aot_unpaired` are the exception, their losses depend on the micro-batch). ref_* may be None when no loss
     in `names` needs the reference. An unpaired loss takes `labels` [B] and (kto) `kl`, the micro-batch's
-    reference point; for it a "pair" is one example, so num_pairs counts examples.
+    reference point; for it a "pair" is one example, so num_pairs counts examples. `group_size`: the pairs of one
+    group of a grouped loss (`plackett_luce`), next to each other in the batch.
     """
     available = {**options, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths,
+                 "group_size": group_size,
                  **({} if labels is None else {"labels": labels}), **({} if kl is None else {"kl": kl})}
     denominators = {"pairs": num_pairs, "chosen_tokens": num_chosen_tokens}
     total = policy_chosen_logps.new_zeros(())

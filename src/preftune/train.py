@@ -27,6 +27,7 @@ from preftune import checkpoint, distributed, fsdp, lora, observe, refcache
 from preftune.config import TrainConfig, write_yaml
 from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
 from preftune.data.formats import LoadReport, PreferencePair, parse_columns, read_pairs
+from preftune.data.groups import group_size, grouped_order
 from preftune.data.store import TokenStore
 from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized
 from preftune.data.unpaired import ExampleReport, KLReport, check_balance, read_examples, with_kl_completions
@@ -68,6 +69,7 @@ class Setup:
     audit: object = None  # the data audit of --data (and --eval-data), written to audit.json
     generation: observe.GenerationEval | None = None  # sampling-based evaluation on --eval-prompts
     token_dir: Path | None = None  # --stream: the folder of the token stores
+    group_size: int = 1  # a grouped loss: the pairs of one row, trained as one group (data/groups.py)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -161,9 +163,9 @@ def token_dir(cfg: TrainConfig, run_dir: Path, training: bool) -> Path:
     return run_dir / TOKENS / (f"rank{me.rank}" if me.size > 1 else "")
 
 
-def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore, list | TokenStore]:
-    """(train store, eval store or []) in `folder`; on any error the folder (and a run folder this made) is removed:
-    a mistake in the data leaves nothing half-written."""
+def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore, list | TokenStore, int]:
+    """(train store, eval store or [], `pairs_per_group`) in `folder`; on any error the folder (and a run folder this
+    made) is removed: a mistake in the data leaves nothing half-written."""
     made, p = [], folder  # the folders this makes, deepest first (the run folder itself on a first start)
     while not p.exists():
         made.append(p)
@@ -171,9 +173,10 @@ def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore
     shutil.rmtree(folder, ignore_errors=True)  # a previous start's ids (--resume), or a start killed while writing
     try:
         train_pairs = stream_data(cfg.data, cfg, tokenizer, "--data", folder / "train")
-        check_one_step(cfg, len(train_pairs))  # here too: its error must not leave the ids behind
+        check_one_step(cfg, len(train_pairs))  # here too, and the group check below: no error may leave the ids
         eval_pairs = stream_data(cfg.eval_data, cfg, tokenizer, "--eval-data", folder / "eval") if cfg.eval_data \
             else []
+        group = pairs_per_group(cfg, train_pairs, eval_pairs)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         for p in made:
@@ -181,7 +184,21 @@ def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore
         raise
     log.info("--stream: the data audit at the start is skipped (it holds every pair in memory); run "
              "`preftune audit %s` separately", cfg.data)
-    return train_pairs, eval_pairs
+    return train_pairs, eval_pairs, group
+
+
+def pairs_per_group(cfg: TrainConfig, train_pairs, eval_pairs) -> int:
+    """k, the pairs of one data row, with a grouped loss (data/groups.py); 1 without."""
+    if not cfg.grouped:
+        return 1
+    k = group_size(train_pairs, "--data", cfg.grouped)
+    if eval_pairs and (k_eval := group_size(eval_pairs, "--eval-data", cfg.grouped)) != k:
+        raise UserError(f"--loss {cfg.grouped}: the rows of --eval-data give {k_eval} pairs each but those of --data "
+                        f"{k}; both must have the same number of rejected responses")
+    if cfg.batch_size % k:
+        raise UserError(f"--loss {cfg.grouped}: --batch-size {cfg.batch_size} is not a multiple of {k}, the pairs "
+                        "of one row of --data (each row trains as one group, in one micro-batch)")
+    return k
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -263,7 +280,7 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
         tokenizer = lora.load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
     tokens = token_dir(cfg, run_dir, training) if cfg.stream else None
     if tokens is not None:  # the audit needs every pair in memory: --stream skips it
-        train_pairs, eval_pairs = load_streamed(cfg, tokenizer, tokens)
+        train_pairs, eval_pairs, group = load_streamed(cfg, tokenizer, tokens)
         audit = None
     else:
         train_pairs, train_raw = load_data(cfg.data, cfg, tokenizer, "--data")
@@ -271,6 +288,7 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     check_one_step(cfg, len(train_pairs))
     if tokens is None:
         eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
+        group = pairs_per_group(cfg, train_pairs, eval_pairs)
         audit = observe.audit_data(train_raw, eval_raw, unpaired=cfg.unpaired)
         del train_raw, eval_raw  # training needs only the token ids
     observe.check_generation_options(cfg)
@@ -284,7 +302,7 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     steps_per_epoch = math.ceil(len(train_pairs) / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
     s = Setup(cfg, run_dir, device, tokenizer, policy, None, None, train_pairs, eval_pairs, steps_per_epoch, total,
-              layout, audit=audit, token_dir=tokens)
+              layout, audit=audit, token_dir=tokens, group_size=group)
     if cfg.needs_reference:
         attach_reference(s)
     if cfg.eval_prompts:
@@ -399,18 +417,19 @@ def step_pairs(s: Setup, step: int) -> list[int]:
     """
     epoch, k = divmod(step, s.steps_per_epoch)
     if epoch not in s.orders:
-        s.orders = {epoch: epoch_order(s.train_pairs, s.cfg, epoch)}
+        s.orders = {epoch: epoch_order(s.train_pairs, s.cfg, epoch, s.group_size)}
     size = global_batch(s.cfg)
     chunk = s.orders[epoch][k * size:(k + 1) * size]
     return chunk.tolist() if isinstance(chunk, np.ndarray) else chunk
 
 
-def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int) -> np.ndarray | list[int]:
+def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int, group: int = 1) -> np.ndarray | list[int]:
     """The epoch's dataset indices: an int64 array (8 bytes a pair, where a list of ints takes ~36: with --stream it
-    is the one thing held per pair), or with --group-by-length a list (its sort reads every pair's length anyway)."""
-    n = len(pairs)
+    is the one thing held per pair), or with --group-by-length a list (its sort reads every pair's length anyway).
+    `group` > 1 (a grouped loss): the groups of `group` consecutive pairs are shuffled, each kept whole."""
+    n = len(pairs) // group
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    order = np.arange(n) if cfg.no_shuffle else torch.randperm(n, generator=generator).numpy()
+    order = grouped_order(np.arange(n) if cfg.no_shuffle else torch.randperm(n, generator=generator).numpy(), group)
     if not cfg.group_by_length:
         return order
     order = order.tolist()
@@ -469,7 +488,7 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs:
     loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
                          ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, chosen_lengths=chosen_len,
                          rejected_lengths=rejected_len, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                         pair_weights=pair_weights, labels=batch.labels, kl=kl,
+                         pair_weights=pair_weights, labels=batch.labels, kl=kl, group_size=s.group_size,
                          **{option: getattr(cfg, option) for option in OPTIONS})
     if cfg.unpaired:
         return loss, example_metrics(chosen, ref_chosen, batch.labels, cfg.beta, kl)
@@ -562,10 +581,10 @@ def evaluate_pairs(s: Setup) -> dict[str, float]:
     s.policy.eval()
     indices = list(range(len(s.eval_pairs)))
     me = distributed.world()
-    batches = micro_batches(s, s.eval_pairs, distributed.share(indices, me.rank, me.size))
+    batches = micro_batches(s, s.eval_pairs, distributed.share(indices, me.rank, me.size, s.group_size))
     sums = run_pairs(s, batches, s.eval_reference, backward=False, counts=step_counts(s.eval_pairs, indices))
     fsdp.pad_rounds(s, len(batches), len(indices), backward=False)
-    metrics = per_pair(distributed.sum_scalars(sums, s.device, len(indices)), len(indices))
+    metrics = per_pair(distributed.sum_scalars(sums, s.device, len(indices) // s.group_size), len(indices))
     values = torch.stack(list(metrics.values())).tolist()  # one host sync
     s.policy.train()
     return {"eval/" + k: v for k, v in without_empty_means(dict(zip(metrics, values))).items()}
@@ -656,14 +675,14 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     cfg = s.cfg
     indices = step_pairs(s, step)  # the whole step's pairs, over all processes
     me = distributed.world()
-    batches = micro_batches(s, s.train_pairs, distributed.share(indices, me.rank, me.size))
+    batches = micro_batches(s, s.train_pairs, distributed.share(indices, me.rank, me.size, s.group_size))
     optimizer.zero_grad(set_to_none=True)
     sums = run_pairs(s, batches, s.reference, backward=True, counts=step_counts(s.train_pairs, indices))
     fsdp.pad_rounds(s, len(batches), len(indices), backward=True)
     # Every process adds up the others' gradients and metric sums: all replicas take the same update.
     if not fsdp.enabled(s.policy):  # FSDP2 has already reduce-scattered them, in backward
         distributed.sum_gradients(s.policy.parameters())
-    sums = distributed.sum_scalars(sums, s.device, len(indices))
+    sums = distributed.sum_scalars(sums, s.device, len(indices) // s.group_size)  # the groups shared out
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(s.policy.parameters(), max_norm))
     lr = scheduler.get_last_lr()[0]

@@ -65,6 +65,21 @@ def counting_pairs(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+def counting_rows_with_rejected_lists(n: int, k: int, seed: int) -> list[dict]:
+    """As `counting_pairs`, each row with a list of k distinct rejected responses."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        start, length = rng.randrange(0, 12), rng.randrange(3, 7)
+        good = [str(start + i) for i in range(length)]
+        bad = {" ".join(rng.sample(good, length)) for _ in range(8)} | {" ".join(str(int(w) + 1) for w in good[::-1])}
+        bad = sorted(bad - {" ".join(good)})
+        if len(bad) >= k:
+            rows.append({"prompt": f"count from {start} :", "chosen": " " + " ".join(good),
+                         "rejected": [" " + b for b in rng.sample(bad, k)]})
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
