@@ -5,21 +5,17 @@ pair, uneven rows and options defined on single pairs are one-line errors. The l
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.config import TrainConfig
 from preftune.demo.toy import counting_pairs, counting_rows_with_rejected_lists, save_model_folder, write_jsonl
 from preftune.train import epoch_order
-
-TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s"}
+from test_distributed import assert_same_run, assert_same_weights, records, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +33,9 @@ def args(toy, out: Path, *extra: str) -> list[str]:
             "--no-report", *extra]
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def assert_same_runs(a: Path, b: Path, tol: float) -> None:
-    got, want = records(a), records(b)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for x, y in zip(got, want):
-        assert set(x) == set(y)
-        for key in set(x) - TIMING:
-            assert x[key] == pytest.approx(y[key], rel=tol, abs=tol), (x["step"], key)
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=tol)
+    assert_same_run(records(a), records(b), tol)
+    assert_same_weights(a, b, tol)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +94,6 @@ def test_streamed_data_trains_the_same(toy, whole, tmp_path):
 def test_two_processes_share_steps_in_whole_groups(toy, tmp_path):
     # 11 rows: the last step holds one row (3 pairs), all on rank 0; 4 eval rows split 2 + 2. Each process has
     # --batch-size 3, so 2 processes train on 6 pairs a step, as one process with --batch-size 6.
-    from test_distributed import torchrun
-
     toy = {**toy, "train": str(write_jsonl(counting_rows_with_rejected_lists(11, 3, seed=5), tmp_path / "t.jsonl"))}
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(args(toy, one, "--eval-data", toy["eval"], "--eval-every", "3")) == 0
