@@ -2,7 +2,7 @@
 
     python benchmarks/stream.py --size-mb 2048          # the check: a 2 GB .jsonl
     python benchmarks/stream.py --size-mb 300 --only stream
-    python benchmarks/stream.py --size-mb 450 --prompt-words 200 --memory-cap-mib 400   # data larger than memory
+    python benchmarks/stream.py --size-mb 600 --prompt-words 200 --memory-cap-mib 512   # data larger than memory
 
 Writes a synthetic .jsonl of at least --size-mb MB (the toy counting task, rows of ~100 bytes), then runs a few
 steps of `preftune train` on the toy model (`preftune.demo.toy.save_model_folder`) in a child process, once per
