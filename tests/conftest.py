@@ -62,10 +62,11 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread (on 2 cores, a second intra-op thread mostly waits): one, restored
-    after. Subprocesses the tests start get OMP_NUM_THREADS=1 for the same reason."""
+    after. Subprocesses the tests start get OMP_NUM_THREADS=1 for the same reason. Session-wide, so that module
+    fixtures (set up before any function's fixtures) run under it too."""
     import torch
 
     threads = torch.get_num_threads()
@@ -74,8 +75,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _private_reference_cache(tmp_path_factory, monkeypatch):
-    """Cached reference log-probs of tests go to a temporary folder, never the user's cache."""
-    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "reference-cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+@pytest.fixture(scope="session", autouse=True)
+def _private_reference_cache(tmp_path_factory):
+    """Cached reference log-probs of tests go to a temporary folder, never the user's cache. Session-wide: a module
+    fixture that trained before a function-scoped setting would write to (and read stale files from) the user's
+    cache, filled perhaps by other kernels (another ATEN_CPU_CAPABILITY) whose rounding differs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "reference-cache"))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield

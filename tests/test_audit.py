@@ -8,14 +8,9 @@ from preftune.cli import main
 from preftune.data.audit import ENCODING_KINDS, audit_pairs
 from preftune.data.formats import PreferencePair, iter_pairs
 from preftune.errors import UserError
+from helpers import assistant, user
 
 
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def row(prompt, chosen, rejected):

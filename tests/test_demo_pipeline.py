@@ -80,6 +80,7 @@ def test_dpo_ran_through_the_training_path(demo):
     run = demo["run"]
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and "eval/rewards/accuracies" in records[-1]
+    assert records[0]["rewards/accuracies"] == 0.0  # π = π_ref: the cached reference's rounding gives ties, no wins
     assert (run / "final" / "model.safetensors").exists() and (run / "final" / "tokenizer.json").exists()
     config = (run / "config.yaml").read_text()
     assert "beta: 0.1" in config and f"model: {demo['sft']}" in config

@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.distributed import share
 from conftest import stopped_after
+from helpers import assert_same_run, assert_same_weights, copy_run, records, torchrun
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s"}
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
 
 def args(toy: dict, out: Path, batch_size: int, *extra: str) -> list[str]:
@@ -36,40 +32,6 @@ def args(toy: dict, out: Path, batch_size: int, *extra: str) -> list[str]:
     return ["train", "--model", toy["model"], "--data", toy["train"], "--eval-data", toy["eval"], "--eval-every", "2",
             "--output", str(out), "--batch-size", str(batch_size), "--no-shuffle", "--epochs", "1",
             "--learning-rate", "1e-3", "--lr-scheduler", "linear", "--warmup-steps", "1", "--save-every", "1", *extra]
-
-
-def torchrun(argv: list[str], cache: Path) -> subprocess.CompletedProcess:
-    # --standalone: a free port, so that parallel test runs on one machine do not collide.
-    env = {**os.environ, "PYTHONPATH": str(SRC), "PREFTUNE_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "preftune", *argv], env=env, capture_output=True, text=True, timeout=600, check=False)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    """A copy of a run folder that `--resume --output dst` accepts: its config.yaml names the new place."""
-    shutil.copytree(src, dst)
-    config = yaml.safe_load((dst / "config.yaml").read_text())
-    (dst / "config.yaml").write_text(yaml.safe_dump({**config, "output": str(dst)}, sort_keys=False))
-    return dst
-
-
-def assert_same_run(got: list[dict], expected: list[dict], tol: float) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in expected]
-    for x, y in zip(got, expected):
-        assert set(x) == set(y)
-        for key in set(x) - TIMING - {"step"}:
-            assert x[key] == pytest.approx(y[key], rel=tol, abs=tol), (x["step"], key)
-
-
-def assert_same_weights(a_dir: Path, b_dir: Path, tol: float) -> None:
-    a, b = load_file(a_dir / "final" / "model.safetensors"), load_file(b_dir / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=0, atol=tol), key
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +68,8 @@ def mixed(toy):
 
 def test_two_processes_continue_a_one_process_run_as_one_process(whole, mixed):
     out, proc = mixed
-    assert_same_run(records(out), records(whole), tol=1e-5)
-    assert_same_weights(out, whole, tol=1e-5)
+    assert_same_run(records(out), records(whole))
+    assert_same_weights(out, whole)
     assert json.loads((out / "launch.json").read_text()) == {"processes": 2, "batch_size": 4, "grad_accum": 1}
     # Rank 0 alone logs progress and writes: one line per step, one log line per event.
     assert proc.stderr.count("training 4 steps of 8 pairs (25 pairs, 4 steps per epoch) on cpu × 2 processes") == 1
@@ -136,8 +98,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(toy, whole, mixed, tmp_
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / "step-00000003")
     assert main(args(toy, out, 8, "--resume")) == 0
-    assert_same_weights(out, whole, tol=1e-6)
-    assert_same_run(records(out), records(whole), tol=1e-5)
+    assert_same_weights(out, whole)
+    assert_same_run(records(out), records(whole))
     assert json.loads((out / "launch.json").read_text()) == {"processes": 1, "batch_size": 8, "grad_accum": 1}
 
 
@@ -200,8 +162,8 @@ def test_fsdp_trains_a_tied_model_like_one_process(tied, sharded):
     (_, whole), (out, proc) = tied, sharded
     got = records(out)
     assert got[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # π = π_ref at step 1
-    assert_same_run(got, records(whole), tol=1e-5)
-    assert_same_weights(out, whole, tol=1e-5)
+    assert_same_run(got, records(whole))
+    assert_same_weights(out, whole)
     assert "Traceback" not in proc.stderr and "returned a view tensor" not in proc.stderr
     # The files of a run without --fsdp: the tied matrix saved once, under the name safetensors keeps.
     for step in ("step-00000001", "step-00000003"):
@@ -226,8 +188,8 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_without_fsdp(tied, sharded, t
     shutil.rmtree(out / "checkpoints" / "step-00000003")
     monkeypatch.setenv("PREFTUNE_CACHE", str(spec["root"] / "cache-tied"))
     assert main(args(spec, out, 8, "--resume")) == 0
-    assert_same_weights(out, whole, tol=1e-6)
-    assert_same_run(records(out), records(whole), tol=1e-5)
+    assert_same_weights(out, whole)
+    assert_same_run(records(out), records(whole))
 
 
 @pytest.mark.slow
@@ -241,8 +203,8 @@ def test_fsdp_resumes_a_one_process_checkpoint(toy, whole):
     proc = torchrun(args(toy, out, 2, "--grad-accum", "2", "--fsdp", "--resume"), toy["root"] / "cache-one")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("resumed from") == 1
-    assert_same_run(records(out), records(whole), tol=1e-5)
-    assert_same_weights(out, whole, tol=1e-5)
+    assert_same_run(records(out), records(whole))
+    assert_same_weights(out, whole)
 
 
 @pytest.mark.parametrize("extra, refused", [

@@ -23,6 +23,8 @@ from preftune.cli import main
 from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
 from conftest import stopped_after
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 STEPS = 4
 
 

@@ -10,17 +10,12 @@ import pytest
 from preftune.data.formats import (LoadReport, PreferencePair, _hub_reachable, load_pairs, parse_columns,
                                    shared_text_prompt)
 from preftune.errors import UserError
+from helpers import assistant, user
 
 DATA = Path(__file__).parent / "data"
 SHAPES = str(DATA / "fmt_shapes.jsonl")
 
 
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 STANDARD = {"prompt": "Q: hi there\nA: ", "chosen": "good", "rejected": "bad"}

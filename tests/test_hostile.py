@@ -20,6 +20,7 @@ import pytest
 
 from preftune.cli import main
 from preftune.demo.toy import counting_pairs, save_model_folder
+from helpers import assistant, user
 
 GOOD = counting_pairs(4, seed=1)  # {"prompt": "count from 2 :", "chosen": " 2 3 4", "rejected": " 3 4 2"}, ...
 
@@ -76,12 +77,6 @@ def case(case_id: str, *expect: str, code: int = 2):
     return register
 
 
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def good_lines() -> str:

@@ -10,6 +10,8 @@ from preftune.logps import padded_logps, sequence_logps
 
 from preftune.data.tokenize import TokenizedPair
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 
 def naive_logps(logits, input_ids, response_mask):
     """Token by token: log softmax(logits[n, t−1])[input_ids[n, t]] for every response token t ≥ 1."""

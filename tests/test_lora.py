@@ -22,6 +22,8 @@ from preftune.logps import compute_logps
 from preftune.reference import PolicyReference
 from conftest import stopped_after
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

@@ -27,9 +27,11 @@ from preftune.losses import (
     _scores,
     combined_loss,
     loss_params,
+    TIE_RTOL,
     pair_metrics,
     reward_kind,
     rewards,
+    tie_band,
 )
 
 BETA = 0.1
@@ -607,6 +609,28 @@ def test_length_normalised_and_reference_free_rewards():
                              rejected_lengths=LENGTHS[1])
     close(mean_logp["rewards/chosen"], [-0.4, -0.15, -0.05])
     close(mean_logp["rewards/rejected"], [-0.6, -0.6, -0.3])
+
+
+def test_a_margin_within_the_rounding_of_the_logps_is_a_tie():
+    # Policy (πw, πl) = (−10, −12), reference (rw, rl) = (−10 − d, −12), β = 0.1: the margin is β·d.
+    # Band (float32): β·1e-5·(10 + 10 + d + 12 + 12) ≈ 0.1·1e-5·44 = 4.4e-5, i.e. d ≈ 4.4e-4 in log-prob.
+    #   d = 1e-5 (rounding of a cached reference): margin 1e-6 < band → a tie, not a win.
+    #   d = 1e-3: margin 1e-4 > band → a win.     bfloat16's band is 200 times wider: d = 1e-3 is a tie there.
+    policy_chosen, policy_rejected = torch.tensor([-10.0, -10.0]), torch.tensor([-12.0, -12.0])
+    ref_chosen, ref_rejected = torch.tensor([-10.0 - 1e-5, -10.0 - 1e-3], dtype=torch.float64), torch.tensor(
+        [-12.0, -12.0], dtype=torch.float64)
+    policy_chosen, policy_rejected = policy_chosen.double(), policy_rejected.double()
+    band = tie_band(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA)
+    close(band, [0.1 * 1e-5 * (44 + 1e-5), 0.1 * 1e-5 * (44 + 1e-3)])
+    metrics = pair_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA)
+    close(metrics["rewards/margins"], [1e-6, 1e-4])
+    close(metrics["rewards/accuracies"], [0.0, 1.0])
+    wide = pair_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA, tie_rtol=TIE_RTOL["bfloat16"])
+    close(wide["rewards/accuracies"], [0.0, 0.0])
+    # A per-token reward divides each response's share of the band by its length, as it divides the reward.
+    lengths = torch.tensor([4.0, 4.0]), torch.tensor([2.0, 2.0])
+    close(tie_band(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA, "logratio_per_token", *lengths),
+          [0.1 * 1e-5 * ((20 + 1e-5) / 4 + 24 / 2), 0.1 * 1e-5 * ((20 + 1e-3) / 4 + 24 / 2)])
 
 
 def test_reward_kind_follows_the_first_loss_that_defines_one():

@@ -17,6 +17,8 @@ from preftune.demo.toy import build_model
 from preftune.logps import packed_layout_works, packed_logps, padded_logps, token_logps
 from preftune.losses import combined_loss
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 
 def random_pairs(n: int, vocab: int, seed: int) -> list[TokenizedPair]:
     rng = random.Random(seed)

@@ -24,6 +24,8 @@ from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.loading import load_causal_lm
 from conftest import stopped_after
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

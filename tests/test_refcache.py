@@ -15,6 +15,8 @@ from preftune.demo.toy import build_model, build_tokenizer, counting_pairs
 from preftune.logps import padded_logps
 from preftune.refcache import cache_key, compute, default_cache_dir, load_or_compute, weights_digest
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 EOS = 2
 
 

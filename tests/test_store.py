@@ -19,6 +19,8 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.demo.toy import build_tokenizer, counting_pairs, save_model_folder, write_jsonl
 from conftest import stopped_after
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s"}
 
 

@@ -15,14 +15,9 @@ from preftune.data.formats import PreferencePair, load_pairs
 from preftune.data.tokenize import (TokenizedPair, TruncationReport, common_prefix_length, tokenize_pair,
                                     tokenize_pairs, truncate)
 from preftune.errors import UserError
+from helpers import assistant, user
 
 
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 HH_PROMPT = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"

@@ -22,6 +22,8 @@ import pytest
 from preftune.cli import main
 from preftune.demo.toy import save_model_folder, write_jsonl
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 pytest.importorskip("trl")
 
 PAIRS = Path(__file__).parent / "data" / "parity_pairs.jsonl"

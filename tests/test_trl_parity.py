@@ -63,6 +63,8 @@ from preftune.data.tokenize import tokenize_pairs
 from preftune.demo.toy import save_model_folder, write_jsonl
 from preftune.losses import LOSSES
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 pytest.importorskip("trl")  # a dev dependency (pyproject: trl==1.16.0)
 
 DATA = Path(__file__).parent / "data" / "parity_pairs.jsonl"

@@ -27,6 +27,8 @@ from preftune.errors import UserError
 from preftune.losses import LOSSES, combined_loss, example_metrics, kl_estimate
 from preftune.train import per_pair, without_empty_means
 
+pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
+
 
 def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from preftune.files import give_default_modes
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -40,6 +42,7 @@ def write_atomically(final: Path, fill) -> None:
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
+        give_default_modes(tmp)
         _fsync_tree(tmp)
     except BaseException:  # a full disk, or an interrupt: free the space, keep what was there
         shutil.rmtree(tmp, ignore_errors=True)

@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="preftune: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Only preftune's own lines, and other libraries' errors: their notices (matplotlib building its font cache,
+    # bitsandbytes failing to fetch optional kernels) would print as if they were ours.
+    logging.getLogger().handlers[0].addFilter(lambda r: r.name.split(".")[0] == "preftune" or r.levelno >= logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the weight-loading bar says nothing useful for small models

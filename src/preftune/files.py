@@ -4,14 +4,17 @@ report and audit commands stay quick to start. Whole folders: `checkpoint.write_
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
 def write_file_atomically(path: Path, data: bytes | str) -> None:
     """Write a file under a temporary name in its folder, then rename it: a reader (or --resume after a kill)
     never sees half a file, and a failed write leaves the old one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # Created as `open` creates a file (mode 0666 less the umask), not 0600 as mkstemp's: a run folder shared with
+    # other users or served by a web server stays readable.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -21,3 +24,17 @@ def write_file_atomically(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(folder: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, inside `folder`: some writers (safetensors) create their files 0600,
+    which a shared run folder or a web server could not read."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

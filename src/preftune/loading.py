@@ -145,7 +145,19 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, allow_pickle_w
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{what} {path}: cannot load the weights ({_first_line(e)})") from None
+    if bits == 4:
+        _keep_4bit_weights_as_loaded(model)
     return model.eval()
+
+
+def _keep_4bit_weights_as_loaded(model: torch.nn.Module) -> None:
+    """On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit layer's weights the first time it runs in eval mode
+    without gradients (a reference pass), rounding its block scales to bfloat16, and re-quantizes them whenever the
+    layer is saved: the frozen base would change in the middle of a run, differently on different CPUs. We keep
+    the format it was loaded in (the plain dequantizing kernel, as on every other CPU)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def bnb_config(bits: int, compute_dtype: str):

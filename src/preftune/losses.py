@@ -623,6 +623,26 @@ REWARD_FORMULAS = {"logratio": "β hw", "logratio_per_token": "β hw/|yw|", "log
                    "logp_per_token": "β πw/|yw|"}  # of a chosen response, for docs/losses.md
 
 
+# A pair whose reward margin lies within the rounding of its log-probs is a tie, not a win. With cached reference
+# log-probs (the default) the policy's and the reference's come from different passes, whose batch shapes and
+# kernels round differently: at π = π_ref their margins are ±1e-7 (float32) or ±1e-4 (bfloat16 autocast) of the
+# log-probs' magnitude instead of 0, and a strict `>` would count about half of them as wins. TIE_RTOL is that
+# rounding with a wide safety factor (measured ≤ 2e-7 and ≤ 2e-4 on 2- and 6-layer test models between batch
+# compositions); the band
+# is TIE_RTOL × the sum of the four log-probs' magnitudes, in the units of the logged reward (`tie_band`).
+TIE_RTOL = {"float32": 1e-5, "bfloat16": 2e-3}
+
+
+def tie_band(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float, reward: str = "logratio", chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None, rtol: float = TIE_RTOL["float32"]) -> Tensor:
+    """[B]: the largest reward margin of each pair that is still a tie: β·rtol·(|πw| + |rw| + |πl| + |rl|), each
+    response's share taken through the reward's own normalisation (a per-token reward divides it by |y|)."""
+    chosen = REWARDS[reward](policy_chosen_logps.abs(), -ref_chosen_logps.abs(), chosen_lengths)
+    rejected = REWARDS[reward](policy_rejected_logps.abs(), -ref_rejected_logps.abs(), rejected_lengths)
+    return beta * rtol * (chosen + rejected)
+
+
 def rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float, kind: str = "logratio",
             lengths: Tensor | None = None) -> Tensor:
     """Implicit reward β·(log π(y|x) − log π_ref(y|x)), or the `kind` of REWARDS, [B]. Not detached."""
@@ -631,18 +651,22 @@ def rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float, kind: str = "l
 
 def pair_metrics(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
                  ref_rejected_logps: Tensor, beta: float, reward: str = "logratio",
-                 chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> dict[str, Tensor]:
+                 chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                 tie_rtol: float = TIE_RTOL["float32"]) -> dict[str, Tensor]:
     """Per-pair (not reduced) detached metrics, each [B], named as in TRL, torchtune and the DPO authors' code.
 
     Rewards (and so margins and accuracies) are of the kind `reward` (see `reward_kind`): a length-normalised loss
-    logs length-normalised rewards. `logps/*` are always the summed log-probs.
+    logs length-normalised rewards. `logps/*` are always the summed log-probs. A pair is accurate when its margin
+    exceeds its `tie_band`: a tie counts as wrong, as in TRL, and so does a margin within rounding of one.
     """
     chosen_rewards = rewards(policy_chosen_logps, ref_chosen_logps, beta, reward, chosen_lengths).detach()
     rejected_rewards = rewards(policy_rejected_logps, ref_rejected_logps, beta, reward, rejected_lengths).detach()
+    band = tie_band(policy_chosen_logps.detach(), policy_rejected_logps.detach(), ref_chosen_logps, ref_rejected_logps,
+                    beta, reward, chosen_lengths, rejected_lengths, tie_rtol)
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),  # a tie counts as wrong, as in TRL
+        "rewards/accuracies": (chosen_rewards - rejected_rewards > band).float(),
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": policy_chosen_logps.detach(),
         "logps/rejected": policy_rejected_logps.detach(),

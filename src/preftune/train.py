@@ -38,6 +38,7 @@ from preftune.logps import compute_logps, compute_logps_wpo, packed_layout_works
 from preftune.losses import (
     MASKED_MEANS,
     OPTIONS,
+    TIE_RTOL,
     combined_loss,
     example_metrics,
     kl_estimate,
@@ -493,7 +494,8 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs:
     if cfg.unpaired:
         return loss, example_metrics(chosen, ref_chosen, batch.labels, cfg.beta, kl)
     metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
-                           reward=reward_kind(cfg.losses), chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+                           reward=reward_kind(cfg.losses), chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                           tie_rtol=TIE_RTOL[cfg.dtype])
     if pair_weights is not None:
         metrics["wpo/weights"] = pair_weights
     return loss, metrics

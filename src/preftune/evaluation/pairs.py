@@ -7,9 +7,10 @@ Per pair, with log-probs summed over response tokens (DESIGN.md, "The math in on
     rejected_reward = β·(log π(y_l|x) − log π_ref(y_l|x))
     margin          = chosen_reward − rejected_reward
 
-A pair is a win when chosen_reward > rejected_reward, a tie when they are exactly equal (a model against itself
-gives only ties), a loss otherwise. `rewards/accuracies` is wins / pairs, as in training's metrics (a tie is not a
-win); `rewards/ties` is ties / pairs, reported on its own.
+A pair is a tie when |margin| is within the rounding of its log-probs (`losses.tie_band`: β·1e-5·(|πw| + |rw| +
+|πl| + |rl|); a model against itself gives only ties), a win when the margin is above that, a loss below.
+`rewards/accuracies` is wins / pairs, as in training's metrics (a tie is not a win); `rewards/ties` is ties /
+pairs, reported on its own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from preftune.data.batching import PaddedBatch, collate_padded
 from preftune.data.tokenize import TokenizedPair
 from preftune.evaluation.stats import mean_se
 from preftune.logps import compute_logps
+from preftune.losses import tie_band
 
 LENGTH_MEASURE = "chosen + rejected response tokens"
 ReferenceLogps = Callable[[PaddedBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -72,10 +74,10 @@ def bucket_label(low: int | None, high: int | None) -> str:
 # ------------------------------------------------------------------------------------------- summaries
 
 
-def _group(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float]) -> dict:
+def _group(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float], bands: Sequence[float]) -> dict:
     n = len(chosen_rewards)
-    wins = sum(c > r for c, r in zip(chosen_rewards, rejected_rewards))
-    ties = sum(c == r for c, r in zip(chosen_rewards, rejected_rewards))
+    wins = sum(c - r > band for c, r, band in zip(chosen_rewards, rejected_rewards, bands))
+    ties = sum(abs(c - r) <= band for c, r, band in zip(chosen_rewards, rejected_rewards, bands))
     margin, margin_se = mean_se([c - r for c, r in zip(chosen_rewards, rejected_rewards)])
     return {
         "pairs": n,
@@ -99,13 +101,16 @@ def summarize_pairs(policy_chosen_logps: Sequence[float], policy_rejected_logps:
     """
     chosen = [beta * (p - r) for p, r in zip(policy_chosen_logps, ref_chosen_logps)]
     rejected = [beta * (p - r) for p, r in zip(policy_rejected_logps, ref_rejected_logps)]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    bands = tie_band(*map(as_tensor, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps)), beta).tolist()
     edges = sorted(set(length_edges)) if length_edges is not None else quartile_edges(lengths)
-    result = {"beta": beta, **_group(chosen, rejected),
+    result = {"beta": beta, **_group(chosen, rejected, bands),
               "logps/chosen": mean_se(policy_chosen_logps)[0], "logps/rejected": mean_se(policy_rejected_logps)[0]}
     buckets = []
     for k, (low, high) in enumerate(bucket_bounds(edges)):
         members = [i for i, length in enumerate(lengths) if bucket_index(length, edges) == k]
-        group = _group([chosen[i] for i in members], [rejected[i] for i in members])
+        group = _group([chosen[i] for i in members], [rejected[i] for i in members], [bands[i] for i in members])
         buckets.append({"tokens": bucket_label(low, high), "min_tokens": low, "max_tokens": high, **group})
     result["by_length"] = {"measure": LENGTH_MEASURE, "edges": edges, "buckets": buckets}
     return result
