@@ -84,7 +84,10 @@ def layouts(args):
 
 def end_to_end():
     from preftune.cli import main
-    from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+
+    # The toy model and data builders are test fixtures in tests/toy.py, not part of the package.
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+    from toy import counting_pairs, save_model_folder, write_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -13,12 +13,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 from preftune import train as train_module
 from preftune.config import resolve
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+
+# The toy model and data builders are test fixtures in tests/toy.py, not part of the package.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from toy import counting_pairs, save_model_folder, write_jsonl  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 

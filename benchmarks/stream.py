@@ -5,7 +5,7 @@
     python benchmarks/stream.py --size-mb 600 --prompt-words 200 --memory-cap-mib 512   # data larger than memory
 
 Writes a synthetic .jsonl of at least --size-mb MB (the toy counting task, rows of ~100 bytes), then runs a few
-steps of `preftune train` on the toy model (`preftune.demo.toy.save_model_folder`) in a child process, once per
+steps of `preftune train` on the toy model (`tests/toy.py`, `save_model_folder`) in a child process, once per
 path, sampling its /proc status every 0.2 s: peak VmRSS (VmHWM) and peak RssAnon (memory the process owns;
 the memory-mapped token ids are file pages, counted in RssFile, which the kernel can drop at any time).
 --no-ref-cache: the cached reference would run the reference model over every pair first (hours on a CPU for
@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from preftune.demo.toy import counting_pairs, save_model_folder
+# The toy model and data builders are test fixtures in tests/toy.py, not part of the package.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from toy import counting_pairs, save_model_folder  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "stream"
 

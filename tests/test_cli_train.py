@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from preftune.cli import main
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from toy import counting_pairs, save_model_folder, write_jsonl
 from conftest import stopped_after
-from helpers import assert_same_run
+from helpers import SRC, assert_same_run
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -259,7 +259,8 @@ def test_console_script_and_pickle_refusal(toy, tmp_path):
             (pickled / f.name).write_bytes(f.read_bytes())
     torch.save(load_file(Path(toy["model"]) / "model.safetensors"), pickled / "pytorch_model.bin")
     proc = subprocess.run([sys.executable, "-m", "preftune", "train", "--model", str(pickled), "--data", toy["train"],
-                           "--output", str(tmp_path / "run")], capture_output=True, text=True)
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
     assert proc.returncode == 2
     assert "pickle weights" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
@@ -268,7 +269,8 @@ def test_console_script_and_pickle_refusal(toy, tmp_path):
 def test_a_run_prints_only_its_own_lines_and_progress_bars(toy, tmp_path):
     """A fresh process with a fresh matplotlib cache (it logs "generated new fontManager" once) that imports peft and
     so bitsandbytes (which logs that it cannot fetch optional CPU kernels): neither reaches the user."""
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONWARNINGS": "ignore::DeprecationWarning",
+           "PYTHONPATH": str(SRC)}
     proc = subprocess.run([sys.executable, "-m", "preftune", "train", *base_args(toy, tmp_path / "run", steps=2),
                            "--eval-data", toy["eval"]], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -290,7 +292,7 @@ def test_packed_and_padded_layouts_give_the_same_run(toy, tmp_path):
 def test_group_by_length_is_seeded_and_covers_every_pair(toy):
     from preftune.config import TrainConfig
     from preftune.data.tokenize import TokenizedPair
-    from preftune.train import epoch_order
+    from preftune.data.load import epoch_order
 
     pairs = [TokenizedPair([1] * (i % 7 + 1), [2], [3], str(i)) for i in range(50)]
     cfg = TrainConfig(model="m", data="d", output="o", batch_size=4, group_by_length=True)

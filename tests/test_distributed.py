@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.cli import main
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.distributed import share
 from conftest import stopped_after
 from helpers import assert_same_run, assert_same_weights, copy_run, records, torchrun
@@ -224,7 +224,7 @@ def test_fsdp_refuses_what_it_does_not_handle(toy, tmp_path, capsys, extra, refu
 
 
 def test_tied_groups_name_the_tied_embeddings_once():
-    from preftune.demo.toy import build_model
+    from toy import build_model
     from preftune.fsdp import tied_groups
 
     assert tied_groups(build_model(12, tie=True)) == [["lm_head.weight", "model.embed_tokens.weight"]]

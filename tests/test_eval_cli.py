@@ -11,7 +11,7 @@ from conftest import build_tiny_tokenizer
 
 from preftune.cli import main
 from preftune.errors import UserError
-from preftune.evaluation.command import EvalOptions, flat_metrics, run_eval
+from preftune.evaluation.evaluate import EvalOptions, flat_metrics, run_eval
 from preftune.evaluation.rewards import load_reward
 
 
@@ -197,7 +197,7 @@ def test_reward_folder_with_pickle_weights_is_refused(tmp_path):
 
 def test_training_calls_the_same_path_with_models_in_memory(files):
     """No --model/--ref: the caller's models and tokenizer are used, and a policy in train mode stays in it."""
-    from preftune.evaluation.command import evaluate_models, load_inputs
+    from preftune.evaluation.evaluate import evaluate_models, load_inputs
     from preftune.loading import load_causal_lm, load_tokenizer
 
     policy = load_causal_lm(files["policy"]).train()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny_tokenizer
 
-from preftune.evaluation.command import generation_eval
+from preftune.evaluation.evaluate import generation_eval
 from preftune.evaluation.sampling import (
     GenerationSettings,
     Prompt,

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune import checkpoint
+from preftune import checkpoint, rundir
 from preftune import train as train_module
 from preftune.cli import main
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from toy import counting_pairs, save_model_folder, write_jsonl
 from conftest import stopped_after
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
@@ -76,7 +76,7 @@ KILLER = textwrap.dedent("""
     elif point == "weights_written":
         checkpoint.save_model = die_on_call(checkpoint.save_model)
     elif point == "before_rename":
-        checkpoint._fsync_tree = die_on_call(checkpoint._fsync_tree)
+        checkpoint.fsync_tree = die_on_call(checkpoint.fsync_tree)
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -133,7 +133,7 @@ def test_keep_last_keeps_the_newest_checkpoints(toy, tmp_path):
     out = tmp_path / "run"
     assert main(args(toy, out, "--keep-last", "2")) == 0
     # Steps 1-3 are checkpointed (the last step writes final/ instead); the two newest remain.
-    assert [p.name for p in checkpoint.complete(out)] == ["step-00000002", "step-00000003"]
+    assert [p.name for p in rundir.complete_checkpoints(out)] == ["step-00000002", "step-00000003"]
 
 
 def test_keep_last_needs_save_every(toy, tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_nonfinite_loss_stops_the_run_without_writing_a_model(toy, tmp_path, mon
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("preftune: error: step 2: loss is nan")
     assert not (out / "final").exists()
-    assert [p.name for p in checkpoint.complete(out)] == ["step-00000001"]
+    assert [p.name for p in rundir.complete_checkpoints(out)] == ["step-00000001"]
 
 
 def test_skip_nonfinite_skips_and_counts_the_step(toy, tmp_path, monkeypatch, capsys):

@@ -2,7 +2,7 @@
 reported skip (exit 0), never in a traceback, and a failed run leaves --output exactly as it found it.
 
 Each case is a small function that changes a `Workspace` (data file, model folder, flags) from a run that works:
-the toy model of `preftune.demo.toy`, four counting pairs, batch 2, one step. `expect` holds what stderr's last
+the toy model of `tests/toy.py`, four counting pairs, batch 2, one step. `expect` holds what stderr's last
 line (errors) or stderr as a whole (runs that finish) must contain; "{data}", "{model}", "{out}", "{config}" and
 "{tmp}" stand for the case's paths.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
-from preftune.demo.toy import counting_pairs, save_model_folder
+from toy import counting_pairs, save_model_folder
 from helpers import assistant, user
 
 GOOD = counting_pairs(4, seed=1)  # {"prompt": "count from 2 :", "chosen": " 2 3 4", "rejected": " 3 4 2"}, ...

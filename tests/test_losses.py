@@ -693,7 +693,7 @@ def test_reference_free_loss_trains_without_any_reference(tmp_path, monkeypatch)
 
     from preftune import train as train_module
     from preftune.cli import main
-    from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+    from toy import counting_pairs, save_model_folder, write_jsonl
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("PREFTUNE_CACHE", str(cache))
@@ -710,6 +710,38 @@ def test_reference_free_loss_trains_without_any_reference(tmp_path, monkeypatch)
     first = records[0]
     assert first["logps/chosen"] < 0 and 2.0 * first["logps/chosen"] < first["rewards/chosen"] < 0
     assert records[2]["loss"] < records[0]["loss"]
+
+
+def test_a_new_loss_is_one_registry_entry(tmp_path, monkeypatch):
+    """A loss added to LOSSES alone (no change to config, the trainer or the CLI) trains through `preftune train`:
+    its declared range is checked up front, the option it refuses is refused, and its value is what it computes."""
+    import json
+
+    from preftune.cli import main
+    from preftune.losses import LossSpec, Range, _ranged
+    from toy import counting_pairs, save_model_folder, write_jsonl
+
+    @_ranged(beta=Range(0.0, 1.0, "(]"))
+    def squared_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta):
+        """(1 − β·h)²: at π = π_ref, h = 0 and the loss is 1."""
+        h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+        return (1 - beta * h) ** 2
+
+    monkeypatch.setitem(LOSSES, "squared_margin", LossSpec(
+        squared_margin, True, "(1 − βh)²", "a test", refuses={"wpo": "--wpo: not with --loss {name}"}))
+    model = save_model_folder(tmp_path / "model")
+    data = write_jsonl(counting_pairs(16, seed=1), tmp_path / "train.jsonl")
+
+    def train(name: str, *extra: str) -> int:
+        return main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / name),
+                     "--batch-size", "8", "--max-steps", "2", "--learning-rate", "1e-3", "--loss", "squared_margin",
+                     "--no-report", *extra])
+
+    assert train("run") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(1.0, abs=1e-5) and records[1]["loss"] < records[0]["loss"]
+    assert train("too-large", "--beta", "2") == 2 and not (tmp_path / "too-large").exists()
+    assert train("refused", "--wpo") == 2
 
 
 # ---------------------------------------------------------------------------------------------------- TRL's formulas
@@ -972,7 +1004,7 @@ def test_wpo_log_weights_hand_values():
 def test_wpo_log_weights_agree_between_layouts_and_with_full_logits():
     from preftune.data.batching import collate_packed, collate_padded
     from preftune.data.tokenize import TokenizedPair
-    from preftune.demo.toy import build_model
+    from toy import build_model
     from preftune.logps import compute_logps, compute_logps_wpo
 
     model = build_model(40, seed=1)
@@ -1044,7 +1076,7 @@ def test_ld_dpo_logps_agree_between_layouts(pack_tokens):
     # exactly the plain sum, and α = 0 keeps only the first min(|yw|, |yl|) tokens of each response.
     from preftune.data.batching import collate_packed, collate_padded
     from preftune.data.tokenize import TokenizedPair
-    from preftune.demo.toy import build_model
+    from toy import build_model
     from preftune.logps import compute_logps
 
     model = build_model(40, seed=1)

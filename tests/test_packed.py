@@ -13,7 +13,7 @@ import torch
 
 from preftune.data.batching import collate_packed, collate_padded
 from preftune.data.tokenize import TokenizedPair
-from preftune.demo.toy import build_model
+from toy import build_model
 from preftune.logps import packed_layout_works, packed_logps, padded_logps, token_logps
 from preftune.losses import combined_loss
 

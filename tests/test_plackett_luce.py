@@ -13,8 +13,8 @@ import pytest
 
 from preftune.cli import main
 from preftune.config import TrainConfig
-from preftune.demo.toy import counting_pairs, counting_rows_with_rejected_lists, save_model_folder, write_jsonl
-from preftune.train import epoch_order
+from toy import counting_pairs, counting_rows_with_rejected_lists, save_model_folder, write_jsonl
+from preftune.data.load import epoch_order
 from helpers import RUN_TOL, assert_same_run, assert_same_weights, records, torchrun
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels

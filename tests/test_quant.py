@@ -20,7 +20,7 @@ from preftune import lora
 from preftune import train as train_module
 from preftune.cli import main
 from preftune.config import resolve
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.loading import load_causal_lm
 from conftest import stopped_after
 

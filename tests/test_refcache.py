@@ -11,7 +11,7 @@ from preftune import refcache
 from preftune.data.batching import collate_padded
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
-from preftune.demo.toy import build_model, build_tokenizer, counting_pairs
+from toy import build_model, build_tokenizer, counting_pairs
 from preftune.logps import padded_logps
 from preftune.refcache import cache_key, compute, default_cache_dir, load_or_compute, weights_digest
 

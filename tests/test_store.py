@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from preftune import refcache
-from preftune import train as train_module
+from preftune.data import load
 from preftune.cli import main
 from preftune.config import resolve
 from preftune.data.formats import LoadReport, load_pairs, read_pairs
 from preftune.data.store import TokenStore, split_where
 from preftune.data.tokenize import TokenizedPair
-from preftune.demo.toy import build_tokenizer, counting_pairs, save_model_folder, write_jsonl
+from toy import build_tokenizer, counting_pairs, save_model_folder, write_jsonl
 from conftest import stopped_after
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
@@ -91,8 +91,8 @@ def settings(toy, out: Path, **extra) -> dict:
 def test_streamed_pairs_equal_the_in_memory_ones(toy, tmp_path):
     cfg, _ = resolve(settings(toy, tmp_path / "run"))
     tokenizer = build_tokenizer()
-    in_memory, _ = train_module.load_data(cfg.data, cfg, tokenizer, "--data")
-    store = train_module.stream_data(cfg.data, cfg, tokenizer, "--data", tmp_path / "tokens")
+    in_memory, _ = load.load_data(cfg.data, cfg, tokenizer, "--data")
+    store = load.stream_data(cfg.data, cfg, tokenizer, "--data", tmp_path / "tokens")
     assert len(store) == len(in_memory) == 39
     assert list(store) == in_memory and [store[i] for i in range(39)] == in_memory
     # Line 4 (identical) is skipped, line 8 is blank: pairs 5 and 6 come from lines 7 and 9.
@@ -107,10 +107,10 @@ def test_streamed_pairs_equal_the_in_memory_ones(toy, tmp_path):
 def test_reports_count_the_same_as_the_in_memory_path(toy, tmp_path, caplog):
     cfg, _ = resolve(settings(toy, tmp_path / "run"))
     with caplog.at_level("INFO", logger="preftune"):
-        train_module.load_data(cfg.data, cfg, build_tokenizer(), "--data")
+        load.load_data(cfg.data, cfg, build_tokenizer(), "--data")
         memory_lines = [r.getMessage() for r in caplog.records]
         caplog.clear()
-        train_module.stream_data(cfg.data, cfg, build_tokenizer(), "--data", tmp_path / "tokens")
+        load.stream_data(cfg.data, cfg, build_tokenizer(), "--data", tmp_path / "tokens")
         stream_lines = [r.getMessage() for r in caplog.records]
     assert "40 rows → 39 pairs (standard 39); 1 skipped (chosen == rejected)" in memory_lines[0]
     assert "1 prompts cut from the left" in memory_lines[1]

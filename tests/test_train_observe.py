@@ -9,7 +9,7 @@ import math
 import pytest
 
 from preftune.cli import main
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 REWARD_MODULE = '''
 def score(texts):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
-from preftune.demo.toy import save_model_folder, write_jsonl
+from toy import save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 

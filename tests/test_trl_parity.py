@@ -60,7 +60,7 @@ import pytest
 from preftune.cli import main
 from preftune.data.formats import load_pairs
 from preftune.data.tokenize import tokenize_pairs
-from preftune.demo.toy import save_model_folder, write_jsonl
+from toy import save_model_folder, write_jsonl
 from preftune.losses import LOSSES
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels

@@ -22,10 +22,10 @@ from preftune.data.unpaired import (
     read_examples,
     with_kl_completions,
 )
-from preftune.demo.toy import counting_pairs, save_model_folder, write_jsonl
+from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.errors import UserError
 from preftune.losses import LOSSES, combined_loss, example_metrics, kl_estimate
-from preftune.train import per_pair, without_empty_means
+from preftune.metrics import per_pair, without_empty_means
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 

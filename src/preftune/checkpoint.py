@@ -15,25 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from preftune.files import give_default_modes
-
-CHECKPOINTS = "checkpoints"
-
-
-def fsync(path: Path) -> None:
-    """Flush a file or folder to disk (a folder: so that a rename in it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        fsync(f)
-    fsync(path)
-
+from preftune.files import fsync, fsync_tree, give_default_modes
+from preftune.rundir import CHECKPOINTS, complete_checkpoints
 
 def write_atomically(final: Path, fill) -> None:
     """Call `fill(tmp_dir)` to write a folder, then move it to `final` in one rename."""
@@ -43,7 +26,7 @@ def write_atomically(final: Path, fill) -> None:
         tmp.mkdir(parents=True)
         fill(tmp)
         give_default_modes(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:  # a full disk, or an interrupt: free the space, keep what was there
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -101,38 +84,24 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, reference=None, 
     return final
 
 
-def complete(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))
-
-
-def latest(run_dir: Path) -> Path | None:
-    done = complete(run_dir)
-    return done[-1] if done else None
-
-
 def prune(run_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (the newest is written before older ones go)."""
-    done = complete(run_dir)
+    done = complete_checkpoints(run_dir)
     removed = done[:-keep] if keep > 0 else []
     for path in removed:
         shutil.rmtree(path)
     return removed
 
 
-def load(path: Path, model, optimizer, scheduler, reference=None, sharded: bool = False) -> int:
+def load(path: Path, model, optimizer, scheduler, reference=None, load_states=None) -> int:
     """Restore everything saved by `save` and return the step it was taken at. `reference` is restored when the
-    checkpoint holds one (else it stays as loaded: it had not drifted yet). `sharded`: `model` was sharded by
-    `fsdp.shard` (every process reads the whole files and keeps its shard)."""
+    checkpoint holds one (else it stays as loaded: it had not drifted yet). `load_states(model_state,
+    optimizer_state)`: how a sharded model takes the whole saved states (`fsdp.load_full_states`: every process
+    reads the whole files and keeps its shard); None: loaded here."""
     # weights_only: even our own files are loaded without executing pickled code
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    if sharded:
-        from preftune import fsdp
-
-        fsdp.load_full_states(model, optimizer, load_file(path / "model.safetensors"), state["optimizer"])
+    if load_states is not None:
+        load_states(load_file(path / "model.safetensors"), state["optimizer"])
     elif _quantized(model):
         _load_trainable(model, path / "model.safetensors")
         optimizer.load_state_dict(state["optimizer"])

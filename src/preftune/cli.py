@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from preftune import __version__
 from preftune.errors import UserError
@@ -87,48 +88,51 @@ def _eval(args: dict) -> None:
     eval_main(args)
 
 
+def _command(sub, name: str, run: Callable[[dict], None], *, help: str, description: str) -> argparse.ArgumentParser:
+    """The subparser of `preftune NAME`, whose parsed arguments `main` hands to `run`."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser, folder: str, quick: str) -> None:
+    """--output and --quick, which `demo` and `frontier` (the demo's task again) share."""
+    parser.add_argument("--output", default=folder, help=f"new or empty folder (default {folder})")
+    parser.add_argument("--quick", action="store_true", help=quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from preftune.config import add_arguments
+    from preftune.evaluation.command import add_arguments as add_eval_arguments
 
     parser = _Parser(prog="preftune", description="Align language models on preference pairs (DPO and family).")
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train a model on preference pairs",
-                           description="Train a causal LM on preference pairs with DPO or a related loss.")
-    add_arguments(train)
-    train.set_defaults(run=_train)
-    pre = sub.add_parser("precompute", help="compute and cache reference log-probs ahead of training",
-                         description="Fill the reference log-prob cache that `preftune train` with the same "
-                                     "model, data, length and dtype options then reuses (--output is ignored).")
-    add_arguments(pre)
-    pre.set_defaults(run=_precompute)
-    demo = sub.add_parser("demo", help="the whole pipeline on a built-in sentiment task, offline",
-                          description="The DPO paper's controlled-sentiment experiment in miniature: a review "
-                                      "corpus, a tiny Llama trained on it from scratch (SFT), preference pairs "
-                                      "labelled by a sentiment reward, DPO, evaluation and the run report.")
-    demo.add_argument("--output", default="runs/demo", help="new or empty folder (default runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes: about 1 minute on 2 CPU cores instead of 1.5")
-    demo.set_defaults(run=_demo)
-    frontier = sub.add_parser("frontier", help="reward vs KL of DPO at several β and of best-of-N sampling",
-                              description="The demo's corpus, SFT model and pairs, one DPO run per β sharing one "
-                                          "reference cache, best-of-N sampling from the SFT model (N = 2 … 64), "
-                                          "and the reward-vs-KL frontier in frontier.png and frontier.json.")
-    frontier.add_argument("--output", default="runs/frontier", help="new or empty folder (default runs/frontier)")
-    frontier.add_argument("--quick", action="store_true", help="the demo's --quick sizes")
+    add_arguments(_command(sub, "train", _train, help="train a model on preference pairs",
+                           description="Train a causal LM on preference pairs with DPO or a related loss."))
+    add_arguments(_command(sub, "precompute", _precompute,
+                           help="compute and cache reference log-probs ahead of training",
+                           description="Fill the reference log-prob cache that `preftune train` with the same "
+                                       "model, data, length and dtype options then reuses (--output is ignored)."))
+    demo = _command(sub, "demo", _demo, help="the whole pipeline on a built-in sentiment task, offline",
+                    description="The DPO paper's controlled-sentiment experiment in miniature: a review "
+                                "corpus, a tiny Llama trained on it from scratch (SFT), preference pairs "
+                                "labelled by a sentiment reward, DPO, evaluation and the run report.")
+    _add_demo_arguments(demo, "runs/demo", quick="smaller sizes: about 1 minute on 2 CPU cores instead of 1.5")
+    frontier = _command(sub, "frontier", _frontier, help="reward vs KL of DPO at several β and of best-of-N sampling",
+                        description="The demo's corpus, SFT model and pairs, one DPO run per β sharing one "
+                                    "reference cache, best-of-N sampling from the SFT model (N = 2 … 64), "
+                                    "and the reward-vs-KL frontier in frontier.png and frontier.json.")
+    _add_demo_arguments(frontier, "runs/frontier", quick="the demo's --quick sizes")
     frontier.add_argument("--betas", default="0.05,0.1,0.3,1", help="comma-separated β values (default 0.05,0.1,0.3,1)")
-    frontier.set_defaults(run=_frontier)
-    evaluate = sub.add_parser("eval", help="evaluate a trained model against its reference",
-                              description="Held-out pair metrics (--data), samples from policy and reference with "
-                                          "KL, length, diversity and reward win rate (--prompts, --reward), and "
-                                          "refusal rates (--refusal-prompts). Prints a table; --json writes it.")
-    from preftune.evaluation.command import add_arguments as add_eval_arguments
-
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=_eval)
-    audit = sub.add_parser("audit", help="check a preference dataset before training",
-                           description="Count duplicates, identical, empty and contradictory pairs, train/eval "
-                                       "prompt leakage, truncation, length bias and encoding problems. Exits 0 "
-                                       "whatever it finds (it is a report).")
+    add_eval_arguments(_command(sub, "eval", _eval, help="evaluate a trained model against its reference",
+                                description="Held-out pair metrics (--data), samples from policy and reference with "
+                                            "KL, length, diversity and reward win rate (--prompts, --reward), and "
+                                            "refusal rates (--refusal-prompts). Prints a table; --json writes it."))
+    audit = _command(sub, "audit", _audit, help="check a preference dataset before training",
+                     description="Count duplicates, identical, empty and contradictory pairs, train/eval "
+                                 "prompt leakage, truncation, length bias and encoding problems. Exits 0 "
+                                 "whatever it finds (it is a report).")
     audit.add_argument("data", help="data file (.jsonl, .json, .csv, .parquet) or hub dataset owner/name")
     audit.add_argument("--eval-data", help="eval data: prompts shared with DATA are reported as leakage")
     tokens = audit.add_mutually_exclusive_group()
@@ -139,13 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--columns", help="column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k")
     audit.add_argument("--json", metavar="OUT", help="also write the findings to this JSON file")
     audit.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code shipped with the model")
-    audit.set_defaults(run=_audit)
-    report = sub.add_parser("report", help="plots and an HTML report of a run folder",
-                            description="Draw the run's metrics into RUN_DIR/plots/*.png and write "
-                                        "RUN_DIR/report.html: summary, warnings, plots, config, audit and eval "
-                                        "results in one self-contained page.")
+    report = _command(sub, "report", _report, help="plots and an HTML report of a run folder",
+                      description="Draw the run's metrics into RUN_DIR/plots/*.png and write "
+                                  "RUN_DIR/report.html: summary, warnings, plots, config, audit and eval "
+                                  "results in one self-contained page.")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `preftune train`")
-    report.set_defaults(run=_report)
     return parser
 
 

@@ -20,6 +20,7 @@ import yaml
 from preftune.data.formats import parse_columns
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
+from preftune.loading import carries_adapter
 from preftune.losses import F_DIVERGENCES, LOSSES, OPTIONS, loss_params
 
 
@@ -153,7 +154,12 @@ class TrainConfig:
     def grouped(self) -> str | None:
         """The grouped loss (`plackett_luce`) among the losses, which trains a row's pairs as one group
         (data/groups.py); None if there is none."""
-        return next((name for name in self.losses if "group_size" in loss_params(name)), None)
+        return next((name for name in self.losses if LOSSES[name].grouped), None)
+
+    @property
+    def needs_kl(self) -> bool:
+        """A loss takes KTO's reference point, estimated from each micro-batch (losses.kl_estimate)."""
+        return any(LOSSES[name].needs_kl for name in self.losses)
 
     @property
     def unpaired(self) -> bool:
@@ -316,8 +322,6 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
 
 def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:
     """TR-DPO needs a live reference with weights of its own, of the policy's shape."""
-    from preftune.lora import carries_adapter
-
     if cfg.ref_update is None:
         given = [n for n in ("ref_update_every", "ref_update_alpha") if n in explicit]
         if given:
@@ -341,8 +345,6 @@ def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:
 
 
 def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
-    from preftune.lora import carries_adapter
-
     given = [n for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets") if n in explicit]
     if carries_adapter(cfg.model) and given:
         raise UserError(f"{flag(given[0])}: --model {cfg.model} already carries a LoRA adapter, which trains further "
@@ -362,8 +364,6 @@ def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
 
 def _validate_quantization(cfg: TrainConfig) -> None:
     """A quantized base cannot take gradient steps: only an adapter on top of it trains (QLoRA)."""
-    from preftune.lora import carries_adapter
-
     given = [n for n in ("load_in_4bit", "load_in_8bit") if getattr(cfg, n)]
     if not given:
         return
@@ -422,36 +422,38 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
         if free:
             raise UserError(f"--ld-alpha is not defined for --loss {free[0]} (only for losses with a reference, "
                             "as TRL's DPOTrainer)")
-    if "robust" in names and not 0 <= cfg.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing must be in [0, 0.5) for the robust loss, got {cfg.label_smoothing}")
-    if "exo_pair" in names and not 0 < cfg.label_smoothing < 1:
-        raise UserError(f"--label-smoothing must be in (0, 1) for the exo_pair loss (the EXO paper uses 1e-3), "
-                        f"got {cfg.label_smoothing}")
+    _validate_loss_rules(cfg)
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     _validate_unpaired(cfg)
-    if "rdpo" in names and cfg.rdpo_alpha is None:
-        raise UserError("--loss rdpo needs --rdpo-alpha (the weight of the length difference; no default fits all "
-                        "datasets)")
     _non_negative(cfg, *(o for o in ("simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha", "desirable_weight",
                                      "undesirable_weight") if o in used))
     _positive(cfg, *(o for o in ("discopop_tau",) if o in used))
     if "f_alpha" in used and not math.isfinite(cfg.f_alpha):
         raise UserError(f"--f-alpha must be finite, got {cfg.f_alpha}")
-    if cfg.grouped:
-        single = (("--wpo", cfg.wpo), ("--ld-alpha", cfg.ld_alpha is not None),
-                  ("--group-by-length", cfg.group_by_length))
-        for name, active in single:
-            if active:
-                raise UserError(f"{name} works on single pairs and cannot be used with --loss {cfg.grouped}, which "
-                                "trains the pairs of a row as one group")
-    if cfg.wpo:
-        # WPO weights pairs; aot sorts them (a weight would land on another pair's quantile), sft has no pairs.
-        sorted_losses = [n for n in names if n in ("aot", "aot_unpaired")]
-        if sorted_losses:
-            raise UserError(f"--wpo cannot weight --loss {sorted_losses[0]}: it sorts the pairs of a batch")
+    if cfg.wpo:  # WPO weights pair losses: `sft` (a token mean) has no pairs to weight
         if all(LOSSES[n].normalize != "pairs" for n in names):
             raise UserError(f"--wpo has no effect with --loss {cfg.loss}: it weights pair losses only")
+
+
+def _validate_loss_rules(cfg: TrainConfig) -> None:
+    """What each chosen loss declares in its registry entry (losses.LossSpec): its options' ranges, the options it
+    needs, the smallest micro-batch it works on, and the options it refuses."""
+    for name in cfg.losses:
+        spec = LOSSES[name]
+        for option, allowed in spec.ranges.items():
+            if getattr(cfg, option) not in allowed:
+                raise UserError(f"{flag(option)} must be in {allowed} for the {name} loss{allowed.note}, "
+                                f"got {getattr(cfg, option)}")
+        for option, why in spec.requires.items():
+            if getattr(cfg, option) is None:
+                raise UserError(f"--loss {name} needs {flag(option)} ({why})")
+        smallest, why = spec.min_batch_size
+        if smallest > 1 and cfg.batch_size < smallest:
+            raise UserError(f"--loss {name} needs --batch-size of at least {smallest}: {why}")
+        for option, message in spec.refuses.items():
+            if getattr(cfg, option) not in (None, False):
+                raise UserError(message.format(name=name))
 
 
 def _validate_unpaired(cfg: TrainConfig) -> None:
@@ -470,9 +472,6 @@ def _validate_unpaired(cfg: TrainConfig) -> None:
     for name, active in (("--wpo", cfg.wpo), ("--ld-alpha", cfg.ld_alpha is not None)):
         if active:
             raise UserError(f"{name} is defined for pairs and has no effect with --loss {unpaired[0]}")
-    if unpaired[0] == "kto" and cfg.batch_size < 2:
-        raise UserError("--loss kto needs --batch-size of at least 2: its KL estimate comes from the other examples "
-                        "of the micro-batch (with one it would be the example's own reward)")
     if cfg.desirable_weight == 0 and cfg.undesirable_weight == 0:
         raise UserError("--desirable-weight and --undesirable-weight are both 0: nothing would be trained")
 
@@ -485,7 +484,7 @@ def _validate_f_divergence(cfg: TrainConfig, explicit: set[str]) -> None:
     # f-DPO leaves a β·log Z(x) term that cancels only in a chosen − rejected difference of the same f'; `sft`
     # has no reward and is fine alongside.
     supported = [n for n in LOSSES if "f_divergence" in loss_params(n)]
-    unsupported = [n for n in cfg.losses if n != "sft" and n not in supported]
+    unsupported = [n for n in cfg.losses if LOSSES[n].reward is not None and n not in supported]
     if unsupported:
         raise UserError(f"--f-divergence {cfg.f_divergence} is not defined for --loss {unsupported[0]} (only for "
                         f"{', '.join(supported)})")

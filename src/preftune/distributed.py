@@ -156,6 +156,14 @@ def share(items: list[T], rank: int, size: int, unit: int = 1) -> list[T]:
     return items[start * unit:(start + base + (rank < extra)) * unit]
 
 
+def missing_rounds(num_items: int, batch_size: int, done: int) -> int:
+    """Micro-batches this process lacks in a step of `num_items` items over all processes, having run `done`: the
+    largest share runs ⌈⌈num_items / size⌉ / batch_size⌉ of them. A collective inside each micro-batch (FSDP's
+    gathers, KTO's KL estimate) needs every process, so the others run as many empty rounds as they lack."""
+    largest_share = -(-num_items // world().size)
+    return max(0, -(-largest_share // batch_size) - done)
+
+
 # ---------------------------------------------------------------------------------------------------- reductions
 
 

@@ -3,9 +3,30 @@ report and audit commands stay quick to start. Whole folders: `checkpoint.write_
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+from preftune.errors import UserError
+
+
+def fsync(path: Path) -> None:
+    """Flush a file or folder to disk (a folder: so that a rename in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a folder's files, then the folder itself."""
+    for f in path.iterdir():
+        fsync(f)
+    fsync(path)
 
 
 def write_file_atomically(path: Path, data: bytes | str) -> None:
@@ -24,6 +45,28 @@ def write_file_atomically(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """`obj` as indented UTF-8 JSON (NaN and infinities as null, so any JSON reader takes it), written atomically:
+    a reader never sees half a file, and a failed write leaves the old one. The `--json` and run-folder files
+    (eval.json, audit.json) are written here."""
+    try:
+        write_file_atomically(Path(path), json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False)
+                              + "\n")
+    except OSError as e:
+        raise UserError(f"--json {path}: cannot write ({e.strerror})") from None
 
 
 def current_umask() -> int:

@@ -11,7 +11,7 @@ and reduce-scatters their gradients in backward, as for `forward`. The padded la
 
 Gradients are reduce-scattered in each backward: `distributed.sum_gradients` must not add them up again. A
 process with fewer micro-batches in a step than another runs as many all-zero-loss rounds as it lacks
-(`pad_rounds`), because every process must take part in every gather.
+(`run_empty_rounds`), because every process must take part in every gather.
 
 Checkpoints and final/ hold the whole model, gathered to rank 0 on the CPU, in the files a run without --fsdp
 writes; the optimizer state is saved in `torch.optim`'s own (integer-keyed) layout. Either kind of run, with any
@@ -29,8 +29,8 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from preftune import distributed, logps, lora
+from preftune.device import autocast
 from preftune.errors import UserError
-from preftune.losses import loss_params
 
 log = logging.getLogger("preftune")
 
@@ -46,7 +46,7 @@ def check_supported(cfg) -> None:
     for given, what in refused:
         if given:
             raise UserError(f"--fsdp: not supported with {what}")
-    if any("kl" in loss_params(name) for name in cfg.losses):
+    if cfg.needs_kl:
         raise UserError(f"--fsdp: not supported with --loss {cfg.loss} (its KL estimate is exchanged between "
                         "processes in the middle of each micro-batch)")
 
@@ -93,27 +93,16 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def pad_rounds(s, done: int, num_items: int, backward: bool) -> None:
-    """Run the micro-batches this process lacks in this step (a step's shares differ by one pair, so some process
-    may run one micro-batch fewer than another) with the loss multiplied by zero: the gathers and reduce-scatters
-    of every process then match, and the gradients and metrics are unchanged. `done`: micro-batches run here,
-    `num_items`: pairs of the whole step (over all processes)."""
-    if not enabled(s.policy):
-        return
-    # Imported here: train imports this module.
-    from preftune.train import autocast, micro_batches
-
-    largest_share = -(-num_items // distributed.world().size)
-    rounds = -(-largest_share // s.cfg.batch_size)
-    if rounds <= done:
-        return
-    pairs = s.train_pairs if backward else s.eval_pairs
-    [batch] = micro_batches(s, pairs, [0])  # any pair: its values are multiplied by zero
-    for _ in range(rounds - done):
-        with torch.no_grad() if not backward else torch.enable_grad(), autocast(s.device, s.cfg.dtype):
-            chosen, rejected, _, _ = logps.compute_logps(s.policy, batch, ld_alpha=s.cfg.ld_alpha)
+def run_empty_rounds(model: torch.nn.Module, batch, rounds: int, backward: bool, dtype: str,
+                     ld_alpha: float | None) -> None:
+    """Run `rounds` micro-batches that this process lacks in a step (`distributed.missing_rounds`) on `batch` (any
+    pair), with the loss multiplied by zero: the gathers and reduce-scatters of every process then match, and the
+    gradients and metrics are unchanged."""
+    for _ in range(rounds):
+        with torch.no_grad() if not backward else torch.enable_grad(), autocast(batch.input_ids.device, dtype):
+            result = logps.compute_logps(model, batch, ld_alpha=ld_alpha)
         if backward:
-            ((chosen.sum() + rejected.sum()) * 0.0).backward()
+            ((result.chosen.sum() + result.rejected.sum()) * 0.0).backward()
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts

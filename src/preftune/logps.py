@@ -11,11 +11,36 @@ Two layouts give the same numbers (tests/test_packed.py checks values and gradie
 from __future__ import annotations
 
 import functools
+import logging
+from typing import NamedTuple
 
 import torch
 from torch import LongTensor, Tensor
 
 from preftune.data.batching import PackedBatch, PaddedBatch
+from preftune.data.tokenize import TokenizedPair
+
+log = logging.getLogger("preftune")
+
+
+class SequenceLogps(NamedTuple):
+    """Per-pair results of a log-prob pass, each [B]: summed response log-probs and response token counts."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+
+class WeightedLogps(NamedTuple):
+    """`SequenceLogps` and WPO's log-weights of the chosen and rejected responses (see "WPO weights" below)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    chosen_log_weights: Tensor
+    rejected_log_weights: Tensor
 
 
 def _token_logps(logits: Tensor, targets: LongTensor) -> Tensor:
@@ -51,11 +76,11 @@ def sequence_logps(logits: Tensor, input_ids: LongTensor, response_mask: LongTen
 
 
 def padded_logps(model: torch.nn.Module, batch: PaddedBatch,
-                 ld_alpha: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 ld_alpha: float | None = None) -> SequenceLogps:
     """Run `model` on a `PaddedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
 
     With `ld_alpha`, the log-probs are LD-DPO's (see `_ld_weights`)."""
-    return _padded(model, batch, wpo=False, ld_alpha=ld_alpha)[:4]
+    return SequenceLogps(*_padded(model, batch, wpo=False, ld_alpha=ld_alpha)[:4])
 
 
 def _padded(model: torch.nn.Module, batch: PaddedBatch, wpo: bool, ld_alpha: float | None) -> tuple[Tensor, ...]:
@@ -165,13 +190,13 @@ def token_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chun
 
 
 def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int | None = None,
-                 ld_alpha: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 ld_alpha: float | None = None) -> SequenceLogps:
     """Run `model` on a `PackedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
 
     The decoder runs once over the packed rows; hidden states are gathered at the N positions that predict
     response tokens, and only those go through the LM head. With `ld_alpha`, the log-probs are LD-DPO's.
     """
-    return _packed(model, batch, chunk, wpo=False, ld_alpha=ld_alpha)[:4]
+    return SequenceLogps(*_packed(model, batch, chunk, wpo=False, ld_alpha=ld_alpha)[:4])
 
 
 # A sharded model's (fsdp.py) method that runs `packed_run` with the LM head's and embeddings' weights gathered.
@@ -217,7 +242,7 @@ def _packed_ld_weights(batch: PackedBatch, ld_alpha: float) -> Tensor:
 
 
 def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
-                  ld_alpha: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  ld_alpha: float | None = None) -> SequenceLogps:
     """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) for either layout; LD-DPO's log-probs
     with `ld_alpha` (None: plain sums)."""
     if isinstance(batch, PackedBatch):
@@ -232,7 +257,7 @@ def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
 
 
 def compute_logps_wpo(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
-                      ld_alpha: float | None = None) -> tuple[Tensor, ...]:
+                      ld_alpha: float | None = None) -> WeightedLogps:
     """`compute_logps` plus the WPO log-weights of the chosen and rejected responses: (chosen_logps,
     rejected_logps, chosen_lengths, rejected_lengths, chosen_log_weights, rejected_log_weights), each [B].
 
@@ -240,8 +265,8 @@ def compute_logps_wpo(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
     TRL) cost one more pass of the LM head over the response positions (packed layout), without gradient.
     """
     if isinstance(batch, PackedBatch):
-        return _packed(model, batch, None, wpo=True, ld_alpha=ld_alpha)
-    return _padded(model, batch, wpo=True, ld_alpha=ld_alpha)
+        return WeightedLogps(*_packed(model, batch, None, wpo=True, ld_alpha=ld_alpha))
+    return WeightedLogps(*_padded(model, batch, wpo=True, ld_alpha=ld_alpha))
 
 
 @torch.no_grad()
@@ -286,3 +311,18 @@ def packed_layout_works(model: torch.nn.Module, pairs: list, pad_id: int) -> str
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-3):
             return f"log-probs differ by up to {(a - b).abs().max().item():.3g}"
     return None
+
+
+def choose_layout(requested: str, policy, pairs: list[TokenizedPair], pad_id: int) -> str:
+    """The packed layout when it gives this model's exact log-probs on a few pairs, else the plain one (`--layout`
+    padded: the plain one)."""
+    if requested == "padded":
+        return "padded"
+    # Short pieces of two real pairs: the check is about the model, and full-length plain logits are large.
+    probe = [TokenizedPair(p.prompt_ids[-16:], p.chosen_ids[:8], p.rejected_ids[:8], p.where) for p in pairs[:2]]
+    problem = packed_layout_works(policy, probe, pad_id)
+    if problem:
+        log.warning("packed layout does not fit %s (%s): using the plain padded layout",
+                    type(policy).__name__, problem)
+        return "padded"
+    return "packed"

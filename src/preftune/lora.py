@@ -31,14 +31,12 @@ import torch
 
 from preftune import refcache
 from preftune.errors import UserError
-from preftune.loading import load_tokenizer
+from preftune.loading import base_model_path, carries_adapter, read_adapter_config
 from preftune.reference import PolicyReference
 
 if TYPE_CHECKING:
     from preftune.config import TrainConfig
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINED = "default"  # peft's name for the adapter that trains
 FROZEN = "reference"  # the frozen copy of a loaded adapter, used as the live reference with --no-ref-cache
 # Settings in adapter_config.json that do not change what the adapter computes (left out of the cache key).
@@ -48,59 +46,9 @@ _NOT_FUNCTIONAL = {"base_model_name_or_path", "revision", "inference_mode", "pef
 # ---------------------------------------------------------------------------------------------------- folders
 
 
-def carries_adapter(path: str) -> bool:
-    """True when the --model folder holds a LoRA adapter (adapter_config.json), with or without its base."""
-    return Path(path, ADAPTER_CONFIG).is_file()
-
-
 def enabled(cfg: TrainConfig) -> bool:
     """Whether the policy trains an adapter: a fresh one (--lora-r) or the one --model carries."""
     return cfg.lora_r > 0 or carries_adapter(cfg.model)
-
-
-def read_adapter_config(folder: str) -> dict:
-    """The adapter_config.json of `folder`, after checking it is a LoRA adapter with safetensors weights."""
-    path = Path(folder, ADAPTER_CONFIG)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--model {folder}: unreadable {ADAPTER_CONFIG} ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise UserError(f"--model {folder}: {ADAPTER_CONFIG} field 'peft_type' must be LORA, got {kind!r}")
-    if not Path(folder, ADAPTER_WEIGHTS).is_file():
-        pickled = Path(folder, "adapter_model.bin").is_file()
-        raise UserError(f"--model {folder}: " + ("holds only pickle adapter weights (adapter_model.bin), which can "
-                                                 "run code when loaded; convert them to safetensors" if pickled
-                                                 else f"no adapter weights ({ADAPTER_WEIGHTS})"))
-    return config
-
-
-def base_model_path(model: str) -> str:
-    """Where the base weights of --model are: `model` itself, unless it holds only an adapter; then the base that
-    its adapter_config.json names (a folder, or a hub name)."""
-    if not carries_adapter(model) or Path(model, "config.json").is_file():
-        return model
-    base = read_adapter_config(model).get("base_model_name_or_path")
-    if not isinstance(base, str) or not base:
-        raise UserError(f"--model {model}: {ADAPTER_CONFIG} field 'base_model_name_or_path' must name the base "
-                        f"model, got {base!r}")
-    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
-    if looks_local and not Path(base).expanduser().is_dir():
-        raise UserError(f"--model {model}: {ADAPTER_CONFIG} field 'base_model_name_or_path' names {base!r}, which "
-                        "is not a folder here")
-    return str(Path(base).expanduser()) if looks_local else base
-
-
-def load_adapter_tokenizer(folder: str, base: str, trust_remote_code: bool = False):
-    """The tokenizer saved with an adapter (its run may have set a chat template), else the base model's."""
-    if not Path(folder, "tokenizer_config.json").is_file():
-        return load_tokenizer(base, trust_remote_code=trust_remote_code)
-    try:
-        # what="--tokenizer" is the only way to load from a folder without config.json; the error names --model
-        return load_tokenizer(folder, trust_remote_code=trust_remote_code, what="--tokenizer")
-    except UserError as e:
-        raise UserError("--model" + str(e).removeprefix("--tokenizer")) from None
 
 
 # ---------------------------------------------------------------------------------------------------- wrapping

@@ -21,12 +21,13 @@ reference's; hw = πw − rw and hl = πl − rl their log-ratios, h = hw − hl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +36,43 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from preftune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a loss accepts for one of its options, e.g. Range(0, 0.5, "[)") for 0 ≤ ε < 0.5."""
+
+    low: float
+    high: float
+    ends: str = "[]"  # "[" / "(": low included or not; "]" / ")": high included or not
+    note: str = ""  # said after the range in the error, e.g. " (the EXO paper uses 1e-3)"
+
+    def __str__(self) -> str:
+        return f"{self.ends[0]}{self.low:g}, {self.high:g}{self.ends[1]}"
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.ends[0] == "[" else value > self.low
+        below = value <= self.high if self.ends[1] == "]" else value < self.high
+        return above and below
+
+
+def _ranged(**ranges: Range):
+    """Declare the ranges of a loss's options (`LossSpec.ranges` reads them, config.py checks them up front); the
+    function itself refuses a value outside them too, when called directly."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            for option, allowed in ranges.items():
+                if kwargs[option] not in allowed:
+                    raise UserError(f"--{option.replace('_', '-')} must lie in {allowed} for the '{fn.__name__}' "
+                                    f"loss{allowed.note}, got {kwargs[option]}")
+            return fn(*args, **kwargs)
+
+        checked.ranges = ranges
+        return checked
+
+    return decorate
 
 # ---------------------------------------------------------------------------------------------------- f-divergences
 # f-DPO (Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
@@ -158,6 +196,7 @@ def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     return torch.relu(1 - beta * h)
 
 
+@_ranged(label_smoothing=Range(0.0, 0.5, "[)"))
 def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
            beta: float, label_smoothing: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
     """Robust DPO (Chowdhury et al. 2024), as in TRL, [B]:
@@ -166,8 +205,6 @@ def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
 
     an unbiased estimate of the DPO loss when labels are flipped with probability ε. Needs 0 ≤ ε < 0.5.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
     scaled = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                             f_divergence, f_alpha)
     clean = -(1 - label_smoothing) * F.logsigmoid(scaled)
@@ -175,6 +212,7 @@ def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     return (clean - flipped) / (1 - 2 * label_smoothing)
 
 
+@_ranged(label_smoothing=Range(0.0, 1.0, "()", " (the EXO paper uses 1e-3)"))
 def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta: float, label_smoothing: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
     """EXO-pref for two responses, Eq. 16 of Ji et al. 2024: KL(q ‖ p) with q = (σ(β·h), σ(−β·h)) the policy's
@@ -184,9 +222,6 @@ def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
     Needs 0 < ε < 1 (log ε); the paper uses ε = 1e-3.
     """
-    if not 0.0 < label_smoothing < 1.0:
-        raise UserError(f"--label-smoothing must lie in (0, 1) for the 'exo_pair' loss (the EXO paper uses 1e-3), "
-                        f"got {label_smoothing}")
     scaled = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                             f_divergence, f_alpha)
     chosen_term = torch.sigmoid(scaled) * (F.logsigmoid(scaled) - math.log1p(-label_smoothing))
@@ -444,7 +479,30 @@ class LossSpec:
     beta: str = "—"  # the β the paper recommends ("—": none recorded, see docs/losses.md)
     lr: str = "—"  # the learning rate the paper recommends
     unpaired: bool = False  # trains on examples (prompt, completion, label), see "unpaired" above
+    # What config.py checks for this loss, generically (adding a loss never touches config.py):
+    requires: dict[str, str] = field(default_factory=dict)  # option → why it has no default
+    min_batch_size: tuple[int, str] = (1, "")  # (n, why) for a loss that needs n examples per micro-batch
+    refuses: dict[str, str] = field(default_factory=dict)  # option → the error when it is on, "{name}": the loss
 
+    @property
+    def ranges(self) -> dict[str, Range]:
+        """Allowed values of its options (declared on the function with `_ranged`)."""
+        return getattr(self.fn, "ranges", {})
+
+    @property
+    def grouped(self) -> bool:
+        """Trains the pairs of a data row as one group (the function takes `group_size`)."""
+        return "group_size" in inspect.signature(self.fn).parameters
+
+    @property
+    def needs_kl(self) -> bool:
+        """Takes KTO's reference point `kl`, estimated from the micro-batch (see `kl_estimate`)."""
+        return "kl" in inspect.signature(self.fn).parameters
+
+
+_SORTS_PAIRS = {"wpo": "--wpo cannot weight --loss {name}: it sorts the pairs of a batch"}
+_SINGLE_PAIRS = {option: f"--{option.replace('_', '-')} works on single pairs and cannot be used with --loss {{name}}, "
+                 "which trains the pairs of a row as one group" for option in ("wpo", "ld_alpha", "group_by_length")}
 
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(
@@ -491,10 +549,10 @@ LOSSES: dict[str, LossSpec] = {
     "aot": LossSpec(
         aot, True, "−(1−ε) log σ(βd) − ε log σ(−βd), d = sort(πw − πl) − sort(rw − rl) over the micro-batch",
         "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
-        "(arXiv 2406.05882), paired"),
+        "(arXiv 2406.05882), paired", refuses=_SORTS_PAIRS),
     "aot_unpaired": LossSpec(
         aot_unpaired, True, "as aot with d = sort(hw) − sort(hl) over the micro-batch",
-        "Melnyk et al. 2024 (arXiv 2406.05882), unpaired"),
+        "Melnyk et al. 2024 (arXiv 2406.05882), unpaired", refuses=_SORTS_PAIRS),
     "apo_zero": LossSpec(
         apo_zero, True, "1 − σ(βhw) + σ(βhl)",
         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions: Addressing "
@@ -513,12 +571,13 @@ LOSSES: dict[str, LossSpec] = {
     "rdpo": LossSpec(
         rdpo, True, "−log σ(βh + α(|yw| − |yl|))",
         "Park et al. 2024, Disentangling Length from Quality in Direct Preference Optimization "
-        "(arXiv 2403.19159), R-DPO"),
+        "(arXiv 2403.19159), R-DPO",
+        requires={"rdpo_alpha": "the weight of the length difference; no default fits all datasets"}),
     "plackett_luce": LossSpec(
         plackett_luce, True, "log(1 + Σ_j exp(−βh_j)) over the k rejected responses j of a row, h_j = hw − hl_j "
         "(a row's loss, carried by each of its k pairs)",
         "Rafailov et al. 2023 (arXiv 2305.18290), Appendix A.3, Eq. 18 with the chosen response ranked first and "
-        "the rejected ones in any order (the paper runs no experiment with it)"),
+        "the rejected ones in any order (the paper runs no experiment with it)", refuses=_SINGLE_PAIRS),
     "simpo": LossSpec(
         simpo, False, "−log σ(β(πw/|yw| − πl/|yl|) − γ)",
         "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
@@ -536,7 +595,9 @@ LOSSES: dict[str, LossSpec] = {
         kto, True, "λD(1 − σ(β(h − z))) if desirable, λU(1 − σ(β(z − h))) if not; h = π − r of the completion, "
         "z = max(0, mean of π − r over mismatched completions), no gradient",
         "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306 v2), "
-        "Eq. 7", unpaired=True, beta="0.1", lr="5e-6"),
+        "Eq. 7", unpaired=True, beta="0.1", lr="5e-6",
+        min_batch_size=(2, "its KL estimate comes from the other examples of the micro-batch (with one it would be "
+                           "the example's own reward)")),
     "apo_zero_unpaired": LossSpec(
         apo_zero_unpaired, True, "λD(1 − σ(βh)) if desirable, λU σ(βh) if not; h = π − r of the completion",
         "D'Oosterlinck et al. 2024 (arXiv 2408.06266), unpaired variant of Eq. 7 (APO-zero), as TRL's KTOTrainer",

@@ -14,15 +14,22 @@ from pathlib import Path
 import torch
 
 from preftune.config import TrainConfig
-from preftune.data.audit import audit_pairs, write_json
+from preftune.data.audit import audit_pairs
 from preftune.data.audit_examples import audit_examples
 from preftune.data.formats import PreferencePair
 from preftune.errors import UserError
+from preftune.evaluation.evaluate import (
+    EvalOptions,
+    evaluate_models,
+    flat_metrics,
+    load_inputs,
+)
+from preftune.files import write_json
+from preftune.loading import carries_adapter
 from preftune.monitor import TrainingMonitor
+from preftune.rundir import AUDIT, EVAL
 
 log = logging.getLogger("preftune")
-AUDIT = "audit.json"
-EVAL = "eval.json"
 
 
 def audit_data(train: list[PreferencePair], held_out: list[PreferencePair], unpaired: bool = False):
@@ -35,7 +42,7 @@ def audit_data(train: list[PreferencePair], held_out: list[PreferencePair], unpa
 
 
 def write_audit(report, run_dir: Path) -> None:
-    write_json(report, str(run_dir / AUDIT))
+    write_json(run_dir / AUDIT, report.to_dict())
 
 
 class Watcher:
@@ -64,8 +71,6 @@ class GenerationEval:
     """
 
     def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, live_reference=None):
-        from preftune.evaluation.command import EvalOptions, load_inputs
-
         self.cfg = cfg
         self.options = EvalOptions(model=cfg.output, ref=cfg.ref_model or cfg.model, prompts=cfg.eval_prompts,
                                    reward=cfg.eval_reward, max_new_tokens=cfg.eval_max_new_tokens,
@@ -87,8 +92,6 @@ class GenerationEval:
 
     def __call__(self, policy, step: int, run_dir: Path | None) -> dict[str, float]:
         """eval/* metrics of the policy now; the full result goes to eval.json (rank 0 passes run_dir)."""
-        from preftune.evaluation.command import evaluate_models, flat_metrics, write_json
-
         was_training = policy.training
         policy.eval()
         try:
@@ -97,13 +100,11 @@ class GenerationEval:
             policy.train(was_training)
         result["step"] = step
         if run_dir is not None:
-            write_json(result, str(run_dir / EVAL))
+            write_json(run_dir / EVAL, result)
         return {"eval/" + k: v for k, v in flat_metrics(result).items()}
 
 
 def check_generation_options(cfg: TrainConfig) -> None:
-    from preftune.lora import carries_adapter
-
     if cfg.eval_prompts and carries_adapter(cfg.model):
         raise UserError("--eval-prompts: sampling the reference of a model that carries a LoRA adapter is not "
                         "supported yet; evaluate final/ afterwards with `preftune eval`")

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,8 @@ from torch import LongTensor, Tensor
 from tqdm.auto import tqdm
 
 from preftune import distributed
-from preftune.checkpoint import fsync
+from preftune.device import autocast
+from preftune.files import fsync
 from preftune.data.tokenize import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -142,8 +142,7 @@ def sorted_order(pairs: list[TokenizedPair]) -> list[int]:
 @torch.no_grad()
 def _fill(array: np.ndarray, model, pairs, order, *, batch_size, logps_fn, collate_fn, device, dtype, progress):
     """Write the [N, 2] rows of `array` batch by batch, at their dataset positions."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    with tqdm(total=len(pairs), desc="reference", unit="pair", disable=not progress) as bar, autocast:
+    with tqdm(total=len(pairs), desc="reference", unit="pair", disable=not progress) as bar, autocast(device, dtype):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = collate_fn([pairs[i] for i in chunk], chunk).to(device)

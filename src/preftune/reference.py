@@ -1,15 +1,28 @@
-"""The frozen reference model whose log-probs anchor the policy (the π_ref of the DPO loss)."""
+"""The frozen reference model whose log-probs anchor the policy (the π_ref of the DPO loss).
+
+Three kinds, one interface (`Reference`): a frozen copy of a model (`ReferenceModel`), the policy itself inside a
+context such as a disabled LoRA adapter (`PolicyReference`), and log-probs read from the on-disk cache
+(`CachedReference`, the default).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 
 from preftune.data.batching import PackedBatch, PaddedBatch
+from preftune.device import autocast
 from preftune.logps import compute_logps
 from preftune.refcache import RefLogps
+
+
+class Reference(Protocol):
+    def logps(self, batch: PackedBatch | PaddedBatch,
+              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
 
 
 class ReferenceModel:
@@ -23,11 +36,9 @@ class ReferenceModel:
     def logps(self, batch: PackedBatch | PaddedBatch,
               ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
-        device = next(self.model.parameters()).device
-        bf16 = self.dtype == "bfloat16"
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            chosen, rejected, _, _ = compute_logps(self.model, batch, ld_alpha=ld_alpha)
-        return chosen, rejected
+        with autocast(next(self.model.parameters()).device, self.dtype):
+            result = compute_logps(self.model, batch, ld_alpha=ld_alpha)
+        return result.chosen, result.rejected
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module, alpha: float) -> None:
@@ -57,15 +68,13 @@ class PolicyReference:
               ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
         was_training = self.model.training
-        device = next(self.model.parameters()).device
-        bf16 = self.dtype == "bfloat16"
         self.model.eval()
         try:
-            with self.context(), torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-                chosen, rejected, _, _ = compute_logps(self.model, batch, ld_alpha=ld_alpha)
+            with self.context(), autocast(next(self.model.parameters()).device, self.dtype):
+                result = compute_logps(self.model, batch, ld_alpha=ld_alpha)
         finally:
             self.model.train(was_training)
-        return chosen, rejected
+        return result.chosen, result.rejected
 
 
 class CachedReference:

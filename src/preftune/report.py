@@ -19,10 +19,7 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
 from preftune.monitor import TrainingMonitor
-
-METRICS = "metrics.jsonl"
-REPORT = "report.html"
-PLOTS = "plots"
+from preftune.rundir import AUDIT, CONFIG, EVAL, FINAL, METRICS, PLOTS, REPORT
 MAX_SAMPLES = 20  # sample continuations shown; the page says how many there were
 FIGSIZE = (6.0, 3.5)  # inches, at 100 dpi: 600 × 350 px
 DPI = 100
@@ -49,12 +46,11 @@ def read_run(run_dir: str | Path) -> Run:
         raise UserError(f"{path}: not a folder (expected a run folder written by `preftune train`)")
     metrics = path / METRICS
     if not metrics.exists():
-        if not (path / "config.yaml").exists():
+        if not (path / CONFIG).exists():
             raise UserError(f"{path}: not a preftune run folder (no {METRICS}, no config.yaml)")
         raise UserError(f"{metrics}: missing; the run has not logged a step yet")
     records = read_metrics(metrics)
-    return Run(path, records, _read_yaml(path / "config.yaml"), _read_json(path / "audit.json"),
-               _read_json(path / "eval.json"))
+    return Run(path, records, _read_yaml(path / CONFIG), _read_json(path / AUDIT), _read_json(path / EVAL))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -332,7 +328,7 @@ def summary_section(run: Run) -> str:
     train_keys = ("loss", "rewards/accuracies", "rewards/margins")
     tail = records[-10:]
     rows = [("run folder", str(run.path.resolve())),
-            ("status", "finished (final/ holds the model)" if (run.path / "final").is_dir()
+            ("status", "finished (final/ holds the model)" if (run.path / FINAL).is_dir()
              else "no final/ folder: the run is unfinished or was interrupted"),
             ("loss", f"{config.get('loss', '?')} (β = {config.get('beta', '?')})"),
             ("steps logged", f"{len(records)} (steps {records[0]['step']}–{last['step']} of {total_steps(run)})")]

@@ -6,68 +6,60 @@ token) count of the whole step, so the summed gradients equal those of one big b
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from preftune import checkpoint, distributed, fsdp, lora, observe, refcache
+from preftune import checkpoint, distributed, fsdp, lora, observe, rundir
+from preftune.data.audit import AuditReport
 from preftune.config import TrainConfig, write_yaml
-from preftune.data.batching import PackedBatch, PaddedBatch, collate_packed, collate_padded
-from preftune.data.formats import LoadReport, PreferencePair, parse_columns, read_pairs
-from preftune.data.groups import group_size, grouped_order
+from preftune.data.batching import PackedBatch, PaddedBatch, collate
+from preftune.data.load import check_one_step, epoch_order, global_batch, load_data, load_streamed, \
+    pairs_per_group
 from preftune.data.store import TokenStore
-from preftune.data.tokenize import TokenizedPair, TruncationReport, iter_tokenized
-from preftune.data.unpaired import ExampleReport, KLReport, check_balance, read_examples, with_kl_completions
+from preftune.data.tokenize import TokenizedPair
+from preftune.device import autocast, resolve_device
 from preftune.errors import UserError
-from preftune.files import write_file_atomically
-from preftune.loading import causal_lm_config, load_causal_lm, load_tokenizer
-from preftune.logps import compute_logps, compute_logps_wpo, packed_layout_works
-from preftune.losses import (
-    MASKED_MEANS,
-    OPTIONS,
-    TIE_RTOL,
-    combined_loss,
-    example_metrics,
-    kl_estimate,
-    loss_params,
-    pair_metrics,
-    reward_kind,
-)
-from preftune.reference import CachedReference, ReferenceModel
+from preftune.loading import base_model_path, causal_lm_config, load_adapter_tokenizer, load_causal_lm, load_tokenizer
+from preftune.logps import choose_layout, compute_logps, compute_logps_wpo
+from preftune.losses import OPTIONS, TIE_RTOL, combined_loss, example_metrics, kl_estimate, pair_metrics, reward_kind
+from preftune.metrics import StepMetrics, add_sums, per_pair, progress_fields, step_counts, to_records, \
+    without_empty_means
+from preftune.reference import Reference
+from preftune.refsetup import build_references
 
 log = logging.getLogger("preftune")
-METRICS = "metrics.jsonl"
+Pairs = list[TokenizedPair] | TokenStore  # a TokenStore (token ids on disk) with --stream
 
 
 @dataclass
 class Setup:
+    """Everything a run holds, loaded and checked by `setup` before the run folder is touched."""
+
     cfg: TrainConfig
     run_dir: Path
     device: torch.device
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     policy: torch.nn.Module
-    reference: ReferenceModel | CachedReference | None
-    eval_reference: ReferenceModel | CachedReference | None
-    train_pairs: list[TokenizedPair] | TokenStore  # a TokenStore (token ids on disk) with --stream
-    eval_pairs: list[TokenizedPair] | TokenStore
+    train_pairs: Pairs
+    eval_pairs: Pairs | list
     steps_per_epoch: int
     total_steps: int
-    layout: str
+    layout: str  # "packed" or "padded" (logps.choose_layout)
+    reference: Reference | None = None  # None: a reference-free loss
+    eval_reference: Reference | None = None
     orders: dict[int, np.ndarray | list[int]] = field(default_factory=dict)  # the current epoch's pair order
-    audit: object = None  # the data audit of --data (and --eval-data), written to audit.json
+    audit: AuditReport | None = None  # the data audit of --data (and --eval-data), written to audit.json
     generation: observe.GenerationEval | None = None  # sampling-based evaluation on --eval-prompts
     token_dir: Path | None = None  # --stream: the folder of the token stores
     group_size: int = 1  # a grouped loss: the pairs of one row, trained as one group (data/groups.py)
@@ -76,200 +68,12 @@ class Setup:
 # ---------------------------------------------------------------------------------------------------- setup
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available")
-    return device
-
-
-def _read(path: str, cfg: TrainConfig) -> tuple[Iterator[PreferencePair], LoadReport | ExampleReport]:
-    """The pairs of `path` (or, for an unpaired loss, its examples), one at a time, and the report they fill as they
-    go (final once the iterator is exhausted)."""
-    columns = parse_columns(cfg.columns)
-    loaded = ExampleReport() if cfg.unpaired else LoadReport()
-    read = read_examples if cfg.unpaired else read_pairs
-    return read(path, loaded, columns=columns, on_identical=cfg.on_identical), loaded
-
-
-def _tokens(pairs: Iterable[PreferencePair], cfg: TrainConfig,
-            tokenizer) -> tuple[Iterator[TokenizedPair], TruncationReport, KLReport | None]:
-    """Token ids of `pairs`, one at a time (unpaired examples with their KL completions), and the reports."""
-    trunc = TruncationReport(unit="examples" if cfg.unpaired else "pairs")
-    tokens = iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
-                            max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
-    if not cfg.unpaired:
-        return tokens, trunc, None
-    kl = KLReport()
-    return with_kl_completions(tokens, global_batch(cfg), cfg.max_length, kl), trunc, kl
-
-
-def _log_read(cfg: TrainConfig, flag: str, path: str, loaded, trunc: TruncationReport, kl: KLReport | None,
-              where: str = "") -> None:
-    log.info("%s %s: %s", flag, path, loaded.summary())
-    log.info("%s tokens: %s%s", flag, trunc.summary(), where)
-    if kl is not None:
-        log.info("%s: %s", flag, kl.summary())
-        if flag == "--data":
-            check_balance(kl, cfg.desirable_weight, cfg.undesirable_weight)
-
-
-def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> tuple[list[TokenizedPair], list[PreferencePair]]:
-    """Token ids of the pairs (or unpaired examples) of `path`, and the pairs as read (for the audit)."""
-    pairs, loaded = _read(path, cfg)
-    pairs = list(pairs)
-    tokens, trunc, kl = _tokens(pairs, cfg, tokenizer)
-    tokenized = list(tokens)
-    _log_read(cfg, flag, path, loaded, trunc, kl)
-    if not tokenized:
-        raise UserError(f"{flag} {path}: no {trunc.unit} left to train on")
-    return tokenized, pairs
-
-
-TOKENS = "tokens"  # --stream: <output>/tokens/{train,eval}, the token ids of --data and --eval-data
-
-
-def stream_data(path: str, cfg: TrainConfig, tokenizer, flag: str, folder: Path) -> TokenStore:
-    """`load_data` for --stream: pairs are read, tokenized and appended to a TokenStore in `folder` one at a time
-    (a .jsonl file line by line, a .parquet file row group by row group), so memory does not grow with the data.
-    The same pairs, ids, order, counts and errors as `load_data`."""
-    pairs, loaded = _read(path, cfg)
-    tokens, trunc, kl = _tokens(pairs, cfg, tokenizer)
-    store = TokenStore.write(folder, tokens)
-    _log_read(cfg, flag, path, loaded, trunc, kl, f" (on disk in {folder})")
-    if not len(store):
-        raise UserError(f"{flag} {path}: no {trunc.unit} left to train on")
-    return store
-
-
-def check_one_step(cfg: TrainConfig, num_pairs: int) -> None:
-    if num_pairs < global_batch(cfg):
-        raise UserError(f"--data {cfg.data}: {num_pairs} pairs, fewer than one optimizer step "
-                        f"({batch_text(cfg.batch_size, cfg.grad_accum, distributed.world().size)})")
-
-
-def token_dir(cfg: TrainConfig, run_dir: Path, training: bool) -> Path:
-    """Where --stream keeps token ids: inside the run folder, so they live and go with the run and no two runs
-    share (or must validate) them; rebuilt from --data at every start and resume, as the in-memory path re-reads
-    it. Each process of several writes its own (their run folders may be on different machines). Without a run
-    (`precompute`), a temporary folder the caller removes."""
-    if not training:
-        return Path(tempfile.mkdtemp(prefix="preftune-tokens-"))
-    me = distributed.world()
-    return run_dir / TOKENS / (f"rank{me.rank}" if me.size > 1 else "")
-
-
-def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore, list | TokenStore, int]:
-    """(train store, eval store or [], `pairs_per_group`) in `folder`; on any error the folder (and a run folder this
-    made) is removed: a mistake in the data leaves nothing half-written."""
-    made, p = [], folder  # the folders this makes, deepest first (the run folder itself on a first start)
-    while not p.exists():
-        made.append(p)
-        p = p.parent
-    shutil.rmtree(folder, ignore_errors=True)  # a previous start's ids (--resume), or a start killed while writing
-    try:
-        train_pairs = stream_data(cfg.data, cfg, tokenizer, "--data", folder / "train")
-        check_one_step(cfg, len(train_pairs))  # here too, and the group check below: no error may leave the ids
-        eval_pairs = stream_data(cfg.eval_data, cfg, tokenizer, "--eval-data", folder / "eval") if cfg.eval_data \
-            else []
-        group = pairs_per_group(cfg, train_pairs, eval_pairs)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        for p in made:
-            _remove_if_empty(p)
-        raise
-    log.info("--stream: the data audit at the start is skipped (it holds every pair in memory); run "
-             "`preftune audit %s` separately", cfg.data)
-    return train_pairs, eval_pairs, group
-
-
-def pairs_per_group(cfg: TrainConfig, train_pairs, eval_pairs) -> int:
-    """k, the pairs of one data row, with a grouped loss (data/groups.py); 1 without."""
-    if not cfg.grouped:
-        return 1
-    k = group_size(train_pairs, "--data", cfg.grouped)
-    if eval_pairs and (k_eval := group_size(eval_pairs, "--eval-data", cfg.grouped)) != k:
-        raise UserError(f"--loss {cfg.grouped}: the rows of --eval-data give {k_eval} pairs each but those of --data "
-                        f"{k}; both must have the same number of rejected responses")
-    if cfg.batch_size % k:
-        raise UserError(f"--loss {cfg.grouped}: --batch-size {cfg.batch_size} is not a multiple of {k}, the pairs "
-                        "of one row of --data (each row trains as one group, in one micro-batch)")
-    return k
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:  # not empty (another process's ids) or already gone
-        pass
-
-
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    run_dir = Path(cfg.output)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--output {cfg.output}: exists and is not a folder")
-    if cfg.resume:
-        # A run killed before its first checkpoint still has its config.yaml: it starts again from step 0.
-        if checkpoint.latest(run_dir) is None and not (run_dir / "config.yaml").exists():
-            raise UserError(f"--resume: no run to resume in {cfg.output} (no checkpoint, no config.yaml)")
-        saved = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
-        _check_same_config(cfg, saved, run_dir)
-    elif run_dir.exists() and any(p.name != TOKENS for p in run_dir.iterdir()):  # tokens/: a start killed early
-        raise UserError(f"--output {cfg.output}: folder is not empty; pass --resume to continue it, "
-                        "or choose a new folder")
-    return run_dir
-
-
-def _check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path) -> None:
-    import yaml
-
-    saved = yaml.safe_load(saved_text) or {}
-    now = cfg.to_dict()
-    # A checkpoint holds the whole model, so the number of processes may change between runs; what must not
-    # change is the global batch (it fixes every step's pairs), so --batch-size and --grad-accum may change too.
-    per_process = ("batch_size", "grad_accum", "fsdp")  # --fsdp too: its checkpoints hold the whole model
-    for key, value in saved.items():
-        if key not in ("resume", *per_process) and now.get(key) != value:
-            raise UserError(f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
-                            "an exact resume needs the same options")
-    if not saved:
-        return
-    last = _last_launch(run_dir, saved)
-    before = (last["batch_size"], last["grad_accum"], last["processes"])
-    after = (cfg.batch_size, cfg.grad_accum, distributed.world().size)
-    if math.prod(before) != math.prod(after):
-        raise UserError(f"--resume: the run in {run_dir} took {batch_text(*before)} pairs per optimizer step, now "
-                        f"{batch_text(*after)}; an exact resume needs the same global batch")
-
-
-LAUNCH = "launch.json"  # how the run was last started or resumed: processes and per-process batch
-
-
-def _last_launch(run_dir: Path, saved_config: dict) -> dict:
-    """{"processes", "batch_size", "grad_accum"} of the run's last start or resume (a run folder without
-    launch.json ran in one process with the options of its config.yaml)."""
-    path = run_dir / LAUNCH
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {"processes": 1, "batch_size": saved_config["batch_size"], "grad_accum": saved_config["grad_accum"]}
-
-
-def _write_launch(cfg: TrainConfig, run_dir: Path) -> None:
-    launch = {"processes": distributed.world().size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
-    write_file_atomically(run_dir / LAUNCH, json.dumps(launch) + "\n")  # --resume reads it
-
-
 def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     """Validate and load everything before the run folder is touched: a mistake leaves nothing half-written."""
     fsdp.check_supported(cfg)
-    run_dir = prepare_run_dir(cfg) if training else Path(cfg.output)
+    run_dir = rundir.prepare_run_dir(cfg, distributed.world().size) if training else Path(cfg.output)
     device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK with several processes
-    base = lora.base_model_path(cfg.model)  # cfg.model itself, unless that folder holds only a LoRA adapter
+    base = base_model_path(cfg.model)  # cfg.model itself, unless that folder holds only a LoRA adapter
     causal_lm_config(base, trust_remote_code=cfg.trust_remote_code, allow_pickle_weights=cfg.allow_pickle_weights)
     if cfg.ref_model:
         causal_lm_config(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
@@ -278,20 +82,10 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                    what="--tokenizer" if cfg.tokenizer else "--model")
     else:
-        tokenizer = lora.load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
-    tokens = token_dir(cfg, run_dir, training) if cfg.stream else None
-    if tokens is not None:  # the audit needs every pair in memory: --stream skips it
-        train_pairs, eval_pairs, group = load_streamed(cfg, tokenizer, tokens)
-        audit = None
-    else:
-        train_pairs, train_raw = load_data(cfg.data, cfg, tokenizer, "--data")
-    per_step = global_batch(cfg)
-    check_one_step(cfg, len(train_pairs))
-    if tokens is None:
-        eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
-        group = pairs_per_group(cfg, train_pairs, eval_pairs)
-        audit = observe.audit_data(train_raw, eval_raw, unpaired=cfg.unpaired)
-        del train_raw, eval_raw  # training needs only the token ids
+        tokenizer = load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
+    me = distributed.world()
+    tokens = rundir.token_dir(run_dir, training, me.rank, me.size) if cfg.stream else None
+    train_pairs, eval_pairs, group, audit = load_pairs(cfg, tokenizer, tokens)
     observe.check_generation_options(cfg)
 
     # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
@@ -299,15 +93,15 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     policy = lora.wrap(load_causal_lm(base, trust_remote_code=cfg.trust_remote_code,
                                       allow_pickle_weights=cfg.allow_pickle_weights, bits=lora.bits(cfg),
                                       compute_dtype=cfg.dtype, device=device), cfg).to(device)
-    layout = choose_layout(cfg, policy, train_pairs, tokenizer.pad_token_id)
-    steps_per_epoch = math.ceil(len(train_pairs) / per_step)
+    layout = choose_layout(cfg.layout, policy, train_pairs, tokenizer.pad_token_id)
+    steps_per_epoch = math.ceil(len(train_pairs) / global_batch(cfg))
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
-    s = Setup(cfg, run_dir, device, tokenizer, policy, None, None, train_pairs, eval_pairs, steps_per_epoch, total,
-              layout, audit=audit, token_dir=tokens, group_size=group)
+    s = Setup(cfg, run_dir, device, tokenizer, policy, train_pairs, eval_pairs, steps_per_epoch, total, layout,
+              audit=audit, token_dir=tokens, group_size=group)
     if cfg.needs_reference:
         attach_reference(s)
     if cfg.eval_prompts:
-        live = s.reference.model if isinstance(s.reference, ReferenceModel) else None
+        live = getattr(s.reference, "model", None)  # a frozen copy to sample from, when there is one
         s.generation = observe.GenerationEval(cfg, tokenizer, device, live)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -318,94 +112,26 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     return s
 
 
+def load_pairs(cfg: TrainConfig, tokenizer, tokens: Path | None) -> tuple[Pairs, Pairs | list, int, AuditReport | None]:
+    """(training pairs, eval pairs, pairs per group, the data audit): in memory and audited, or with --stream
+    (`tokens`: their folder) on disk and not audited (the audit needs every pair in memory)."""
+    if tokens is not None:
+        return *load_streamed(cfg, tokenizer, tokens), None
+    train_pairs, train_raw = load_data(cfg.data, cfg, tokenizer, "--data")
+    check_one_step(cfg, len(train_pairs))
+    eval_pairs, eval_raw = load_data(cfg.eval_data, cfg, tokenizer, "--eval-data") if cfg.eval_data else ([], [])
+    group = pairs_per_group(cfg, train_pairs, eval_pairs)
+    return train_pairs, eval_pairs, group, observe.audit_data(train_raw, eval_raw, unpaired=cfg.unpaired)
+
+
 def attach_reference(s: Setup) -> None:
-    """The reference: by default its log-probs, computed once and cached on disk, then the model is freed.
-
-    The default reference is the policy as loaded (never re-read from disk). With the cache, the policy itself
-    computes them before its first update, so no second copy is ever made; without it, a frozen copy runs at
-    every step. A LoRA policy is its own reference, with or without the cache: its base with the adapter
-    disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made.
-    """
-    cfg = s.cfg
-    loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
-                             allow_pickle_weights=cfg.allow_pickle_weights, what="--ref-model").to(s.device)
-              if cfg.ref_model else None)
-    if loaded is not None and s.layout == "packed":  # both models must fit the layout their batches share
-        s.layout = choose_layout(cfg, loaded, s.train_pairs, s.tokenizer.pad_token_id)
-    adapter = loaded is None and lora.enabled(cfg)
-    if cfg.no_ref_cache or cfg.ref_update:  # TR-DPO's reference changes: a cache of it would be stale
-        s.reference = s.eval_reference = (lora.live_reference(s.policy, cfg) if adapter else
-                                          ReferenceModel(loaded or copy.deepcopy(s.policy), dtype=cfg.dtype))
-        return
-    model = loaded or s.policy
-    digest = lora.reference_digest(model, cfg) if adapter else refcache.weights_digest(model)
-    cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else refcache.default_cache_dir()
-    with lora.cache_context(model, cfg) if adapter else nullcontext():
-        s.reference = CachedReference(_cached_logps(s, model, digest, s.train_pairs, cache_dir, "--data"))
-        if s.eval_pairs:
-            s.eval_reference = CachedReference(_cached_logps(s, model, digest, s.eval_pairs, cache_dir,
-                                                             "--eval-data"))
-    # Returning drops the last reference to a --ref-model: only its log-probs are kept.
-
-
-def _cached_logps(s: Setup, model, digest: str, pairs: list[TokenizedPair], cache_dir: Path, what: str):
-    cfg = s.cfg
-    # Options outside the weights that change log-probs (rope scaling, soft-capping...) live in the config.
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    extra = {"config": config}
-    if cfg.ld_alpha is not None:  # LD-DPO's weighted log-probs; absent otherwise, so plain keys stay as they were
-        extra["ld_alpha"] = cfg.ld_alpha
-    key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra=extra)
-
-    # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
-    batch_size = cfg.batch_size * (4 if s.device.type == "cuda" else 1)
-
-    def compute(some: list[TokenizedPair], out: Path, progress: bool = True):
-        return refcache.compute(model, some, batch_size=batch_size,
-                                logps_fn=lambda m, batch: compute_logps(m, batch, ld_alpha=cfg.ld_alpha),
-                                collate_fn=lambda ps, idx: collate(s, ps, idx), device=s.device, dtype=cfg.dtype,
-                                out=out, progress=progress)
-
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--ref-cache {cache_dir}: cannot create the folder ({e.strerror})") from None
-    start = time.perf_counter()
-    if distributed.world().size == 1:
-        logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
-    else:
-        logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute)
-    log.info("%s reference log-probs: %s %s", what, "reused" if hit else
-             f"computed in {time.perf_counter() - start:.1f} s,", logps.path)
-    return logps
-
-
-def choose_layout(cfg: TrainConfig, policy, pairs: list[TokenizedPair], pad_id: int) -> str:
-    """The packed layout when it gives this model's exact log-probs on a few pairs, else the plain one."""
-    if cfg.layout == "padded":
-        return "padded"
-    # Short pieces of two real pairs: the check is about the model, and full-length plain logits are large.
-    probe = [TokenizedPair(p.prompt_ids[-16:], p.chosen_ids[:8], p.rejected_ids[:8], p.where) for p in pairs[:2]]
-    problem = packed_layout_works(policy, probe, pad_id)
-    if problem:
-        log.warning("packed layout does not fit %s (%s): using the plain padded layout",
-                    type(policy).__name__, problem)
-        return "padded"
-    return "packed"
+    """The reference (`refsetup`): cached log-probs by default, else a live model; a --ref-model may change the
+    layout both models share."""
+    s.reference, s.eval_reference, s.layout = build_references(s.cfg, s.policy, s.layout, s.train_pairs, s.eval_pairs,
+                                                               s.tokenizer.pad_token_id, s.device)
 
 
 # ---------------------------------------------------------------------------------------------------- data order
-
-
-def global_batch(cfg: TrainConfig) -> int:
-    """Pairs per optimizer step over all processes: --batch-size × --grad-accum × processes."""
-    return cfg.batch_size * cfg.grad_accum * distributed.world().size
-
-
-def batch_text(batch_size: int, grad_accum: int, processes: int) -> str:
-    """'--batch-size 4 × --grad-accum 2 × 2 processes = 16' (the processes only when more than one)."""
-    many = f" × {processes} processes" if processes > 1 else ""
-    return f"--batch-size {batch_size} × --grad-accum {grad_accum}{many} = {batch_size * grad_accum * processes}"
 
 
 def step_pairs(s: Setup, step: int) -> list[int]:
@@ -424,115 +150,70 @@ def step_pairs(s: Setup, step: int) -> list[int]:
     return chunk.tolist() if isinstance(chunk, np.ndarray) else chunk
 
 
-def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int, group: int = 1) -> np.ndarray | list[int]:
-    """The epoch's dataset indices: an int64 array (8 bytes a pair, where a list of ints takes ~36: with --stream it
-    is the one thing held per pair), or with --group-by-length a list (its sort reads every pair's length anyway).
-    `group` > 1 (a grouped loss): the groups of `group` consecutive pairs are shuffled, each kept whole."""
-    n = len(pairs) // group
-    generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    order = grouped_order(np.arange(n) if cfg.no_shuffle else torch.randperm(n, generator=generator).numpy(), group)
-    if not cfg.group_by_length:
-        return order
-    order = order.tolist()
-    # Sort windows of 16 steps by length, cut them into steps, then shuffle the steps: pairs of a step have
-    # similar lengths (little padding) while the step order stays random.
-    size = global_batch(cfg)
-    length = lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)  # noqa: E731
-    window = 16 * size
-    grouped = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=length, reverse=True)]
-    steps = [grouped[i:i + size] for i in range(0, n, size)]
-    if not cfg.no_shuffle:
-        steps = [steps[j] for j in torch.randperm(len(steps), generator=generator).tolist()]
-    return [i for chunk in steps for i in chunk]
-
-
-def collate(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> PackedBatch | PaddedBatch:
-    if s.layout == "packed":
-        return collate_packed(pairs, indices, s.tokenizer.pad_token_id, s.cfg.pack_tokens or None)
-    return collate_padded(pairs, indices, s.tokenizer.pad_token_id)
-
-
 def micro_batches(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> list[PackedBatch | PaddedBatch]:
     size = s.cfg.batch_size
     chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
-    return [collate(s, [pairs[i] for i in c], c).to(s.device) for c in chunks]
+    return [collate(s.layout, [pairs[i] for i in c], c, s.tokenizer.pad_token_id, s.cfg.pack_tokens or None).to(s.device)
+            for c in chunks]
 
 
 # ---------------------------------------------------------------------------------------------------- one step
 
 
-def autocast(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference, num_pairs: int, num_chosen_tokens: int):
+def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference: Reference | None, num_pairs: int,
+               num_chosen_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics.
 
-    Rewards, margins and accuracies are logged with the normalisation of the loss trained (`reward_kind`).
+    What each loss needs (lengths, labels, KTO's reference point, groups) is passed by name; `combined_loss` hands
+    each loss the ones it declares. Rewards, margins and accuracies are logged with the normalisation of the loss
+    trained (`reward_kind`).
     """
     cfg = s.cfg
-    pair_weights = None
     with autocast(s.device, cfg.dtype):
-        if cfg.wpo:  # WPO: each pair weighted by exp(mean aligned log-prob) of its chosen × its rejected response
-            chosen, rejected, chosen_len, rejected_len, chosen_w, rejected_w = compute_logps_wpo(
-                s.policy, batch, ld_alpha=cfg.ld_alpha)
-            pair_weights = torch.exp(chosen_w + rejected_w)
-        else:
-            chosen, rejected, chosen_len, rejected_len = compute_logps(s.policy, batch, ld_alpha=cfg.ld_alpha)
+        policy = (compute_logps_wpo if cfg.wpo else compute_logps)(s.policy, batch, ld_alpha=cfg.ld_alpha)
+    # WPO: each pair weighted by exp(mean aligned log-prob) of its chosen × its rejected response.
+    pair_weights = torch.exp(policy.chosen_log_weights + policy.rejected_log_weights) if cfg.wpo else None
     if reference is not None:
         ref_chosen, ref_rejected = reference.logps(batch, ld_alpha=cfg.ld_alpha)
     else:  # reference-free losses: no reference exists; the losses ignore these zeros
-        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
-    kl = reference_point(rejected, ref_rejected) if needs_kl(cfg) else None
-    loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                         ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected, chosen_lengths=chosen_len,
-                         rejected_lengths=rejected_len, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                         pair_weights=pair_weights, labels=batch.labels, kl=kl, group_size=s.group_size,
-                         **{option: getattr(cfg, option) for option in OPTIONS})
-    if cfg.unpaired:
-        return loss, example_metrics(chosen, ref_chosen, batch.labels, cfg.beta, kl)
-    metrics = pair_metrics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
-                           reward=reward_kind(cfg.losses), chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-                           tie_rtol=TIE_RTOL[cfg.dtype])
+        ref_chosen, ref_rejected = torch.zeros_like(policy.chosen), torch.zeros_like(policy.rejected)
+    kl = reference_point(policy.rejected, ref_rejected) if cfg.needs_kl else None
+    loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=policy.chosen,
+                         policy_rejected_logps=policy.rejected, ref_chosen_logps=ref_chosen,
+                         ref_rejected_logps=ref_rejected, chosen_lengths=policy.chosen_lengths,
+                         rejected_lengths=policy.rejected_lengths, num_pairs=num_pairs,
+                         num_chosen_tokens=num_chosen_tokens, pair_weights=pair_weights, labels=batch.labels, kl=kl,
+                         group_size=s.group_size, **{option: getattr(cfg, option) for option in OPTIONS})
+    if cfg.unpaired:  # examples, not pairs: the desirable and undesirable ones are averaged apart
+        return loss, example_metrics(policy.chosen, ref_chosen, batch.labels, cfg.beta, kl)
+    metrics = pair_metrics(policy.chosen.detach(), policy.rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
+                           reward=reward_kind(cfg.losses), chosen_lengths=policy.chosen_lengths,
+                           rejected_lengths=policy.rejected_lengths, tie_rtol=TIE_RTOL[cfg.dtype])
     if pair_weights is not None:
         metrics["wpo/weights"] = pair_weights
     return loss, metrics
 
 
-def needs_kl(cfg: TrainConfig) -> bool:
-    return any("kl" in loss_params(name) for name in cfg.losses)
-
-
 def reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """KTO's z for a micro-batch: max(0, mean log-ratio of the mismatched completions) over this micro-batch and
-    those the other processes run at the same time (as TRL's gather over devices); see `pad_kl_rounds`."""
+    those the other processes run at the same time (as TRL's gather over devices); see `pad_rounds`."""
     total = distributed.all_reduce_sum(kl_estimate(policy_kl_logps, ref_kl_logps))
     return (total[0] / total[1]).clamp(min=0)
 
 
-def pad_kl_rounds(s: Setup, done: int, num_items: int) -> None:
-    """Every process takes part in each micro-batch's KL all-reduce; a process with fewer micro-batches this step
-    (shares differ by one item) adds zeros for the rounds it has no micro-batch for, so none waits forever."""
-    if not needs_kl(s.cfg) or distributed.world().size == 1:
+def pad_rounds(s: Setup, pairs: Pairs, done: int, num_items: int, backward: bool) -> None:
+    """Every process takes part in each micro-batch's collectives (KTO's KL all-reduce, FSDP's gathers); a process
+    with fewer micro-batches in this step (shares differ by one item) runs empty rounds for those it lacks, so none
+    waits forever. `done`: micro-batches run here; `num_items`: pairs of the whole step, over all processes."""
+    rounds = distributed.missing_rounds(num_items, s.cfg.batch_size, done)
+    if not rounds:
         return
-    largest_share = -(-num_items // distributed.world().size)
-    for _ in range(-(-largest_share // s.cfg.batch_size) - done):
-        distributed.all_reduce_sum(torch.zeros(2, device=s.device))
-
-
-def _add(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
-    """Sum per-pair metrics on the device: no host sync until the step is logged."""
-    for key, value in metrics.items():
-        total = value.float().sum()
-        sums[key] = sums[key] + total if key in sums else total
-
-
-def step_counts(pairs: list[TokenizedPair], indices: list[int]) -> tuple[int, int]:
-    """(pairs, chosen response tokens) of a step over all processes: the loss's denominators. Every process holds
-    every pair, so each one counts them itself, without communication."""
-    return len(indices), sum(len(pairs[i].chosen_ids) for i in indices)
+    if fsdp.enabled(s.policy):
+        [batch] = micro_batches(s, pairs, [0])  # any pair: its values are multiplied by zero
+        fsdp.run_empty_rounds(s.policy, batch, rounds, backward, s.cfg.dtype, s.cfg.ld_alpha)
+    elif s.cfg.needs_kl:
+        for _ in range(rounds):
+            distributed.all_reduce_sum(torch.zeros(2, device=s.device))
 
 
 def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, backward: bool,
@@ -544,31 +225,13 @@ def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, bac
     num_pairs, num_chosen_tokens = counts
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
-        with nullcontext() if backward else torch.no_grad():
+        with torch.enable_grad() if backward else torch.no_grad():
             loss, metrics = batch_loss(s, batch, reference, num_pairs, num_chosen_tokens)
         if backward:
             loss.backward()
-        _add(sums, metrics)
-        _add(sums, {"loss": loss.detach()})
-    pad_kl_rounds(s, len(batches), num_pairs)
+        add_sums(sums, metrics)
+        add_sums(sums, {"loss": loss.detach()})
     return sums
-
-
-def per_pair(sums: dict[str, torch.Tensor], num_pairs: int) -> dict[str, torch.Tensor]:
-    """Per-pair means of summed metrics, still on the device (the loss is already normalised by the step).
-
-    Unpaired examples: the desirable ("chosen") and undesirable ("rejected") metrics are means over their own
-    examples (MASKED_MEANS; NaN when the step has none, left out of the log), the margin their difference, and the
-    label counts become `desirable_share`."""
-    means = {k: v if k == "loss" else v / num_pairs for k, v in sums.items()}
-    if "count/desirable" not in sums:
-        return means
-    for key, count in MASKED_MEANS.items():
-        means[key] = sums[key] / sums[count]
-    means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
-    means["desirable_share"] = means.pop("count/desirable")
-    del means["count/undesirable"]
-    return means
 
 
 def evaluate(s: Setup, step: int) -> dict[str, float]:
@@ -585,20 +248,11 @@ def evaluate_pairs(s: Setup) -> dict[str, float]:
     me = distributed.world()
     batches = micro_batches(s, s.eval_pairs, distributed.share(indices, me.rank, me.size, s.group_size))
     sums = run_pairs(s, batches, s.eval_reference, backward=False, counts=step_counts(s.eval_pairs, indices))
-    fsdp.pad_rounds(s, len(batches), len(indices), backward=False)
+    pad_rounds(s, s.eval_pairs, len(batches), len(indices), backward=False)
     metrics = per_pair(distributed.sum_scalars(sums, s.device, len(indices) // s.group_size), len(indices))
     values = torch.stack(list(metrics.values())).tolist()  # one host sync
     s.policy.train()
     return {"eval/" + k: v for k, v in without_empty_means(dict(zip(metrics, values))).items()}
-
-
-def without_empty_means(metrics: dict[str, float]) -> dict[str, float]:
-    """Unpaired examples: drop the means over the desirable (or undesirable) examples of a step that had none (NaN,
-    0 / 0), as TRL's KTOTrainer logs nothing for them; pair metrics are returned as they are."""
-    if "desirable_share" not in metrics:
-        return metrics
-    empty = {k for k in (*MASKED_MEANS, "rewards/margins") if math.isnan(metrics[k])}
-    return {k: v for k, v in metrics.items() if k not in empty}
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -621,56 +275,29 @@ def start_or_resume(s: Setup, optimizer, scheduler) -> int:
     only rank 0 writes."""
     cfg = s.cfg
     distributed.barrier()  # every process has checked the run folder (in `setup`) before rank 0 writes into it
-    path = checkpoint.latest(s.run_dir) if cfg.resume else None
+    path = rundir.latest_checkpoint(s.run_dir) if cfg.resume else None
     if path is None:
 
         def start() -> None:
             s.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume:
                 log.info("no checkpoint in %s yet: starting again from step 0", s.run_dir)
-                _truncate_metrics(s.run_dir / METRICS, 0)
-            _write_launch(cfg, s.run_dir)
-            write_yaml(cfg, s.run_dir / "config.yaml")
+                rundir.truncate_metrics(s.run_dir / rundir.METRICS, 0)
+            rundir.write_launch(cfg, s.run_dir, distributed.world().size)
+            write_yaml(cfg, s.run_dir / rundir.CONFIG)
 
         distributed.on_main(start)
         torch.manual_seed(cfg.seed)
         return 0
+    sharded = (lambda model_state, optimizer_state: fsdp.load_full_states(s.policy, optimizer, model_state,
+                                                                          optimizer_state)) \
+        if fsdp.enabled(s.policy) else None
     step = checkpoint.load(path, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step=None),
-                           sharded=fsdp.enabled(s.policy))
-    distributed.on_main(_truncate_metrics, s.run_dir / METRICS, step)
-    distributed.on_main(_write_launch, cfg, s.run_dir)
+                           load_states=sharded)
+    distributed.on_main(rundir.truncate_metrics, s.run_dir / rundir.METRICS, step)
+    distributed.on_main(rundir.write_launch, cfg, s.run_dir, distributed.world().size)
     log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
     return step
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines written after the checkpoint: they are about to be recomputed."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if lines and not lines[-1].endswith("}"):  # a line cut by a kill mid-write
-        lines.pop()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def check_finite(record: dict[str, float], step: int) -> None:
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record[k])]
-    if bad and not record.get("skipped"):
-        raise UserError(f"step {step}: {bad[0]} is {record[bad[0]]}; stopping before a broken model is saved "
-                        "(try a lower --learning-rate or --dtype float32)")
-
-
-@dataclass
-class StepMetrics:
-    """One optimizer step's metrics, still on the device until the log interval ends."""
-
-    step: int
-    lr: float
-    pairs: int
-    tokens: int
-    keys: list[str]
-    values: torch.Tensor
 
 
 def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
@@ -680,7 +307,7 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     batches = micro_batches(s, s.train_pairs, distributed.share(indices, me.rank, me.size, s.group_size))
     optimizer.zero_grad(set_to_none=True)
     sums = run_pairs(s, batches, s.reference, backward=True, counts=step_counts(s.train_pairs, indices))
-    fsdp.pad_rounds(s, len(batches), len(indices), backward=True)
+    pad_rounds(s, s.train_pairs, len(batches), len(indices), backward=True)
     # Every process adds up the others' gradients and metric sums: all replicas take the same update.
     if not fsdp.enabled(s.policy):  # FSDP2 has already reduce-scattered them, in backward
         distributed.sum_gradients(s.policy.parameters())
@@ -706,32 +333,10 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     return StepMetrics(step + 1, lr, len(indices), tokens, list(metrics), torch.stack(list(metrics.values())))
 
 
-def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, float]]:
-    """Bring the interval's metrics to the host in one transfer (the only sync) and check they are finite."""
-    rows = torch.stack([p.values for p in pending]).tolist()
-    per_step = elapsed / len(pending)  # steps of an interval are timed together: timing one would sync
-    records = []
-    for p, row in zip(pending, rows):
-        record = {"step": p.step, **without_empty_means(dict(zip(p.keys, row))), "lr": p.lr,
-                  "pairs_per_s": p.pairs / per_step, "tokens_per_s": p.tokens / per_step, "step_time_s": per_step}
-        check_finite(record, p.step)
-        records.append(record)
-    return records
-
-
-def progress_fields(record: dict[str, float]) -> dict[str, str]:
-    """The progress bar's loss, and the pair accuracy (or, for unpaired examples, KTO's KL estimate)."""
-    shown = {"loss": f"{record['loss']:.4f}"}
-    for key, name in (("rewards/accuracies", "acc"), ("kl", "kl")):
-        if key in record:
-            shown[name] = f"{record[key]:.2f}"
-    return shown
-
-
 def save_final(s: Setup, state: dict | None = None) -> Path:
     """final/: the model, or with LoRA the adapter (PeftModel.from_pretrained loads it onto its base); with
     --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer in both."""
-    final = s.run_dir / "final"
+    final = s.run_dir / rundir.FINAL
     adapter = lora.enabled(s.cfg)
 
     def fill(tmp: Path) -> None:
@@ -748,7 +353,7 @@ def save_final(s: Setup, state: dict | None = None) -> Path:
             lora.merge(s.policy, s.cfg).save_pretrained(tmp, safe_serialization=True)
             s.tokenizer.save_pretrained(tmp)
 
-        checkpoint.write_atomically(s.run_dir / "final-merged", fill_merged)
+        checkpoint.write_atomically(s.run_dir / rundir.FINAL_MERGED, fill_merged)
     return final
 
 
@@ -764,7 +369,7 @@ def train(cfg: TrainConfig) -> Path:
              len(s.train_pairs), unit, s.steps_per_epoch, s.device,
              f" × {distributed.world().size} processes" if distributed.world().size > 1 else "")
     has_eval = bool(s.eval_pairs) or s.generation is not None
-    watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / METRICS) if main else [])
+    watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / rundir.METRICS) if main else [])
     if s.audit is not None:  # None with --stream
         distributed.on_main(observe.write_audit, s.audit, s.run_dir)
     pending: list[StepMetrics] = []
@@ -773,7 +378,7 @@ def train(cfg: TrainConfig) -> Path:
     # The bar closes before an error propagates, so the error stays the last line the user sees.
     with (tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True,
                disable=not main) as bar,
-          open(s.run_dir / METRICS if main else os.devnull, "a", encoding="utf-8") as metrics_file):
+          open(s.run_dir / rundir.METRICS if main else os.devnull, "a", encoding="utf-8") as metrics_file):
         for step in range(first, s.total_steps):
             pending.append(train_step(s, step, optimizer, scheduler))
             done = step + 1
@@ -786,7 +391,7 @@ def train(cfg: TrainConfig) -> Path:
                     records[-1].update(evaluate(s, done))
                 if main:
                     watcher.observe(records)
-                distributed.on_main(writing, s, METRICS, lambda records=records: (
+                distributed.on_main(writing, s, rundir.METRICS, lambda records=records: (
                     metrics_file.write("".join(json.dumps(r) + "\n" for r in records)), metrics_file.flush()))
                 skipped += sum(int(r.get("skipped", 0)) for r in records)
                 bar.set_postfix(progress_fields(records[-1]), refresh=False)
@@ -803,7 +408,7 @@ def train(cfg: TrainConfig) -> Path:
     whole = fsdp.full_model_state(s.policy, drop_tied=False) if fsdp.enabled(s.policy) else None  # all gather
     final = distributed.on_main(writing, s, "the final model",
                                 lambda: save_final(s) if whole is None else save_final(s, whole),
-                                default=s.run_dir / "final")
+                                default=s.run_dir / rundir.FINAL)
     if not cfg.no_report:
         distributed.on_main(observe.write_report, s.run_dir)
     log.info("done: %s", final)
@@ -831,7 +436,7 @@ def writing(s: Setup, what: str, write):
     try:
         return write()
     except OSError as e:
-        previous = checkpoint.latest(s.run_dir)
+        previous = rundir.latest_checkpoint(s.run_dir)
         kept = f"the newest checkpoint {previous} is intact" if previous else "no checkpoint was written yet"
         raise UserError(f"--output {s.run_dir}: cannot write {what} ({e.strerror or e}); {kept}") from None
 

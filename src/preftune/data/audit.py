@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.formats import PreferencePair
-from preftune.data.tokenize import tokenize_pairs, truncate
+from preftune.data.tokenize import TokenizedPair, tokenize_pairs, truncate
 from preftune.errors import UserError
-from preftune.files import write_file_atomically
+from preftune.files import write_json as write_json_file
 
 EXAMPLES = 5  # rows named per finding
 TRUNCATED_WARN_SHARE = 0.05
@@ -89,6 +89,13 @@ class Truncation(Finding):
     max_prompt_length: int | None = None
     prompts_cut: int = 0
     responses_cut: int = 0
+
+    @property
+    def limits(self) -> str:
+        """The limits given, as flags: "--max-length 512 / --max-prompt-length 128"."""
+        limits = [f"{flag} {value}" for flag, value in (("--max-length", self.max_length),
+                                                         ("--max-prompt-length", self.max_prompt_length)) if value]
+        return " / ".join(limits)
 
 
 def _finding(wheres: list[str], total: int, cls: type = Finding, **extra: Any) -> Finding:
@@ -194,25 +201,28 @@ def _chars(value: str | list) -> int:
     return len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
 
 
-def _token_lengths(pairs: list[PreferencePair], tokenizer: Any, max_length: int | None,
-                   max_prompt_length: int | None) -> tuple[list[tuple[int, int, int]], Truncation | None]:
-    """(prompt, chosen, rejected) token counts before truncation, and what truncation would cut (None when
-    no max length is given)."""
-    tokenized, _ = tokenize_pairs(pairs, tokenizer)
+def measure(measured: list[PreferencePair], tokenizer: Any, max_length: int | None,
+            max_prompt_length: int | None) -> tuple[list[tuple[int, int, int]], Truncation | None]:
+    """(prompt, chosen, rejected) lengths of each measured pair, and what truncation would cut. Lengths are in
+    characters without a tokenizer, else in tokens before truncation; the truncation finding needs tokens and a max
+    length (None otherwise). Unpaired examples (rejected = chosen, audit_examples.py) are measured the same way."""
+    if tokenizer is None:
+        return [(_chars(p.prompt), _chars(p.chosen), _chars(p.rejected)) for p in measured], None
+    tokenized, _ = tokenize_pairs(measured, tokenizer)
     lengths = [(len(tp.prompt_ids), len(tp.chosen_ids), len(tp.rejected_ids)) for tp in tokenized]
+    return lengths, _truncation(tokenized, max_length, max_prompt_length)
+
+
+def _truncation(tokenized: list[TokenizedPair], max_length: int | None,
+                max_prompt_length: int | None) -> Truncation | None:
+    """The pairs training would cut (None when no max length is given), split by what is cut."""
     if max_length is None and max_prompt_length is None:
-        return lengths, None
-    cut, prompts_cut, responses_cut = [], 0, 0
-    for tp in tokenized:
-        # The rules training applies, so the audit counts exactly the pairs training would cut.
-        _, prompt_cut, response_cut = truncate(tp, max_length=max_length, max_prompt_length=max_prompt_length)
-        prompts_cut += prompt_cut
-        responses_cut += response_cut
-        if prompt_cut or response_cut:
-            cut.append(tp.where)
-    truncation = _finding(cut, len(tokenized), Truncation, max_length=max_length,
-                          max_prompt_length=max_prompt_length, prompts_cut=prompts_cut, responses_cut=responses_cut)
-    return lengths, truncation
+        return None
+    # The rules training applies, so the audit counts exactly the pairs training would cut.
+    cuts = [truncate(tp, max_length=max_length, max_prompt_length=max_prompt_length)[1:] for tp in tokenized]
+    return _finding([tp.where for tp, cut in zip(tokenized, cuts) if any(cut)], len(tokenized), Truncation,
+                    max_length=max_length, max_prompt_length=max_prompt_length,
+                    prompts_cut=sum(prompt for prompt, _ in cuts), responses_cut=sum(response for _, response in cuts))
 
 
 def _distribution(values: list[int]) -> dict[str, float] | None:
@@ -268,31 +278,15 @@ class AuditReport:
 
     def warnings(self) -> list[str]:
         """Plain-language one-liners for the findings that can mislead training or evaluation."""
-        out = []
-        # "<share> of pairs (<count>) ...": reads right for any count, 1 included.
-        if self.duplicates.count:
-            out.append(f"{self.duplicates.share:.1%} of pairs ({self.duplicates.count}) repeat an earlier pair "
-                       f"exactly and count more than once in training, e.g. {self.duplicates.examples[0]}")
-        if self.conflicting_pairs.count:
-            out.append(f"{self.conflicting_pairs.share:.1%} of pairs ({self.conflicting_pairs.count}) contradict "
-                       f"another pair (A over B and B over A for the same prompt), e.g. "
-                       f"{self.conflicting_pairs.examples[0]}")
-        leak = self.eval_leakage
-        if leak is not None and leak.count:
-            out.append(f"{leak.share:.1%} of pairs ({leak.count}) have a prompt that is also in the eval data "
-                       f"({leak.prompts} distinct): eval results will look better than they are, e.g. "
-                       f"{leak.examples[0]}")
-        cut = self.truncated
-        if cut is not None and cut.share > TRUNCATED_WARN_SHARE:
-            out.append(f"{cut.share:.1%} of measured pairs ({cut.count}) are longer than {_limits(cut)} and will be "
-                       f"truncated (prompt cut in {cut.prompts_cut}, a response cut in {cut.responses_cut}), "
-                       f"e.g. {cut.examples[0]}")
-        accuracy = self.length_only_accuracy
-        if accuracy is not None and not LENGTH_BIAS_WARN[0] <= accuracy <= LENGTH_BIAS_WARN[1]:
-            side = "longer" if accuracy > 0.5 else "shorter"
-            out.append(f"strong length bias: picking the longer response scores {accuracy:.1%} (chosen is longer in "
-                       f"{self.chosen_longer_share:.1%} of pairs); the model may learn to prefer {side} answers")
-        return out
+        return finding_warnings("pairs", [
+            (self.duplicates, "repeat an earlier pair exactly and count more than once in training"),
+            (self.conflicting_pairs, "contradict another pair (A over B and B over A for the same prompt)"),
+            (self.eval_leakage, "have a prompt that is also in the eval data ({f.prompts} distinct): eval results "
+                                "will look better than they are"),
+            (self.truncated, "are longer than {f.limits} and will be truncated (prompt cut in {f.prompts_cut}, "
+                             "a response cut in {f.responses_cut})"),
+        ]) + length_bias_warning(self.length_only_accuracy, "picking the longer response scores {score:.1%} (chosen "
+                                 "is longer in {chosen:.1%} of pairs)", chosen=self.chosen_longer_share)
 
     def lines(self) -> list[str]:
         """A terminal table: one row per finding, then length bias and length distributions."""
@@ -309,7 +303,7 @@ class AuditReport:
         if cut is None:
             out.append(f"{'truncated':<22}  not checked (needs --model or --tokenizer, and --max-length)")
         else:
-            note = (f"of {self.lengths['pairs']} measured pairs at {_limits(cut)}: prompt cut in {cut.prompts_cut}, "
+            note = (f"of {self.lengths['pairs']} measured pairs at {cut.limits}: prompt cut in {cut.prompts_cut}, "
                     f"a response cut in {cut.responses_cut}")
             out.append(_finding_line("truncated", cut, note))
         problems = {kind: f for kind, f in self.encoding.items() if f.count}
@@ -334,12 +328,6 @@ class AuditReport:
         return out
 
 
-def _limits(cut: Truncation) -> str:
-    limits = [f"{flag} {value}" for flag, value in (("--max-length", cut.max_length),
-                                                     ("--max-prompt-length", cut.max_prompt_length)) if value]
-    return " / ".join(limits)
-
-
 def _short(where: str) -> str:
     """"data/prefs.jsonl line 4" → "line 4": the table names rows, the source is the same for all."""
     return " ".join(where.rsplit(" ", 2)[-2:])
@@ -349,6 +337,32 @@ def _finding_line(name: str, finding: Finding, note: str = "") -> str:
     rows = ", ".join(map(_short, finding.examples)) + (", ..." if finding.count > len(finding.examples) else "")
     line = f"{name:<22}{finding.count:>7}{finding.share:>8.1%}  {rows}"
     return f"{line}  ({note})" if note else line
+
+
+# --------------------------------------------------------------------------------------------------- warnings
+
+
+def finding_warnings(rows: str, checks: list[tuple[Finding | None, str]]) -> list[str]:
+    """A line per finding found: "<share> of <rows> (<count>) <says>, e.g. <first row>", which reads right for any
+    count, 1 included; `says` may name the finding's fields ("{f.prompts} distinct"). A truncation's share is over
+    the measured rows, and a few cut rows are normal: it warns above TRUNCATED_WARN_SHARE only. Pairs and unpaired
+    examples both warn through here, so their warnings read alike."""
+    out = []
+    for finding, says in checks:
+        measured, above = ("measured ", TRUNCATED_WARN_SHARE) if isinstance(finding, Truncation) else ("", 0.0)
+        if finding is not None and finding.count and finding.share > above:
+            out.append(f"{finding.share:.1%} of {measured}{rows} ({finding.count}) {says.format(f=finding)}, "
+                       f"e.g. {finding.examples[0]}")
+    return out
+
+
+def length_bias_warning(score: float | None, says: str, **values: Any) -> list[str]:
+    """The strong-length-bias line when `score` (0.5: length says nothing about the preference) is outside
+    LENGTH_BIAS_WARN, else nothing; `says` may name {score} and `values`."""
+    if score is None or LENGTH_BIAS_WARN[0] <= score <= LENGTH_BIAS_WARN[1]:
+        return []
+    side = "longer" if score > 0.5 else "shorter"
+    return [f"strong length bias: {says.format(score=score, **values)}; the model may learn to prefer {side} answers"]
 
 
 # ----------------------------------------------------------------------------------------------------- entry
@@ -366,11 +380,7 @@ def audit_pairs(pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | 
     keys = [_key(pair) for pair in pairs]
     kinds = [_pair_encoding_kinds(pair) for pair in pairs]
     measured = [pair for pair, pair_kinds in zip(pairs, kinds) if _measurable(pair, pair_kinds)]
-    truncation = None
-    if tokenizer is None:
-        lengths = [(_chars(p.prompt), _chars(p.chosen), _chars(p.rejected)) for p in measured]
-    else:
-        lengths, truncation = _token_lengths(measured, tokenizer, max_length, max_prompt_length)
+    lengths, truncation = measure(measured, tokenizer, max_length, max_prompt_length)
     chosen_longer, accuracy, ties = _length_bias(lengths)
     distributions = {part: _distribution([length[i] for length in lengths])
                      for i, part in enumerate(("prompt", "chosen", "rejected"))}
@@ -392,10 +402,9 @@ def audit_pairs(pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | 
 
 
 def write_json(report: AuditReport, path: str) -> None:
-    """`report.to_dict()` as JSON, written atomically (a temporary file in the same folder, then renamed)."""
-    target = Path(path)
+    """`preftune audit --json`: `report.to_dict()` through `files.write_json`, into a folder created when missing."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(target, json.dumps(report.to_dict(), indent=2) + "\n")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--json {path}: cannot write ({e.strerror})") from None
+    write_json_file(path, report.to_dict())

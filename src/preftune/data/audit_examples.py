@@ -27,25 +27,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from preftune.data.audit import (
-    LENGTH_BIAS_WARN,
-    TRUNCATED_WARN_SHARE,
     AuditReport,
     Finding,
     Leakage,
     Truncation,
     _blank_prompt,
     _canonical,
-    _chars,
     _distribution,
     _encoding,
     _finding,
     _finding_line,
     _is_blank,
-    _limits,
     _pair_encoding_kinds,
+    finding_warnings,
+    length_bias_warning,
+    measure,
 )
 from preftune.data.formats import PreferencePair
-from preftune.data.tokenize import tokenize_pairs, truncate
 from preftune.errors import UserError
 
 
@@ -69,30 +67,17 @@ class ExampleAuditReport:
     to_dict = AuditReport.to_dict  # findings as dicts, the rest as it is
 
     def warnings(self) -> list[str]:
+        """As `AuditReport.warnings`, first of all a missing kind (KTO needs both)."""
         out = []
         if not self.desirable or not self.undesirable:
             out.append(f"no {'desirable' if not self.desirable else 'undesirable'} example: KTO needs both kinds")
-        if self.duplicates.count:
-            out.append(f"{self.duplicates.share:.1%} of examples ({self.duplicates.count}) repeat an earlier one "
-                       f"exactly and count more than once in training, e.g. {self.duplicates.examples[0]}")
-        if self.conflicting_labels.count:
-            out.append(f"{self.conflicting_labels.share:.1%} of examples ({self.conflicting_labels.count}) have the "
-                       f"same prompt and completion as an example with the other label, e.g. "
-                       f"{self.conflicting_labels.examples[0]}")
-        leak = self.eval_leakage
-        if leak is not None and leak.count:
-            out.append(f"{leak.share:.1%} of examples ({leak.count}) have a prompt that is also in the eval data "
-                       f"({leak.prompts} distinct), e.g. {leak.examples[0]}")
-        cut = self.truncated
-        if cut is not None and cut.share > TRUNCATED_WARN_SHARE:
-            out.append(f"{cut.share:.1%} of measured examples ({cut.count}) are longer than {_limits(cut)} and will "
-                       f"be truncated, e.g. {cut.examples[0]}")
-        p = self.desirable_longer_probability
-        if p is not None and not LENGTH_BIAS_WARN[0] <= p <= LENGTH_BIAS_WARN[1]:
-            side = "longer" if p > 0.5 else "shorter"
-            out.append(f"strong length bias: a desirable completion is longer than an undesirable one with "
-                       f"probability {p:.1%}; the model may learn to prefer {side} answers")
-        return out
+        return out + finding_warnings("examples", [
+            (self.duplicates, "repeat an earlier one exactly and count more than once in training"),
+            (self.conflicting_labels, "have the same prompt and completion as an example with the other label"),
+            (self.eval_leakage, "have a prompt that is also in the eval data ({f.prompts} distinct)"),
+            (self.truncated, "are longer than {f.limits} and will be truncated"),
+        ]) + length_bias_warning(self.desirable_longer_probability, "a desirable completion is longer than an "
+                                 "undesirable one with probability {score:.1%}")
 
     def lines(self) -> list[str]:
         out = [(f"audit of {self.rows} unpaired examples: {self.desirable} desirable, {self.undesirable} "
@@ -104,7 +89,7 @@ class ExampleAuditReport:
         out.append(f"{'eval_leakage':<22}  not checked (no --eval-data)" if leak is None else
                    _finding_line("eval_leakage", leak, f"distinct prompts: {leak.prompts}, eval rows: {leak.eval_rows}"))
         out.append(f"{'truncated':<22}  not checked (needs --model or --tokenizer, and --max-length)" if cut is None
-                   else _finding_line("truncated", cut, f"at {_limits(cut)}"))
+                   else _finding_line("truncated", cut, f"at {cut.limits}"))
         problems = {kind: f for kind, f in self.encoding.items() if f.count}
         out.append("encoding" + ("" if problems else ": no problems found"))
         out += [_finding_line(f"  {kind}", finding) for kind, finding in problems.items()]
@@ -162,22 +147,6 @@ def longer_probability(desirable: list[int], undesirable: list[int]) -> float | 
     return wins / (len(desirable) * len(undesirable))
 
 
-def _lengths(measured: list[PreferencePair], tokenizer: Any, max_length: int | None,
-             max_prompt_length: int | None) -> tuple[list[tuple[int, int]], Truncation | None]:
-    """(prompt, completion) lengths of each measured example, and the truncation finding (tokens only)."""
-    if tokenizer is None:
-        return [(_chars(e.prompt), _chars(e.chosen)) for e in measured], None
-    tokenized, _ = tokenize_pairs(measured, tokenizer)
-    lengths = [(len(tp.prompt_ids), len(tp.chosen_ids)) for tp in tokenized]
-    if max_length is None and max_prompt_length is None:
-        return lengths, None
-    # The rules training applies, so the audit counts exactly the examples training would cut.
-    cuts = [truncate(tp, max_length=max_length, max_prompt_length=max_prompt_length)[1:] for tp in tokenized]
-    return lengths, _finding([tp.where for tp, cut in zip(tokenized, cuts) if any(cut)], len(tokenized), Truncation,
-                             max_length=max_length, max_prompt_length=max_prompt_length,
-                             prompts_cut=sum(prompt for prompt, _ in cuts), responses_cut=sum(resp for _, resp in cuts))
-
-
 def audit_examples(examples: list[PreferencePair], eval_examples: list[PreferencePair] | None = None, *,
                    tokenizer: Any = None, max_length: int | None = None,
                    max_prompt_length: int | None = None) -> ExampleAuditReport:
@@ -186,8 +155,8 @@ def audit_examples(examples: list[PreferencePair], eval_examples: list[Preferenc
         raise UserError("--max-length and --max-prompt-length count tokens: give --model or --tokenizer too")
     kinds = [_pair_encoding_kinds(e) for e in examples]
     measured = [e for e, k in zip(examples, kinds) if not _is_blank(e.chosen) and "lone_surrogates" not in k]
-    lengths, truncation = _lengths(measured, tokenizer, max_length, max_prompt_length)
-    by_label = {label: [c for (_, c), e in zip(lengths, measured) if e.label == label] for label in (True, False)}
+    lengths, truncation = measure(measured, tokenizer, max_length, max_prompt_length)  # completion = chosen
+    by_label = {label: [c for (_, c, _), e in zip(lengths, measured) if e.label == label] for label in (True, False)}
     desirable = sum(e.label for e in examples)
     return ExampleAuditReport(
         rows=len(examples), desirable=desirable, undesirable=len(examples) - desirable,
@@ -199,7 +168,7 @@ def audit_examples(examples: list[PreferencePair], eval_examples: list[Preferenc
         truncated=truncation,
         desirable_longer_probability=longer_probability(by_label[True], by_label[False]),
         lengths={"unit": "characters" if tokenizer is None else "tokens", "examples": len(measured),
-                 "excluded": len(examples) - len(measured), "prompt": _distribution([p for p, _ in lengths]),
+                 "excluded": len(examples) - len(measured), "prompt": _distribution([p for p, _, _ in lengths]),
                  "desirable": _distribution(by_label[True]), "undesirable": _distribution(by_label[False])},
         encoding=_encoding(examples, kinds),
     )

@@ -195,3 +195,11 @@ def collate_packed(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
         labels=_labels(pairs),
     )
+
+
+def collate(layout: str, pairs: list[TokenizedPair], indices: list[int], pad_id: int,
+            pack_tokens: int | None = None) -> PackedBatch | PaddedBatch:
+    """`collate_packed` (`pack_tokens` per row at most, None: a row per pair) or `collate_padded`, by `layout`."""
+    if layout == "packed":
+        return collate_packed(pairs, indices, pad_id, pack_tokens)
+    return collate_padded(pairs, indices, pad_id)

@@ -39,7 +39,7 @@ import os
 import re
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +225,17 @@ def _check_message_response(messages: list[Message], name: str, where: str, impl
         raise UserError(f"{where}: field '{name}' is empty (its assistant turns have no content)")
 
 
+def common_prefix_length(items: Sequence, other_items: Sequence) -> int:
+    """Number of leading items the two sequences share: [1, 2, 3], [1, 2, 4, 5] → 2. Characters and messages
+    here (implicit prompts), token ids in `tokenize` (the prompt/response boundary), which imports it from here."""
+    n = 0
+    for a, b in zip(items, other_items):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def shared_text_prompt(chosen: str, rejected: str) -> int:
     """Length of the implicit prompt of two strings: their longest common prefix, moved back so the split
     falls at the start or just after whitespace (never mid-word).
@@ -232,11 +243,7 @@ def shared_text_prompt(chosen: str, rejected: str) -> int:
     "Q: hi there\\nA: good" / "Q: hi there\\nA: bad" → 15 (the prompt is "Q: hi there\\nA: ")
     "The answer is yes" / "The answer is yellow" → 14 ("The answer is "), not 16 ("The answer is ye").
     """
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
+    n = common_prefix_length(chosen, rejected)
     while n > 0 and not chosen[n - 1].isspace():
         n -= 1
     return n
@@ -244,12 +251,7 @@ def shared_text_prompt(chosen: str, rejected: str) -> int:
 
 def shared_message_prompt(chosen: list[Message], rejected: list[Message]) -> int:
     """Number of whole leading messages shared by both conversations (as trl.data_utils.extract_prompt)."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix_length(chosen, rejected)
 
 
 def _check_encodable(fields: dict[str, Any], where: str) -> None:

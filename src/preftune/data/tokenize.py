@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from preftune.data.formats import PreferencePair
+from preftune.data.formats import PreferencePair, common_prefix_length
 from preftune.errors import UserError
 
 ON_OVERLENGTH = ("truncate", "drop")
@@ -80,16 +80,6 @@ class TruncationReport:
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
-
-
-def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    """Number of leading tokens the two sequences share: [1, 2, 3], [1, 2, 4, 5] → 2."""
-    n = 0
-    for a, b in zip(ids, other_ids):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:

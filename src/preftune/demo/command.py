@@ -17,6 +17,7 @@ from pathlib import Path
 
 from preftune.demo import pipeline, sft
 from preftune.evaluation.stats import Z95
+from preftune.rundir import EVAL, FINAL
 
 log = logging.getLogger("preftune")
 REWARD = "preftune.demo.sentiment:score"
@@ -25,9 +26,9 @@ REWARD = "preftune.demo.sentiment:score"
 def eval_options(result: dict, sizes: pipeline.Sizes, json_path: Path | None):
     """The `preftune eval` options of the demo: policy = DPO model, reference = SFT model, fresh held-out prompts.
     Sampling settings are the ones the pairs were sampled with (temperature 1, no top-p, same length cap)."""
-    from preftune.evaluation.command import EvalOptions
+    from preftune.evaluation.evaluate import EvalOptions
 
-    return EvalOptions(model=str(result["run"] / "final"), ref=str(result["sft"]), prompts=str(result["prompts"]),
+    return EvalOptions(model=str(result["run"] / FINAL), ref=str(result["sft"]), prompts=str(result["prompts"]),
                        reward=REWARD, data=str(result["heldout_pairs"]), beta=0.1, batch_size=64,
                        max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 3, device="cpu",
                        json=None if json_path is None else str(json_path))
@@ -58,21 +59,20 @@ def summary_line(generation: dict, difference: dict, report: Path) -> str:
 def run_demo(output: str | Path, quick: bool = False, sizes: pipeline.Sizes | None = None) -> dict:
     """Every stage into `output` (a new or empty folder) → {"eval": eval.json's content plus "reward_difference",
     "report": report.html, "summary": the last line, and run_stages' paths}. `sizes` overrides QUICK/DEFAULT."""
-    from preftune.evaluation.command import run_eval
+    from preftune.evaluation.evaluate import run_eval
+    from preftune.files import write_json
     from preftune.report import write_report
 
     sizes = sizes or (pipeline.QUICK if quick else pipeline.DEFAULT)
     result = pipeline.run_stages(output, sizes=sizes)
     out, stages = Path(output), result["stages"]
     start = pipeline._clock()
-    eval_json = result["run"] / "eval.json"
+    eval_json = result["run"] / EVAL
     with sft.one_cpu_thread():
         evaluation = run_eval(eval_options(result, sizes, json_path=None))
     generation = evaluation["generation"]
     evaluation["reward_difference"] = reward_difference(generation["reward"])
-    from preftune.evaluation.command import write_json
-
-    write_json(evaluation, str(eval_json))
+    write_json(eval_json, evaluation)
     difference = evaluation["reward_difference"]
     pipeline._stage(stages, "eval", start, f"{generation['prompts']} held-out prompts sampled from SFT and DPO: "
                     f"reward {difference['difference']:+.3f} (95% CI {difference['ci_low']:+.3f} … "

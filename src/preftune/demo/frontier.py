@@ -24,6 +24,7 @@ from preftune.demo import pipeline, sentiment, sft
 from preftune.demo.command import REWARD
 from preftune.errors import UserError
 from preftune.evaluation.stats import mean_se
+from preftune.rundir import EVAL, FINAL
 
 log = logging.getLogger("preftune")
 DEFAULT_BETAS = (0.05, 0.1, 0.3, 1.0)
@@ -72,12 +73,8 @@ def sample_rewards(model, tokenizer, prompts: list[str], k: int, sizes: pipeline
 
 def evaluate_runs(runs: dict[float, Path], sft_folder: Path, prompts: Path, sizes: pipeline.Sizes) -> dict:
     """Each DPO model vs the SFT model on the held-out prompts → {β: eval result}; writes <run>/eval.json."""
-    from preftune.evaluation.command import (
-        EvalOptions,
-        evaluate_models,
-        load_inputs,
-        write_json,
-    )
+    from preftune.evaluation.evaluate import EvalOptions, evaluate_models, load_inputs
+    from preftune.files import write_json
     from preftune.loading import load_causal_lm, load_tokenizer
 
     options = EvalOptions(ref=str(sft_folder), prompts=str(prompts), reward=REWARD, batch_size=64,
@@ -87,9 +84,9 @@ def evaluate_runs(runs: dict[float, Path], sft_folder: Path, prompts: Path, size
     reference = load_causal_lm(str(sft_folder), what="--ref")
     results = {}
     for beta, run in runs.items():
-        options.model = str(run / "final")
+        options.model = str(run / FINAL)
         results[beta] = evaluate_models(inputs, load_causal_lm(options.model), reference, tokenizer, options)
-        write_json(results[beta], str(run / "eval.json"))
+        write_json(run / EVAL, results[beta])
     return results
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from preftune.demo import preferences, sentiment, sft
 from preftune.errors import UserError
+from preftune.rundir import METRICS
 
 log = logging.getLogger("preftune")
 SFT_LR = 3e-3  # peak learning rate of the from-scratch language model (warmup, then cosine to a tenth)
@@ -173,7 +174,7 @@ def run_dpo(out: Path, sft_folder: Path, paths: dict[str, Path], sizes: Sizes, s
                       "ref_cache": str(out / "ref-cache"),
                       "device": "cpu"})  # every stage runs on the CPU: a tiny model gains nothing from a GPU
     train(cfg)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in (run / METRICS).read_text(encoding="utf-8").splitlines()]
     evals = [r for r in records if "eval/loss" in r]
     first, last = records[0], records[-1]
     _stage(stages, name, start, f"{len(records)} steps: loss {first['loss']:.3f} → {last['loss']:.3f}; held-out "

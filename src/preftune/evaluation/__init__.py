@@ -5,6 +5,7 @@
     stats.py     mean ± SE, KL estimate, distinct-n, win rate with a Wilson interval
     rewards.py   --reward: a sequence-classification model folder or a module:function
     refusal.py   over-refusal and unsafe compliance with a replaceable refusal detector
-    command.py   options, `run_eval`, `evaluate_models`, `flat_metrics`, eval.json
+    evaluate.py  options, `run_eval`, `load_inputs`, `evaluate_models`, `flat_metrics`, eval.json
+    command.py   `preftune eval`: its flags and entry point, calling evaluate.py
     table.py     the terminal table
 """

@@ -2,7 +2,9 @@
 
 Prompt: "count from 3 :"; chosen: "3 4 5 6"; rejected: the same numbers shuffled or shifted. The model starts
 from random weights (a stand-in for an SFT model). `preftune demo` itself is the sentiment task of
-`preftune.demo.pipeline`; these builders make the tiny models and data sets of the tests.
+`preftune.demo.pipeline`; these builders make the tiny models and data sets of the tests, so they live with the
+tests and not in the package: tests import them as `from toy import ...` (pytest puts tests/ on sys.path), and
+the benchmarks put tests/ on sys.path themselves.
 """
 
 from __future__ import annotations

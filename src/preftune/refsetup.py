@@ -1,0 +1,89 @@
+"""The reference a run trains against (see `reference` for its three kinds): by default its log-probs, computed
+once before the first update and cached on disk (`refcache`), then the model is freed."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from preftune import distributed, lora, refcache
+from preftune.config import TrainConfig
+from preftune.data.batching import collate
+from preftune.data.tokenize import TokenizedPair
+from preftune.errors import UserError
+from preftune.loading import load_causal_lm
+from preftune.logps import choose_layout, compute_logps
+from preftune.refcache import RefLogps
+from preftune.reference import CachedReference, Reference, ReferenceModel
+
+log = logging.getLogger("preftune")
+
+
+def build_references(cfg: TrainConfig, policy: torch.nn.Module, layout: str, train_pairs, eval_pairs, pad_id: int,
+                     device: torch.device) -> tuple[Reference, Reference | None, str]:
+    """(the reference of the training pairs, that of the eval pairs or None, the layout both models fit).
+
+    The default reference is the policy as loaded (never re-read from disk). With the cache, the policy itself
+    computes them before its first update, so no second copy is ever made; without it, a frozen copy runs at
+    every step. A LoRA policy is its own reference, with or without the cache: its base with the adapter
+    disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made.
+    """
+    loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
+                             allow_pickle_weights=cfg.allow_pickle_weights, what="--ref-model").to(device)
+              if cfg.ref_model else None)
+    if loaded is not None and layout == "packed":  # both models must fit the layout their batches share
+        layout = choose_layout(cfg.layout, loaded, train_pairs, pad_id)
+    adapter = loaded is None and lora.enabled(cfg)
+    if cfg.no_ref_cache or cfg.ref_update:  # TR-DPO's reference changes: a cache of it would be stale
+        live = (lora.live_reference(policy, cfg) if adapter else
+                ReferenceModel(loaded or copy.deepcopy(policy), dtype=cfg.dtype))
+        return live, live, layout
+    model = loaded or policy
+    digest = lora.reference_digest(model, cfg) if adapter else refcache.weights_digest(model)
+    cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else refcache.default_cache_dir()
+
+    def cached(pairs, what: str) -> CachedReference:
+        collate_fn = lambda ps, idx: collate(layout, ps, idx, pad_id, cfg.pack_tokens or None)  # noqa: E731
+        return CachedReference(_cached_logps(cfg, model, digest, pairs, cache_dir, what, collate_fn, device))
+
+    with lora.cache_context(model, cfg) if adapter else nullcontext():
+        reference = cached(train_pairs, "--data")
+        eval_reference = cached(eval_pairs, "--eval-data") if eval_pairs else None
+    return reference, eval_reference, layout  # a --ref-model is freed here: only its log-probs are kept
+
+
+def _cached_logps(cfg: TrainConfig, model, digest: str, pairs: list[TokenizedPair], cache_dir: Path, what: str,
+                  collate_fn, device: torch.device) -> RefLogps:
+    # Options outside the weights that change log-probs (rope scaling, soft-capping...) live in the config.
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    extra = {"config": config}
+    if cfg.ld_alpha is not None:  # LD-DPO's weighted log-probs; absent otherwise, so plain keys stay as they were
+        extra["ld_alpha"] = cfg.ld_alpha
+    key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra=extra)
+
+    # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
+    batch_size = cfg.batch_size * (4 if device.type == "cuda" else 1)
+
+    def compute(some: list[TokenizedPair], out: Path, progress: bool = True):
+        return refcache.compute(model, some, batch_size=batch_size,
+                                logps_fn=lambda m, batch: compute_logps(m, batch, ld_alpha=cfg.ld_alpha),
+                                collate_fn=collate_fn, device=device, dtype=cfg.dtype,
+                                out=out, progress=progress)
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--ref-cache {cache_dir}: cannot create the folder ({e.strerror})") from None
+    start = time.perf_counter()
+    if distributed.world().size == 1:
+        logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
+    else:
+        logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute)
+    log.info("%s reference log-probs: %s %s", what, "reused" if hit else
+             f"computed in {time.perf_counter() - start:.1f} s,", logps.path)
+    return logps
