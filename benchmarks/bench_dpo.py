@@ -69,8 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", choices=RUNS, help="run only this one (repeatable)")
     ap.add_argument("--skip-trl", action="store_true", help="run preftune only")
     ap.add_argument("--preftune-args", default="", help='extra flags for `preftune train`, e.g. "--dtype bfloat16"')
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="torch threads in every process (default: all cores this process may use)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads in every process (default: all cores this process may use)",
+    )
     ap.add_argument("--ceiling-reps", type=int, default=3, help="timed repetitions per matmul shape")
     ap.add_argument("--work", default=str(OUT / "work"), help="scratch folder for the runs (emptied per run)")
     ap.add_argument("--json", default=str(OUT / "bench_dpo.json"), help="where to write all numbers")
@@ -115,9 +119,15 @@ def model_facts(model: str) -> dict:
     total = sum(p.numel() for p in m.parameters())
     embed, head = m.get_input_embeddings().weight, m.get_output_embeddings().weight
     vocab_params = embed.numel() + (0 if config.tie_word_embeddings else head.numel())
-    return {"model_type": config.model_type, "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-            "layers": config.num_hidden_layers, "params": total, "non_embedding_params": total - vocab_params,
-            "tied_embeddings": bool(config.tie_word_embeddings)}
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "layers": config.num_hidden_layers,
+        "params": total,
+        "non_embedding_params": total - vocab_params,
+        "tied_embeddings": bool(config.tie_word_embeddings),
+    }
 
 
 def first_pairs(data: str, n: int, dest: Path) -> Path:
@@ -140,10 +150,18 @@ def token_counts(model: str, data: Path, max_length: int) -> dict:
     p = [len(t.prompt_ids) for t in tokenized]
     c = [len(t.chosen_ids) for t in tokenized]
     r = [len(t.rejected_ids) for t in tokenized]
-    return {"pairs": len(tokenized), "load": load.summary(), "truncation": trunc.summary(),
-            "prompt_tokens": sum(p), "chosen_tokens": sum(c), "rejected_tokens": sum(r),
-            "tokens": 2 * sum(p) + sum(c) + sum(r), "response_tokens": sum(c) + sum(r),
-            "mean_prompt": sum(p) / len(p), "mean_response": (sum(c) + sum(r)) / (2 * len(p))}
+    return {
+        "pairs": len(tokenized),
+        "load": load.summary(),
+        "truncation": trunc.summary(),
+        "prompt_tokens": sum(p),
+        "chosen_tokens": sum(c),
+        "rejected_tokens": sum(r),
+        "tokens": 2 * sum(p) + sum(c) + sum(r),
+        "response_tokens": sum(c) + sum(r),
+        "mean_prompt": sum(p) / len(p),
+        "mean_response": (sum(c) + sum(r)) / (2 * len(p)),
+    }
 
 
 def useful_flops(facts: dict, tokens: dict) -> dict[str, float]:
@@ -153,30 +171,53 @@ def useful_flops(facts: dict, tokens: dict) -> dict[str, float]:
     tr = tokens["response_tokens"]
     policy = 6 * n * t + 6 * h * v * tr
     reference = 2 * n * t + 2 * h * v * tr
-    return {"policy": policy, "reference": reference, "useful": policy + reference,
-            "formula": "8·N·Σ(P+C+R) + 8·h·V·Σ(C+R)"}
+    return {
+        "policy": policy,
+        "reference": reference,
+        "useful": policy + reference,
+        "formula": "8·N·Σ(P+C+R) + 8·h·V·Σ(C+R)",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- one run
 
 
 def command(name: str, args: argparse.Namespace, data: Path, out: Path) -> list[str]:
-    common = ["--model", args.model, "--data", str(data), "--output", str(out), "--batch-size", str(args.batch_size),
-              "--epochs", "1", "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate)]
+    common = [
+        "--model",
+        args.model,
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--max-length",
+        str(args.max_length),
+        "--learning-rate",
+        str(args.learning_rate),
+    ]
     if name.startswith("preftune"):
-        return [sys.executable, "-m", "preftune", "train", *common, "--device", "cpu",
-                *shlex.split(args.preftune_args)]
+        return [sys.executable, "-m", "preftune", "train", *common, "--device", "cpu", *shlex.split(args.preftune_args)]
     mode = {"trl": "default", "trl-fast": "fast"}[name]
     return [sys.executable, str(HERE / "trl_run.py"), *common, "--mode", mode, "--stats", str(out) + ".stats.json"]
 
 
 def child_env(threads: int, work: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_CACHE=str(work / "hf_datasets"),  # fresh: no cached tokenization or reference log-probs
-               PREFTUNE_CACHE=str(work / "preftune_cache"),  # emptied before `preftune`, kept for `preftune-cached`
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p))
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / "hf_datasets"),  # fresh: no cached tokenization or reference log-probs
+        PREFTUNE_CACHE=str(work / "preftune_cache"),  # emptied before `preftune`, kept for `preftune-cached`
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p),
+    )
     return env
 
 
@@ -203,9 +244,12 @@ def preftune_details(out: Path, log: Path) -> dict:
     if not metrics.exists():
         return {}
     records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    details = {"steps": len(records), "loop_s": sum(r["step_time_s"] for r in records),
-               "trained_tokens": round(sum(r["tokens_per_s"] * r["step_time_s"] for r in records)),
-               "final_loss": records[-1]["loss"] if records else None}
+    details = {
+        "steps": len(records),
+        "loop_s": sum(r["step_time_s"] for r in records),
+        "trained_tokens": round(sum(r["tokens_per_s"] * r["step_time_s"] for r in records)),
+        "final_loss": records[-1]["loss"] if records else None,
+    }
     # The reference pass happens before the loop; its log line says whether the cache already held it.
     found = re.search(r"--data reference log-probs: (reused|computed in ([\d.]+) s)", log.read_text(errors="replace"))
     if found:
@@ -220,11 +264,20 @@ def trl_details(out: Path) -> dict:
         return {}
     s = json.loads(stats.read_text(encoding="utf-8"))
     losses = [r["loss"] for r in s["log"] if "loss" in r]
-    return {"steps": s["steps"], "loop_s": s["train_s"], "init_s": s["init_s"], "import_s": s["import_s"],
-            "trained_tokens": s["tokens"], "examples": s["examples"], "dropped_by_trl": s["dropped_by_trl"],
-            "sequences_cut": s["sequences_cut"], "gradient_checkpointing": s["gradient_checkpointing"],
-            "precompute_ref_log_probs": s["precompute_ref_log_probs"],
-            "reference_model_loaded": s["reference_model_loaded"], "final_loss": losses[-1] if losses else None}
+    return {
+        "steps": s["steps"],
+        "loop_s": s["train_s"],
+        "init_s": s["init_s"],
+        "import_s": s["import_s"],
+        "trained_tokens": s["tokens"],
+        "examples": s["examples"],
+        "dropped_by_trl": s["dropped_by_trl"],
+        "sequences_cut": s["sequences_cut"],
+        "gradient_checkpointing": s["gradient_checkpointing"],
+        "precompute_ref_log_probs": s["precompute_ref_log_probs"],
+        "reference_model_loaded": s["reference_model_loaded"],
+        "final_loss": losses[-1] if losses else None,
+    }
 
 
 def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=None) -> dict:
@@ -243,8 +296,16 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=N
     load_before = os.getloadavg()[0]  # other processes on the machine slow a run down: keep the evidence
     rc, wall, rss = run_process(cmd, child_env(args.threads, work), work / f"{name}.log")
     details = preftune_details(out, work / f"{name}.log") if name.startswith("preftune") else trl_details(out)
-    result = {"name": name, "command": shlex.join(cmd), "rc": rc, "wall_s": wall, "peak_rss_mib": rss / 1024,
-              "load_avg_1m": [load_before, os.getloadavg()[0]], "log": str(work / f"{name}.log"), **details}
+    result = {
+        "name": name,
+        "command": shlex.join(cmd),
+        "rc": rc,
+        "wall_s": wall,
+        "peak_rss_mib": rss / 1024,
+        "load_avg_1m": [load_before, os.getloadavg()[0]],
+        "log": str(work / f"{name}.log"),
+        **details,
+    }
     if rc != 0:
         tail = (work / f"{name}.log").read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
         result["error_tail"] = tail
@@ -279,8 +340,11 @@ def notes(run: dict) -> str:
         parts.append(f"reference pass {run['reference_s']:.1f} s, written to cache")
     if "gradient_checkpointing" in run:
         parts.append("grad ckpt" if run["gradient_checkpointing"] else "no grad ckpt")
-        parts.append(f"reference precomputed (init {run['init_s']:.1f} s)" if run["precompute_ref_log_probs"]
-                     else "reference model every step")
+        parts.append(
+            f"reference precomputed (init {run['init_s']:.1f} s)"
+            if run["precompute_ref_log_probs"]
+            else "reference model every step"
+        )
     if run.get("dropped_by_trl"):
         parts.append(f"{run['dropped_by_trl']} pairs dropped")
     if not run.get("tokens_match", True):
@@ -289,8 +353,10 @@ def notes(run: dict) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    head = ("| run | wall s | s/pair | tokens/s | loop s | peak RSS MiB | useful GFLOP/s | % of ceiling | "
-            "% of ceiling (loop) | steps | final loss | notes |")
+    head = (
+        "| run | wall s | s/pair | tokens/s | loop s | peak RSS MiB | useful GFLOP/s | % of ceiling | "
+        "% of ceiling (loop) | steps | final loss | notes |"
+    )
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
     for r in runs:
@@ -302,7 +368,8 @@ def table(runs: list[dict]) -> str:
             f"| {r['name']} | {r['wall_s']:.1f} | {r['s_per_pair']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r.get('loop_s', float('nan')):.1f} | {r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.2f} | "
             f"{100 * r['share_of_ceiling']:.1f} | {100 * r.get('loop_share_of_ceiling', float('nan')):.1f} | "
-            f"{r.get('steps', '?')} | {loss if loss is None else f'{loss:.4f}'} | {notes(r)} |")
+            f"{r.get('steps', '?')} | {loss if loss is None else f'{loss:.4f}'} | {notes(r)} |"
+        )
     return "\n".join(lines)
 
 
@@ -315,9 +382,16 @@ def machine(threads: int) -> dict:
     if Path("/proc/cpuinfo").exists():
         found = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
         cpu = found.group(1) if found else ""
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "threads": threads,
-            "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__}
+    return {
+        "cpu": cpu,
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "threads": threads,
+        "load_avg_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,11 +405,19 @@ def main(argv: list[str] | None = None) -> int:
     facts = model_facts(args.model)
     tokens = token_counts(args.model, data, args.max_length)
     flops = useful_flops(facts, tokens)
-    report = {"settings": {k: v for k, v in vars(args).items()}, "machine": machine(args.threads), "model": facts,
-              "tokens": tokens, "flops": flops}
-    print(f"[bench] {tokens['pairs']} pairs, {tokens['tokens']:,} tokens ({tokens['response_tokens']:,} response); "
-          f"useful work {flops['useful'] / 1e12:.3f} TFLOP; measuring the matmul ceiling …", file=sys.stderr,
-          flush=True)
+    report = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "machine": machine(args.threads),
+        "model": facts,
+        "tokens": tokens,
+        "flops": flops,
+    }
+    print(
+        f"[bench] {tokens['pairs']} pairs, {tokens['tokens']:,} tokens ({tokens['response_tokens']:,} response); "
+        f"useful work {flops['useful'] / 1e12:.3f} TFLOP; measuring the matmul ceiling …",
+        file=sys.stderr,
+        flush=True,
+    )
     before = ceiling(facts["hidden_size"], facts["vocab_size"], args.ceiling_reps)
     runs = [run_one(name, args, data, work) for name in args.runs]
     after = ceiling(facts["hidden_size"], facts["vocab_size"], args.ceiling_reps)
@@ -350,10 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     Path(args.json).with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-    print(f"\n{tokens['pairs']} pairs ({tokens['mean_prompt']:.0f}-token prompts, {tokens['mean_response']:.0f}-token "
-          f"responses), batch {args.batch_size}, {args.threads} threads, {facts['params'] / 1e6:.1f}M params "
-          f"(vocab {facts['vocab_size']:,}); ceiling {best:.1f} GFLOP/s (fp32 matmul); useful work "
-          f"{flops['useful'] / 1e9:.1f} GFLOP\n")
+    print(
+        f"\n{tokens['pairs']} pairs ({tokens['mean_prompt']:.0f}-token prompts, {tokens['mean_response']:.0f}-token "
+        f"responses), batch {args.batch_size}, {args.threads} threads, {facts['params'] / 1e6:.1f}M params "
+        f"(vocab {facts['vocab_size']:,}); ceiling {best:.1f} GFLOP/s (fp32 matmul); useful work "
+        f"{flops['useful'] / 1e9:.1f} GFLOP\n"
+    )
     print(text)
     for run in runs:
         if run["rc"] == 0 and not run["tokens_match"]:

@@ -44,20 +44,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def command(name: str, args: argparse.Namespace, data: Path, out: Path) -> list[str]:
-    common = ["--model", args.model, "--data", str(data), "--output", str(out), "--batch-size", str(args.batch_size),
-              "--epochs", "1", "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate)]
+    common = [
+        "--model",
+        args.model,
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--max-length",
+        str(args.max_length),
+        "--learning-rate",
+        str(args.learning_rate),
+    ]
     if name == "preftune":
-        return [sys.executable, "-m", "preftune", "train", *common, "--loss", "kto", "--no-shuffle", "--device", "cpu",
-                "--no-report"]
+        return [
+            sys.executable,
+            "-m",
+            "preftune",
+            "train",
+            *common,
+            "--loss",
+            "kto",
+            "--no-shuffle",
+            "--device",
+            "cpu",
+            "--no-report",
+        ]
     mode = {"trl": "default", "trl-fast": "fast"}[name]
-    return [sys.executable, str(HERE / "trl_run.py"), *common, "--trainer", "kto", "--mode", mode,
-            "--stats", str(out) + ".stats.json"]
+    return [
+        sys.executable,
+        str(HERE / "trl_run.py"),
+        *common,
+        "--trainer",
+        "kto",
+        "--mode",
+        mode,
+        "--stats",
+        str(out) + ".stats.json",
+    ]
 
 
 def table(runs: list[dict]) -> str:
     base = next((r for r in runs if r["name"] == "preftune" and r["rc"] == 0), None)
-    lines = ["| run | wall s | × preftune's time | training loop s | peak RSS MiB | × preftune's memory | final loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | wall s | × preftune's time | training loop s | peak RSS MiB | × preftune's memory | final loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         if r["rc"] != 0:
             lines.append(f"| {r['name']} | failed (exit {r['rc']}) | | | | | |")
@@ -65,8 +101,10 @@ def table(runs: list[dict]) -> str:
         ratio = f"{r['wall_s'] / base['wall_s']:.1f}×" if base else "—"
         memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.1f}×" if base else "—"
         loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "—"
-        lines.append(f"| {r['name']} | {r['wall_s']:.1f} | {ratio} | {r.get('loop_s', 0):.1f} | "
-                     f"{r['peak_rss_mib']:,.0f} | {memory} | {loss} |")
+        lines.append(
+            f"| {r['name']} | {r['wall_s']:.1f} | {ratio} | {r.get('loop_s', 0):.1f} | "
+            f"{r['peak_rss_mib']:,.0f} | {memory} | {loss} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -35,10 +35,17 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 QA_FILE = "preference/finegrainedrlhf_qa_feedback_dev.json"
 # The Llama-3 pre-tokenizer split (tiktoken's cl100k pattern with digit groups of 1-3).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_NAMED = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128006: "<|start_header_id|>",
-                128007: "<|end_header_id|>", 128009: "<|eot_id|>"}
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NAMED = {
+    128000: "<|begin_of_text|>",
+    128001: "<|end_of_text|>",
+    128006: "<|start_header_id|>",
+    128007: "<|end_header_id|>",
+    128009: "<|eot_id|>",
+}
 LLAMA3_VOCAB = 128256  # 128,000 BPE entries + 256 special tokens, as in the released Llama 3.2 models
 
 
@@ -48,15 +55,23 @@ LLAMA3_VOCAB = 128256  # 128,000 BPE entries + 256 special tokens, as in the rel
 def gpt2_tokenizer(shared: Path):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(shared / "tokenizers/gpt2/tokenizer.json"),
-                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(shared / "tokenizers/gpt2/tokenizer.json"),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def llama2_tokenizer(shared: Path):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(shared / "tokenizers/llama2/tokenizer.json"),
-                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(shared / "tokenizers/llama2/tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def llama3_tokenizer(shared: Path):
@@ -66,19 +81,25 @@ def llama3_tokenizer(shared: Path):
 
     folder = shared / "tokenizers/llama3.2"
     vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-    merges = [tuple(line.split(" ")) for line in (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-              if line and not line.startswith("#version")]
+    merges = [
+        tuple(line.split(" "))
+        for line in (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#version")
+    ]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = [LLAMA3_NAMED.get(i, f"<|reserved_special_token_{i - 128000}|>") for i in range(128000, LLAMA3_VOCAB)]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     # Llama 3 puts <|begin_of_text|> before every text, as its tokenizer.json post-processor does.
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                                       special_tokens=[("<|begin_of_text|>", 128000)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 128000)]
+    )
     if tok.encode("Hello world", add_special_tokens=False).ids != [9906, 1917]:
         raise SystemExit("llama3.2 tokenizer: 'Hello world' should encode to [9906, 1917]")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
@@ -104,16 +125,31 @@ def build_model(args, vocab_size: int, tokenizer, folder: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, torch_dtype="float32")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )
     model = LlamaForCausalLM(config).float()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    return {"vocab_size": vocab_size, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
-            "layers": args.layers, "heads": args.heads, "params": count_params(model)}
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "layers": args.layers,
+        "heads": args.heads,
+        "params": count_params(model),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- pairs
@@ -156,7 +192,9 @@ def single_token_words(tokenizer) -> list[str]:
     bare = tokenizer(candidates, add_special_tokens=False).input_ids
     words = [w for w, a, b in zip(candidates, spaced, bare) if min(len(a), len(b)) == 1]
     sample = random.Random(0).sample(words, min(len(words), 2000))
-    lengths = {len(tokenizer(t, add_special_tokens=False).input_ids) for t in (" ".join(sample), " " + " ".join(sample))}
+    lengths = {
+        len(tokenizer(t, add_special_tokens=False).input_ids) for t in (" ".join(sample), " " + " ".join(sample))
+    }
     if len(sample) not in lengths:
         raise SystemExit("--synthetic: this tokenizer merges single-token words; cannot build exact lengths")
     return sample
@@ -200,13 +238,21 @@ def token_stats(pairs: list[dict], tokenizer, max_length: int | None) -> dict:
     cuts = [truncate(t, max_length=max_length, max_prompt_length=None)[1:] for t in raw]
     prompt = [len(t.prompt_ids) for t in raw]
     response = [len(t.chosen_ids) for t in raw] + [len(t.rejected_ids) for t in raw]
-    return {"mean_prompt_tokens": statistics.mean(prompt), "max_prompt_tokens": max(prompt),
-            "mean_response_tokens": statistics.mean(response), "max_response_tokens": max(response),
-            "mean_pair_tokens": statistics.mean(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
-                                                for t in raw),
-            "truncation_at_max_length": {"max_length": max_length, "prompts_cut": sum(c[0] for c in cuts),
-                                         "responses_cut": sum(c[1] for c in cuts),
-                                         "boundaries_shifted": report.boundaries_shifted}}
+    return {
+        "mean_prompt_tokens": statistics.mean(prompt),
+        "max_prompt_tokens": max(prompt),
+        "mean_response_tokens": statistics.mean(response),
+        "max_response_tokens": max(response),
+        "mean_pair_tokens": statistics.mean(
+            2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in raw
+        ),
+        "truncation_at_max_length": {
+            "max_length": max_length,
+            "prompts_cut": sum(c[0] for c in cuts),
+            "responses_cut": sum(c[1] for c in cuts),
+            "boundaries_shifted": report.boundaries_shifted,
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -243,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         pairs, counts = qa_pairs(shared)
     with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-    info = {"vocab": args.vocab, "model": model_info, "data": counts,
-            "tokens": token_stats(pairs, tokenizer, args.max_length)}
+    info = {
+        "vocab": args.vocab,
+        "model": model_info,
+        "data": counts,
+        "tokens": token_stats(pairs, tokenizer, args.max_length),
+    }
     (out / "fixture.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print_summary(out, info)
     return 0
@@ -253,16 +303,22 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(out: Path, info: dict) -> None:
     m, t, d = info["model"], info["tokens"], info["data"]
     p = m["params"]
-    print(f"model  {out / 'model'}: Llama, vocab {m['vocab_size']:,} ({info['vocab']}), hidden {m['hidden_size']}, "
-          f"MLP {m['intermediate_size']}, {m['layers']} layers, {m['heads']} heads, untied")
-    print(f"       params {p['total']:,} = embedding+head {p['embedding_and_head']:,} + non-embedding "
-          f"{p['non_embedding']:,}")
+    print(
+        f"model  {out / 'model'}: Llama, vocab {m['vocab_size']:,} ({info['vocab']}), hidden {m['hidden_size']}, "
+        f"MLP {m['intermediate_size']}, {m['layers']} layers, {m['heads']} heads, untied"
+    )
+    print(
+        f"       params {p['total']:,} = embedding+head {p['embedding_and_head']:,} + non-embedding "
+        f"{p['non_embedding']:,}"
+    )
     print(f"pairs  {out / 'pairs.jsonl'}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
     tr = t["truncation_at_max_length"]
-    print(f"tokens prompt mean {t['mean_prompt_tokens']:.1f} (max {t['max_prompt_tokens']}), response mean "
-          f"{t['mean_response_tokens']:.1f} (max {t['max_response_tokens']}), per pair (2P+C+R) "
-          f"{t['mean_pair_tokens']:.1f}; at max_length {tr['max_length']}: {tr['prompts_cut']} prompts cut, "
-          f"{tr['responses_cut']} responses cut, {tr['boundaries_shifted']} boundaries shifted")
+    print(
+        f"tokens prompt mean {t['mean_prompt_tokens']:.1f} (max {t['max_prompt_tokens']}), response mean "
+        f"{t['mean_response_tokens']:.1f} (max {t['max_response_tokens']}), per pair (2P+C+R) "
+        f"{t['mean_pair_tokens']:.1f}; at max_length {tr['max_length']}: {tr['prompts_cut']} prompts cut, "
+        f"{tr['responses_cut']} responses cut, {tr['boundaries_shifted']} boundaries shifted"
+    )
 
 
 if __name__ == "__main__":

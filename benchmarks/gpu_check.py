@@ -40,10 +40,20 @@ def step(model, batch, fn, dtype):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     with ctx:
         chosen, rejected, chosen_len, rejected_len = fn(model, batch)
-    loss = combined_loss(["sigmoid"], [1.0], policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                         ref_chosen_logps=chosen.detach() - 0.5, ref_rejected_logps=rejected.detach() + 0.5,
-                         chosen_lengths=chosen_len, rejected_lengths=rejected_len, beta=0.1, label_smoothing=0.0,
-                         num_pairs=len(chosen), num_chosen_tokens=int(chosen_len.sum()))
+    loss = combined_loss(
+        ["sigmoid"],
+        [1.0],
+        policy_chosen_logps=chosen,
+        policy_rejected_logps=rejected,
+        ref_chosen_logps=chosen.detach() - 0.5,
+        ref_rejected_logps=rejected.detach() + 0.5,
+        chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len,
+        beta=0.1,
+        label_smoothing=0.0,
+        num_pairs=len(chosen),
+        num_chosen_tokens=int(chosen_len.sum()),
+    )
     loss.backward()
     return torch.cat([chosen, rejected]).detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -61,9 +71,16 @@ def measure(model, batch, fn, dtype, steps):
 
 def layouts(args):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50257, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=2048,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=50257,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).cuda().train()
     pairs = make_pairs(args.pairs, args.prompt, args.response, config.vocab_size)
     idx = list(range(len(pairs)))
@@ -72,14 +89,24 @@ def layouts(args):
     for dtype in ("float32", "bfloat16"):
         a_logps, a_grad, a_time, a_mem = measure(model, padded, padded_logps, dtype, args.steps)
         b_logps, b_grad, b_time, b_mem = measure(model, packed, packed_logps, dtype, args.steps)
-        print(json.dumps({
-            "dtype": dtype, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "pairs": args.pairs, "logps_max_abs_diff": (a_logps - b_logps).abs().max().item(),
-            "logps_max_rel_diff": ((a_logps - b_logps).abs() / a_logps.abs()).max().item(),
-            "grad_rel_diff": ((a_grad - b_grad).norm() / a_grad.norm()).item(),
-            "padded_step_s": round(a_time, 4), "packed_step_s": round(b_time, 4),
-            "speedup": round(a_time / b_time, 2), "padded_peak_GiB": round(a_mem, 2),
-            "packed_peak_GiB": round(b_mem, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "dtype": dtype,
+                    "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                    "pairs": args.pairs,
+                    "logps_max_abs_diff": (a_logps - b_logps).abs().max().item(),
+                    "logps_max_rel_diff": ((a_logps - b_logps).abs() / a_logps.abs()).max().item(),
+                    "grad_rel_diff": ((a_grad - b_grad).norm() / a_grad.norm()).item(),
+                    "padded_step_s": round(a_time, 4),
+                    "packed_step_s": round(b_time, 4),
+                    "speedup": round(a_time / b_time, 2),
+                    "padded_peak_GiB": round(a_mem, 2),
+                    "packed_peak_GiB": round(b_mem, 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 def end_to_end():
@@ -95,12 +122,42 @@ def end_to_end():
         data = write_jsonl(counting_pairs(64, seed=1), root / "train.jsonl")
         for dtype in ("float32", "bfloat16"):
             out = root / f"run-{dtype}"
-            code = main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--device", "cuda",
-                         "--dtype", dtype, "--max-steps", "8", "--batch-size", "8", "--learning-rate", "1e-3",
-                         "--ref-cache", str(root / "cache")])
+            code = main(
+                [
+                    "train",
+                    "--model",
+                    str(model),
+                    "--data",
+                    str(data),
+                    "--output",
+                    str(out),
+                    "--device",
+                    "cuda",
+                    "--dtype",
+                    dtype,
+                    "--max-steps",
+                    "8",
+                    "--batch-size",
+                    "8",
+                    "--learning-rate",
+                    "1e-3",
+                    "--ref-cache",
+                    str(root / "cache"),
+                ]
+            )
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            print(json.dumps({"end_to_end": dtype, "exit": code, "first_loss": records[0]["loss"],
-                              "last_loss": records[-1]["loss"], "final_exists": (out / "final").exists()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "end_to_end": dtype,
+                        "exit": code,
+                        "first_loss": records[0]["loss"],
+                        "last_loss": records[-1]["loss"],
+                        "final_exists": (out / "final").exists(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -28,17 +28,51 @@ WORK = HERE / "out" / "scaling"
 def fixture(name: str, vocab: str, lengths: str, pairs: int) -> Path:
     out = WORK / name
     if not (out / "pairs.jsonl").exists():
-        subprocess.run([sys.executable, str(HERE / "fixture.py"), "--out", str(out), "--vocab", vocab,
-                        "--synthetic", lengths, "--num-pairs", str(pairs)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "fixture.py"),
+                "--out",
+                str(out),
+                "--vocab",
+                vocab,
+                "--synthetic",
+                lengths,
+                "--num-pairs",
+                str(pairs),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
 def run(fix: Path, batch: int, steps: int, extra: list[str]) -> dict:
     run_dir = WORK / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "preftune", "train", "--model", str(fix / "model"),
-           "--data", str(fix / "pairs.jsonl"), "--output", str(run_dir), "--batch-size", str(batch),
-           "--max-steps", str(steps), "--max-length", "4096", "--ref-cache", str(WORK / "cache"), *extra]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "preftune",
+        "train",
+        "--model",
+        str(fix / "model"),
+        "--data",
+        str(fix / "pairs.jsonl"),
+        "--output",
+        str(run_dir),
+        "--batch-size",
+        str(batch),
+        "--max-steps",
+        str(steps),
+        "--max-length",
+        "4096",
+        "--ref-cache",
+        str(WORK / "cache"),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
@@ -52,8 +86,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", type=Path, default=HERE / "out" / "scaling.json")
-    ap.add_argument("--axes", default="prompt,response,vocabulary,batch,padded-prompt",
-                    help="which series to run (padded-prompt: the prompt series with --layout padded)")
+    ap.add_argument(
+        "--axes",
+        default="prompt,response,vocabulary,batch,padded-prompt",
+        help="which series to run (padded-prompt: the prompt series with --layout padded)",
+    )
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     points = []

@@ -53,9 +53,18 @@ def main() -> None:
             samples.append((step, rss_mib()))
 
     train_module.after_step = sample
-    cfg, _ = resolve({"model": str(model), "data": str(data), "output": str(root / "run"), "batch_size": 2,
-                      "max_steps": args.steps, "learning_rate": 1e-4, "log_every": 1,
-                      "ref_cache": str(root / "cache")})
+    cfg, _ = resolve(
+        {
+            "model": str(model),
+            "data": str(data),
+            "output": str(root / "run"),
+            "batch_size": 2,
+            "max_steps": args.steps,
+            "learning_rate": 1e-4,
+            "log_every": 1,
+            "ref_cache": str(root / "cache"),
+        }
+    )
     start = time.perf_counter()
     train_module.train(cfg)
     elapsed = time.perf_counter() - start
@@ -64,11 +73,22 @@ def main() -> None:
     for step, rss in samples:
         print(f"step {step:6d}  RSS {rss:8.1f} MiB")
     per_step = growth * 2**20 / max(1, samples[-1][0] - args.warmup)
-    print(f"{args.steps} steps in {elapsed:.0f} s; RSS {base:.1f} MiB at step {args.warmup} → {samples[-1][1]:.1f} MiB "
-          f"at step {samples[-1][0]}: {growth:+.1f} MiB ({per_step:+.0f} bytes/step)")
-    (OUT / "soak.json").write_text(json.dumps({
-        "steps": args.steps, "seconds": elapsed, "samples": samples, "growth_mib": growth,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}, indent=1))
+    print(
+        f"{args.steps} steps in {elapsed:.0f} s; RSS {base:.1f} MiB at step {args.warmup} → {samples[-1][1]:.1f} MiB "
+        f"at step {samples[-1][0]}: {growth:+.1f} MiB ({per_step:+.0f} bytes/step)"
+    )
+    (OUT / "soak.json").write_text(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "seconds": elapsed,
+                "samples": samples,
+                "growth_mib": growth,
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

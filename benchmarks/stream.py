@@ -42,8 +42,11 @@ def write_data(path: Path, size_mb: float, prompt_words: int = 0) -> int:
     filler = "".join(f"{i % 20} " for i in range(prompt_words))
     with open(path, "w", encoding="utf-8") as f:
         while f.tell() < size_mb * 1e6:
-            f.write("".join(json.dumps({**r, "prompt": filler + r["prompt"]}) + "\n"
-                            for r in counting_pairs(10_000, seed=seed)))
+            f.write(
+                "".join(
+                    json.dumps({**r, "prompt": filler + r["prompt"]}) + "\n" for r in counting_pairs(10_000, seed=seed)
+                )
+            )
             rows, seed = rows + 10_000, seed + 1
     return rows
 
@@ -54,11 +57,17 @@ class MemoryCap:
     def __init__(self, mib: int):
         v1 = Path("/sys/fs/cgroup/memory")
         if (v1 / "memory.limit_in_bytes").exists():
-            self.group, limit, self.peak_file = v1 / f"preftune-stream-{os.getpid()}", "memory.limit_in_bytes", \
-                "memory.max_usage_in_bytes"
+            self.group, limit, self.peak_file = (
+                v1 / f"preftune-stream-{os.getpid()}",
+                "memory.limit_in_bytes",
+                "memory.max_usage_in_bytes",
+            )
         elif Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            self.group, limit, self.peak_file = Path(f"/sys/fs/cgroup/preftune-stream-{os.getpid()}"), "memory.max", \
-                "memory.peak"
+            self.group, limit, self.peak_file = (
+                Path(f"/sys/fs/cgroup/preftune-stream-{os.getpid()}"),
+                "memory.max",
+                "memory.peak",
+            )
         else:
             raise SystemExit("--memory-cap-mib: no cgroup memory controller under /sys/fs/cgroup")
         self.group.mkdir()
@@ -85,9 +94,14 @@ def measure(args: list[str], cap: MemoryCap | None = None) -> dict:
     (-9: killed, by the cgroup's OOM killer under a cap)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "preftune", "train", *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=cap.join if cap else None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "preftune", "train", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=cap.join if cap else None,
+    )
     peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     while child.poll() is None:
         try:
@@ -100,8 +114,12 @@ def measure(args: list[str], cap: MemoryCap | None = None) -> dict:
     result = {f"peak_{k}_mib": v / 1024 for k, v in peak.items()}
     if cap:
         result["cgroup_peak_mib"] = cap.peak_mib()  # the process's memory and the page cache charged to it
-    return {**result, "seconds": time.perf_counter() - start, "exit": child.returncode,
-            "last_lines": err.strip().splitlines()[-3:]}
+    return {
+        **result,
+        "seconds": time.perf_counter() - start,
+        "exit": child.returncode,
+        "last_lines": err.strip().splitlines()[-3:],
+    }
 
 
 def main() -> None:
@@ -122,8 +140,13 @@ def main() -> None:
     rows = write_data(data, args.size_mb, args.prompt_words)
     file_mb = data.stat().st_size / 1e6
     print(f"{data}: {file_mb:.0f} MB, {rows} rows")
-    results = {"file_mb": file_mb, "rows": rows, "steps": args.steps, "memory_cap_mib": args.memory_cap_mib,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
+    results = {
+        "file_mb": file_mb,
+        "rows": rows,
+        "steps": args.steps,
+        "memory_cap_mib": args.memory_cap_mib,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    }
     for path in ("stream", "memory"):
         if args.only and args.only != path:
             continue
@@ -132,9 +155,24 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(run)
-        flags = ["--model", str(model), "--data", str(data), "--output", str(run), "--batch-size", "8",
-                 "--max-steps", str(args.steps), "--no-ref-cache", "--no-report", "--device", "cpu",
-                 "--max-length", "256"]  # the toy model's positions
+        flags = [
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--output",
+            str(run),
+            "--batch-size",
+            "8",
+            "--max-steps",
+            str(args.steps),
+            "--no-ref-cache",
+            "--no-report",
+            "--device",
+            "cpu",
+            "--max-length",
+            "256",
+        ]  # the toy model's positions
         cap = MemoryCap(args.memory_cap_mib) if args.memory_cap_mib else None
         try:
             results[path] = measure(flags + (["--stream"] if path == "stream" else []), cap)
@@ -143,9 +181,11 @@ def main() -> None:
                 cap.remove()
         r = results[path]
         capped = f", cgroup peak {r['cgroup_peak_mib']:.0f} MiB of {args.memory_cap_mib}" if cap else ""
-        print(f"{path:>6}: exit {r['exit']}, {r['seconds']:.0f} s, peak RSS {r['peak_VmHWM_mib']:.0f} MiB "
-              f"(anonymous {r['peak_RssAnon_mib']:.0f} MiB, file-backed {r['peak_RssFile_mib']:.0f} MiB{capped}) "
-              f"for a {file_mb:.0f} MB file")
+        print(
+            f"{path:>6}: exit {r['exit']}, {r['seconds']:.0f} s, peak RSS {r['peak_VmHWM_mib']:.0f} MiB "
+            f"(anonymous {r['peak_RssAnon_mib']:.0f} MiB, file-backed {r['peak_RssFile_mib']:.0f} MiB{capped}) "
+            f"for a {file_mb:.0f} MB file"
+        )
     (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if not args.keep:
         data.unlink()

@@ -74,10 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     # or its precomputed reference log-probs.
     dataset = Dataset.from_list(rows)
     config_class, trainer_class = (KTOConfig, KTOTrainer) if args.trainer == "kto" else (DPOConfig, DPOTrainer)
-    config = config_class(output_dir=args.output, per_device_train_batch_size=args.batch_size,
-                       num_train_epochs=args.epochs, max_length=args.max_length, learning_rate=args.learning_rate,
-                       seed=args.seed, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
-                       disable_tqdm=True, **MODES[args.mode])
+    config = config_class(
+        output_dir=args.output,
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        max_length=args.max_length,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        **MODES[args.mode],
+    )
     t0 = time.perf_counter()
     trainer = trainer_class(model=args.model, args=config, train_dataset=dataset)
     t1 = time.perf_counter()
@@ -103,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.stats:
         Path(args.stats).write_text(json.dumps(stats, indent=1, default=str) + "\n", encoding="utf-8")
-    print(f"trl {args.mode}: {stats['examples']} examples, {stats['steps']} steps, init {stats['init_s']:.1f} s, "
-          f"train {stats['train_s']:.1f} s")
+    print(
+        f"trl {args.mode}: {stats['examples']} examples, {stats['steps']} steps, init {stats['init_s']:.1f} s, "
+        f"train {stats['train_s']:.1f} s"
+    )
     return 0
 
 

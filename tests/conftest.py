@@ -34,8 +34,9 @@ def build_tiny_tokenizer():
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     # Special tokens are matched before pre-tokenization, so "</s>" or "<|user|>" inside text stays one token.
     backend.add_special_tokens(TINY_SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   chat_template=TINY_CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE
+    )
 
 
 @contextmanager

@@ -82,9 +82,24 @@ def torchrun(argv: list[str], cache: Path, processes: int = 2) -> subprocess.Com
     """`preftune ARGV` under the real torchrun (CPU, gloo), with its own reference cache folder."""
     # --standalone: a free port, so that parallel test runs on one machine do not collide.
     env = {**os.environ, "PYTHONPATH": str(SRC), "PREFTUNE_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(processes), "-m", "preftune", *argv], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(processes),
+            "-m",
+            "preftune",
+            *argv,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def user(text: str) -> dict:

@@ -8,9 +8,8 @@ from preftune.cli import main
 from preftune.data.audit import ENCODING_KINDS, audit_pairs
 from preftune.data.formats import PreferencePair, iter_pairs
 from preftune.errors import UserError
+
 from helpers import assistant, user
-
-
 
 
 def row(prompt, chosen, rejected):
@@ -20,23 +19,23 @@ def row(prompt, chosen, rejected):
 SKY = [user("what color is the sky ?")]
 # Line numbers are 1-based; what each line plants:
 PLANTED = [
-    row("Q: hi", " hello there", " no"),                      # 1
-    row("Q: hi", " hello there", " no"),                      # 2  duplicate of 1
-    row("Q: hi", " hello there", " no"),                      # 3  duplicate of 1
+    row("Q: hi", " hello there", " no"),  # 1
+    row("Q: hi", " hello there", " no"),  # 2  duplicate of 1
+    row("Q: hi", " hello there", " no"),  # 3  duplicate of 1
     row("Q: how are you ?", " fine thanks", " I am not sure"),  # 4
     row("Q: how are you ?", " fine thanks", " I am not sure"),  # 5  duplicate of 4
-    row("Q: tell me a joke", " ok", " ok"),                   # 6  identical
-    row("Q: why do cats purr ?", " sorry", " sorry"),         # 7  identical
-    row("Q: can you help ?", " yes", "  "),                   # 8  empty (whitespace-only) response
-    row(SKY, [assistant("blue")], [assistant("green")]),      # 9  conflicts with 10
+    row("Q: tell me a joke", " ok", " ok"),  # 6  identical
+    row("Q: why do cats purr ?", " sorry", " sorry"),  # 7  identical
+    row("Q: can you help ?", " yes", "  "),  # 8  empty (whitespace-only) response
+    row(SKY, [assistant("blue")], [assistant("green")]),  # 9  conflicts with 10
     # 10: blue and green swapped; keys in another order, which must not matter
     {"rejected": [{"content": "blue", "role": "assistant"}], "chosen": [assistant("green")], "prompt": SKY},
     row("Q: what is the answer ?", " here is the answer", " no"),  # 11 prompt also in the eval data
-    row("Q: a", " b \ufffd", " c"),                           # 12 replacement character
-    row("Q: b", " caf\u00c3\u00a9", " tea ok"),               # 13 mojibake ("café" as UTF-8 read as Latin-1)
-    row("Q: c\u200b", " d", " e"),                            # 14 zero-width space
-    row("Q: d", " e\x00", " f\x07"),                          # 15 NUL, and a control character (BEL)
-    row("Q: e", " f\ud800", " g h"),                          # 16 lone surrogate
+    row("Q: a", " b \ufffd", " c"),  # 12 replacement character
+    row("Q: b", " caf\u00c3\u00a9", " tea ok"),  # 13 mojibake ("café" as UTF-8 read as Latin-1)
+    row("Q: c\u200b", " d", " e"),  # 14 zero-width space
+    row("Q: d", " e\x00", " f\x07"),  # 15 NUL, and a control character (BEL)
+    row("Q: e", " f\ud800", " g h"),  # 16 lone surrogate
 ]
 EVAL = [row("Q: what is the answer ?", " yes", " no"), row("Q: other", " yes", " no")]
 # Measured pairs (lengths, length bias, truncation): all but 6, 7 (identical), 8 (empty), 16 (lone surrogate).
@@ -91,13 +90,19 @@ def test_planted_findings(files):
     assert report.empty_responses.examples == lines(data, 8)
     assert report.conflicting_pairs.examples == lines(data, 9, 10)
     leak = report.eval_leakage
-    assert (leak.count, leak.share, leak.examples, leak.eval_rows, leak.prompts) == (
-        1, 1 / 16, lines(data, 11), 2, 1)
+    assert (leak.count, leak.share, leak.examples, leak.eval_rows, leak.prompts) == (1, 1 / 16, lines(data, 11), 2, 1)
     assert report.truncated is None  # no tokenizer
-    expected = {"replacement_char": [12], "nul": [15], "control_chars": [15], "lone_surrogates": [16],
-                "mojibake": [13], "zero_width": [14]}
+    expected = {
+        "replacement_char": [12],
+        "nul": [15],
+        "control_chars": [15],
+        "lone_surrogates": [16],
+        "mojibake": [13],
+        "zero_width": [14],
+    }
     assert {kind: f.examples for kind, f in report.encoding.items()} == {
-        kind: lines(data, *numbers) for kind, numbers in expected.items()}
+        kind: lines(data, *numbers) for kind, numbers in expected.items()
+    }
     assert all(f.count == 1 and f.share == 1 / 16 for f in report.encoding.values())
 
 
@@ -110,7 +115,11 @@ def test_examples_stop_at_five():
 def test_no_pairs():
     report = audit_pairs([])
     assert (report.rows, report.duplicates.share, report.length_only_accuracy, report.lengths["prompt"]) == (
-        0, 0.0, None, None)
+        0,
+        0.0,
+        None,
+        None,
+    )
     assert report.lines()[-1] == "  no pair to measure"
     assert report.warnings() == []
 
@@ -174,7 +183,8 @@ def test_encoding_clean_text_and_mojibake_variants():
     moji = PreferencePair("itâ€™s", "20Â°C", "no", "d line 2")
     report = audit_pairs([clean, moji])
     assert {kind: f.examples for kind, f in report.encoding.items()} == {
-        kind: (["d line 2"] if kind == "mojibake" else []) for kind in ENCODING_KINDS}
+        kind: (["d line 2"] if kind == "mojibake" else []) for kind in ENCODING_KINDS
+    }
 
 
 def test_length_bias_warnings():
@@ -183,8 +193,12 @@ def test_length_bias_warnings():
 
     # 3 chosen longer, 1 tie: (3 + 0.5) / 4 = 0.875 > 0.65
     report = audit_pairs(pairs([(3, 1), (4, 2), (2, 1), (1, 1)]))
-    assert report.warnings() == [("strong length bias: picking the longer response scores 87.5% (chosen is longer "
-                                  "in 75.0% of pairs); the model may learn to prefer longer answers")]
+    assert report.warnings() == [
+        (
+            "strong length bias: picking the longer response scores 87.5% (chosen is longer "
+            "in 75.0% of pairs); the model may learn to prefer longer answers"
+        )
+    ]
     report = audit_pairs(pairs([(1, 3), (2, 4), (1, 2), (1, 1)]))  # 0.5 / 4 = 0.125 < 0.35
     assert report.length_only_accuracy == 0.125
     assert report.warnings()[0].endswith("prefer shorter answers")
@@ -197,16 +211,22 @@ def test_planted_warnings_and_table(files, tiny_tokenizer):
     assert report.warnings() == [
         f"18.8% of pairs (3) repeat an earlier pair exactly and count more than once in training, e.g. {data} line 2",
         f"12.5% of pairs (2) contradict another pair (A over B and B over A for the same prompt), e.g. {data} line 9",
-        (f"6.2% of pairs (1) have a prompt that is also in the eval data (1 distinct): eval results will look "
-         f"better than they are, e.g. {data} line 11"),
-        (f"41.7% of measured pairs (5) are longer than --max-length 8 and will be truncated (prompt cut in 5, "
-         f"a response cut in 3), e.g. {data} line 4"),
+        (
+            f"6.2% of pairs (1) have a prompt that is also in the eval data (1 distinct): eval results will look "
+            f"better than they are, e.g. {data} line 11"
+        ),
+        (
+            f"41.7% of measured pairs (5) are longer than --max-length 8 and will be truncated (prompt cut in 5, "
+            f"a response cut in 3), e.g. {data} line 4"
+        ),
     ]  # length-only accuracy 0.625 is within [0.35, 0.65]: no length-bias warning
     table = report.lines()
     assert table[0] == "audit of 16 pairs"
     assert "duplicates                  3   18.8%  line 2, line 3, line 5" in table
-    assert ("truncated                   5   41.7%  line 4, line 5, line 9, line 10, line 11  "
-            "(of 12 measured pairs at --max-length 8: prompt cut in 5, a response cut in 3)") in table
+    assert (
+        "truncated                   5   41.7%  line 4, line 5, line 9, line 10, line 11  "
+        "(of 12 measured pairs at --max-length 8: prompt cut in 5, a response cut in 3)"
+    ) in table
     assert "  zero_width                1    6.2%  line 14" in table
     assert "  chosen longer in 41.7% of pairs (5 ties); a length-only model scores 62.5% (ties count half)" in table
 
@@ -214,8 +234,18 @@ def test_planted_warnings_and_table(files, tiny_tokenizer):
 def test_to_dict_keys(files):
     report = audit_pairs(read(files[0]))
     assert list(report.to_dict()) == [
-        "rows", "duplicates", "identical_pairs", "empty_responses", "conflicting_pairs", "eval_leakage", "truncated",
-        "chosen_longer_share", "length_only_accuracy", "lengths", "encoding"]
+        "rows",
+        "duplicates",
+        "identical_pairs",
+        "empty_responses",
+        "conflicting_pairs",
+        "eval_leakage",
+        "truncated",
+        "chosen_longer_share",
+        "length_only_accuracy",
+        "lengths",
+        "encoding",
+    ]
     assert report.to_dict()["identical_pairs"] == {"count": 2, "share": 0.125, "examples": lines(files[0], 6, 7)}
     assert report.to_dict()["eval_leakage"] is None
 
@@ -224,27 +254,52 @@ def test_cli_end_to_end(files, tiny_tokenizer, tmp_path, capsys):
     data, eval_data = files
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "reports" / "audit.json"
-    code = main(["audit", data, "--eval-data", eval_data, "--tokenizer", str(tmp_path / "tok"), "--max-length", "8",
-                 "--json", str(out)])
+    code = main(
+        [
+            "audit",
+            data,
+            "--eval-data",
+            eval_data,
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--max-length",
+            "8",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0  # findings are a report, not a failure
     stdout = capsys.readouterr().out
     assert "duplicates                  3   18.8%  line 2, line 3, line 5" in stdout
     assert stdout.count("warning: ") == 4
     written = json.loads(out.read_text(encoding="utf-8"))
     assert written["rows"] == 16
-    assert written["truncated"] == {"count": 5, "share": 5 / 12, "examples": lines(data, 4, 5, 9, 10, 11),
-                                    "max_length": 8, "max_prompt_length": None, "prompts_cut": 5, "responses_cut": 3}
+    assert written["truncated"] == {
+        "count": 5,
+        "share": 5 / 12,
+        "examples": lines(data, 4, 5, 9, 10, 11),
+        "max_length": 8,
+        "max_prompt_length": None,
+        "prompts_cut": 5,
+        "responses_cut": 3,
+    }
     assert written["eval_leakage"]["examples"] == lines(data, 11)
     assert written["length_only_accuracy"] == 0.625
     assert written["encoding"]["lone_surrogates"]["examples"] == lines(data, 16)
     assert [p.name for p in out.parent.iterdir()] == ["audit.json"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("extra, message", [
-    ([], "{missing}: no such file"),
-    (["--max-length", "8"], "--max-length and --max-prompt-length count tokens: give --model or --tokenizer too"),
-    (["--model", "m", "--tokenizer", "t"], "preftune audit: argument --tokenizer: not allowed with argument --model"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "{missing}: no such file"),
+        (["--max-length", "8"], "--max-length and --max-prompt-length count tokens: give --model or --tokenizer too"),
+        (
+            ["--model", "m", "--tokenizer", "t"],
+            "preftune audit: argument --tokenizer: not allowed with argument --model",
+        ),
+    ],
+)
 def test_cli_errors(files, tmp_path, capsys, extra, message):
     missing = str(tmp_path / "missing.jsonl")
     data = missing if not extra else files[0]

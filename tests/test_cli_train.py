@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from preftune.cli import main
-from toy import counting_pairs, save_model_folder, write_jsonl
+
 from conftest import stopped_after
 from helpers import SRC, assert_same_run
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -38,8 +39,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def base_args(toy, out: Path, steps: int = 3) -> list[str]:
-    return ["--model", toy["model"], "--data", toy["train"], "--output", str(out), "--batch-size", "8",
-            "--max-steps", str(steps), "--learning-rate", "1e-3", "--lr-scheduler", "constant"]
+    return [
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(steps),
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+    ]
 
 
 def test_first_step_is_ln2_and_metrics_complete(toy, tmp_path):
@@ -55,8 +70,21 @@ def test_first_step_is_ln2_and_metrics_complete(toy, tmp_path):
     # The cached reference log-probs come from other batches: equal up to float rounding, which is within the
     # tie band, so no pair counts as a win (as with --no-ref-cache and in TRL, where they are exactly equal).
     assert first["rewards/accuracies"] == 0.0
-    expected = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs_per_s", "tokens_per_s", "step_time_s"}
+    expected = {
+        "step",
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+        "pairs_per_s",
+        "tokens_per_s",
+        "step_time_s",
+    }
     assert expected <= set(first)
     assert first["logps/chosen"] < 0 and first["grad_norm"] > 0 and first["lr"] == pytest.approx(1e-3)
     config = (out / "config.yaml").read_text()
@@ -95,8 +123,9 @@ def test_learns_toy_task_and_final_loads(toy, tmp_path):
 
 
 def test_resume_after_interruption_reproduces_the_run(toy, tmp_path):
-    args = lambda out: base_args(toy, out, steps=6) + ["--save-every", "2", "--lr-scheduler", "linear",
-                                                       "--warmup-steps", "2"]
+    def args(out):
+        return base_args(toy, out, steps=6) + ["--save-every", "2", "--lr-scheduler", "linear", "--warmup-steps", "2"]
+
     whole = tmp_path / "whole"
     assert run(args(whole)) == 0
 
@@ -107,7 +136,10 @@ def test_resume_after_interruption_reproduces_the_run(toy, tmp_path):
     assert run(args(cut) + ["--resume"]) == 0
 
     timing = {"pairs_per_s", "tokens_per_s", "step_time_s"}
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
     assert strip(read_metrics(cut)) == strip(read_metrics(whole))
     from safetensors.torch import load_file
 
@@ -119,8 +151,18 @@ def test_tr_dpo_resume_after_interruption_reproduces_the_run(toy, tmp_path):
     """TR-DPO's reference drifts: a checkpoint after its first update holds it, and resuming is exact."""
     from safetensors.torch import load_file
 
-    args = lambda out: base_args(toy, out, steps=6) + ["--save-every", "2", "--ref-update", "soft",
-                                                       "--ref-update-every", "3", "--ref-update-alpha", "0.5"]
+    def args(out):
+        return base_args(toy, out, steps=6) + [
+            "--save-every",
+            "2",
+            "--ref-update",
+            "soft",
+            "--ref-update-every",
+            "3",
+            "--ref-update-alpha",
+            "0.5",
+        ]
+
     whole = tmp_path / "whole"
     assert run(args(whole)) == 0
 
@@ -138,7 +180,10 @@ def test_tr_dpo_resume_after_interruption_reproduces_the_run(toy, tmp_path):
     assert run(args(cut) + ["--resume"]) == 0
 
     timing = {"pairs_per_s", "tokens_per_s", "step_time_s"}
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
     assert strip(read_metrics(cut)) == strip(read_metrics(whole))
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -169,8 +214,24 @@ def test_ld_alpha_cached_reference_matches_the_live_one(toy, tmp_path, capsys):
 def test_grad_accum_matches_one_big_batch(toy, tmp_path):
     big, small = tmp_path / "big", tmp_path / "small"
     assert run(base_args(toy, big, steps=2)) == 0
-    assert run(base_args(toy, small, steps=2)[:-6] + ["--batch-size", "2", "--grad-accum", "4", "--max-steps", "2",
-                                                       "--learning-rate", "1e-3", "--lr-scheduler", "constant"]) == 0
+    assert (
+        run(
+            base_args(toy, small, steps=2)[:-6]
+            + [
+                "--batch-size",
+                "2",
+                "--grad-accum",
+                "4",
+                "--max-steps",
+                "2",
+                "--learning-rate",
+                "1e-3",
+                "--lr-scheduler",
+                "constant",
+            ]
+        )
+        == 0
+    )
     assert_same_run(read_metrics(big), read_metrics(small))  # helpers.RUN_TOL
 
 
@@ -182,25 +243,31 @@ def test_rpo_combination_logs_and_trains(toy, tmp_path):
     assert first["loss"] > math.log(2) + 0.1
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--beta", "0"], "--beta must be positive"),
-    (["--epochs", "1"], "--max-steps and --epochs contradict"),
-    (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing has no effect with --loss hinge"),
-    (["--loss", "dpo"], "unknown loss 'dpo'"),
-    (["--loss", "sigmoid,sft", "--loss-weights", "1"], "--loss-weights has 1 values for 2 losses"),
-    (["--eval-every", "5"], "--eval-every has no effect without --eval-data"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--batch-size", "100"], "fewer than one optimizer step"),
-    (["--max-prompt-length", "2000"], "--max-prompt-length (2000) must be below --max-length (1024)"),
-    (["--ld-alpha", "0"], "--ld-alpha must be in (0, 1], got 0.0"),
-    (["--ld-alpha", "0.5", "--loss", "sigmoid,sft"], "--ld-alpha is not defined for --loss sft"),
-    (["--ref-update-every", "4"], "--ref-update-every has no effect without --ref-update"),
-    (["--ref-update", "hard", "--ref-update-alpha", "0.5"], "--ref-update-alpha has no effect with --ref-update hard"),
-    (["--ref-update", "soft", "--ref-cache", "c"], "--ref-update and --ref-cache contradict each other"),
-    (["--ref-update", "soft", "--lora-r", "4"], "--ref-update is not supported with LoRA"),
-    (["--ref-update", "soft", "--ref-update-alpha", "1.5"], "--ref-update-alpha must be in (0, 1], got 1.5"),
-    (["--ref-update", "soft", "--loss", "simpo"], "--ref-update has no effect with --loss simpo"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--beta", "0"], "--beta must be positive"),
+        (["--epochs", "1"], "--max-steps and --epochs contradict"),
+        (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing has no effect with --loss hinge"),
+        (["--loss", "dpo"], "unknown loss 'dpo'"),
+        (["--loss", "sigmoid,sft", "--loss-weights", "1"], "--loss-weights has 1 values for 2 losses"),
+        (["--eval-every", "5"], "--eval-every has no effect without --eval-data"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--batch-size", "100"], "fewer than one optimizer step"),
+        (["--max-prompt-length", "2000"], "--max-prompt-length (2000) must be below --max-length (1024)"),
+        (["--ld-alpha", "0"], "--ld-alpha must be in (0, 1], got 0.0"),
+        (["--ld-alpha", "0.5", "--loss", "sigmoid,sft"], "--ld-alpha is not defined for --loss sft"),
+        (["--ref-update-every", "4"], "--ref-update-every has no effect without --ref-update"),
+        (
+            ["--ref-update", "hard", "--ref-update-alpha", "0.5"],
+            "--ref-update-alpha has no effect with --ref-update hard",
+        ),
+        (["--ref-update", "soft", "--ref-cache", "c"], "--ref-update and --ref-cache contradict each other"),
+        (["--ref-update", "soft", "--lora-r", "4"], "--ref-update is not supported with LoRA"),
+        (["--ref-update", "soft", "--ref-update-alpha", "1.5"], "--ref-update-alpha must be in (0, 1], got 1.5"),
+        (["--ref-update", "soft", "--loss", "simpo"], "--ref-update has no effect with --loss simpo"),
+    ],
+)
 def test_bad_flags_give_one_line_and_write_nothing(toy, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert run(base_args(toy, out) + extra) == 2
@@ -258,9 +325,23 @@ def test_console_script_and_pickle_refusal(toy, tmp_path):
         if f.suffix != ".safetensors":
             (pickled / f.name).write_bytes(f.read_bytes())
     torch.save(load_file(Path(toy["model"]) / "model.safetensors"), pickled / "pytorch_model.bin")
-    proc = subprocess.run([sys.executable, "-m", "preftune", "train", "--model", str(pickled), "--data", toy["train"],
-                           "--output", str(tmp_path / "run")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preftune",
+            "train",
+            "--model",
+            str(pickled),
+            "--data",
+            toy["train"],
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert proc.returncode == 2
     assert "pickle weights" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
@@ -269,10 +350,26 @@ def test_console_script_and_pickle_refusal(toy, tmp_path):
 def test_a_run_prints_only_its_own_lines_and_progress_bars(toy, tmp_path):
     """A fresh process with a fresh matplotlib cache (it logs "generated new fontManager" once) that imports peft and
     so bitsandbytes (which logs that it cannot fetch optional CPU kernels): neither reaches the user."""
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONWARNINGS": "ignore::DeprecationWarning",
-           "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-m", "preftune", "train", *base_args(toy, tmp_path / "run", steps=2),
-                           "--eval-data", toy["eval"]], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+        "PYTHONPATH": str(SRC),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preftune",
+            "train",
+            *base_args(toy, tmp_path / "run", steps=2),
+            "--eval-data",
+            toy["eval"],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
     bars = ("train:", "reference:")  # tqdm's lines, redrawn in place
@@ -291,8 +388,8 @@ def test_packed_and_padded_layouts_give_the_same_run(toy, tmp_path):
 
 def test_group_by_length_is_seeded_and_covers_every_pair(toy):
     from preftune.config import TrainConfig
-    from preftune.data.tokenize import TokenizedPair
     from preftune.data.load import epoch_order
+    from preftune.data.tokenize import TokenizedPair
 
     pairs = [TokenizedPair([1] * (i % 7 + 1), [2], [3], str(i)) for i in range(50)]
     cfg = TrainConfig(model="m", data="d", output="o", batch_size=4, group_by_length=True)
@@ -301,9 +398,10 @@ def test_group_by_length_is_seeded_and_covers_every_pair(toy):
     assert order != epoch_order(pairs, cfg, epoch=1)
 
     def mean_spread(order):  # mean (longest − shortest prompt) within a step
-        steps = [order[i:i + 4] for i in range(0, 48, 4)]
-        return sum(max(len(pairs[i].prompt_ids) for i in s) - min(len(pairs[i].prompt_ids) for i in s)
-                   for s in steps) / len(steps)
+        steps = [order[i : i + 4] for i in range(0, 48, 4)]
+        return sum(
+            max(len(pairs[i].prompt_ids) for i in s) - min(len(pairs[i].prompt_ids) for i in s) for s in steps
+        ) / len(steps)
 
     cfg.group_by_length = False
     assert mean_spread(order) < 0.5 * mean_spread(epoch_order(pairs, cfg, epoch=0))

@@ -13,8 +13,17 @@ from preftune.cli import main
 from preftune.demo import command, frontier, pipeline
 from preftune.errors import UserError
 
-TINY = pipeline.Sizes(reviews=300, sft_steps=5, sft_batch=8, train_prompts=24, heldout_prompts=6, dpo_steps=2,
-                      dpo_batch=4, hidden=32, max_new_tokens=10)
+TINY = pipeline.Sizes(
+    reviews=300,
+    sft_steps=5,
+    sft_batch=8,
+    train_prompts=24,
+    heldout_prompts=6,
+    dpo_steps=2,
+    dpo_batch=4,
+    hidden=32,
+    max_new_tokens=10,
+)
 
 
 def test_reward_difference_is_welch_with_the_normal_quantile():
@@ -25,12 +34,17 @@ def test_reward_difference_is_welch_with_the_normal_quantile():
 
 
 def test_summary_line_names_every_number():
-    generation = {"reward": {"policy": 0.182, "reference": 0.002}, "kl": 2.915, "kl_se": 0.27,
-                  "win_rate": {"win_rate": 0.63, "ci_low": 0.571, "ci_high": 0.684, "prompts": 256}}
+    generation = {
+        "reward": {"policy": 0.182, "reference": 0.002},
+        "kl": 2.915,
+        "kl_se": 0.27,
+        "win_rate": {"win_rate": 0.63, "ci_low": 0.571, "ci_high": 0.684, "prompts": 256},
+    }
     difference = {"difference": 0.18, "ci_low": 0.109, "ci_high": 0.251}
     assert command.summary_line(generation, difference, "out/dpo/report.html") == (
         "reward SFT +0.002 → DPO +0.182: +0.180 (95% CI +0.109 … +0.251, Welch); KL(DPO‖SFT) 2.92 ± 0.27 nats (SE); "
-        "win rate 0.63 (95% CI 0.57 … 0.68, Wilson) on 256 held-out prompts; report: out/dpo/report.html")
+        "win rate 0.63 (95% CI 0.57 … 0.68, Wilson) on 256 held-out prompts; report: out/dpo/report.html"
+    )
 
 
 def test_best_of_n_kl_and_reward_by_hand():
@@ -48,8 +62,12 @@ def test_best_of_n_kl_and_reward_by_hand():
 
 def test_parse_betas():
     assert frontier.parse_betas("0.05,0.1,0.3,1") == [0.05, 0.1, 0.3, 1.0]
-    for spec, message in (("0.1,x", "comma-separated numbers"), ("0.1,0", "positive"), ("0.1,nan", "positive"),
-                          ("0.1,0.1", "repeated")):
+    for spec, message in (
+        ("0.1,x", "comma-separated numbers"),
+        ("0.1,0", "positive"),
+        ("0.1,nan", "positive"),
+        ("0.1,0.1", "repeated"),
+    ):
         with pytest.raises(UserError, match=message):
             frontier.parse_betas(spec)
 
@@ -58,7 +76,9 @@ def test_parse_betas():
 def test_a_non_empty_output_folder_is_refused(tmp_path, capsys, subcommand):
     (tmp_path / "old.txt").write_text("keep me")
     assert main([subcommand, "--output", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"preftune: error: --output {tmp_path}: folder is not empty; choose a new folder\n"
+    assert (
+        capsys.readouterr().err == f"preftune: error: --output {tmp_path}: folder is not empty; choose a new folder\n"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
 
 

@@ -12,8 +12,17 @@ from preftune.data.formats import load_pairs
 from preftune.demo import pipeline, sentiment
 from preftune.errors import UserError
 
-TINY = pipeline.Sizes(reviews=300, sft_steps=5, sft_batch=8, train_prompts=24, heldout_prompts=6, dpo_steps=2,
-                      dpo_batch=4, hidden=32, max_new_tokens=10)
+TINY = pipeline.Sizes(
+    reviews=300,
+    sft_steps=5,
+    sft_batch=8,
+    train_prompts=24,
+    heldout_prompts=6,
+    dpo_steps=2,
+    dpo_batch=4,
+    hidden=32,
+    max_new_tokens=10,
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -64,20 +64,23 @@ def test_heldout_prompts_never_occur_in_training():
 # ---------------------------------------------------------------------------------------------- reward
 
 
-@pytest.mark.parametrize("text, total", [
-    ("the acting was good.", 0.5),
-    ("the acting was not good.", -0.5),  # negation flips
-    ("the acting was not very good.", -(1.5 * 0.5)),  # ... and the intensifier still scales
-    ("really very good", 1.5 * 1.5 * 0.5),  # intensifiers multiply
-    ("this is not a great film", -1.0),  # negation reaches past "a" to the next polarity word
-    ("not the plot, but the acting was good.", 0.5),  # ... but not past a comma
-    ("not never good", 0.5),  # double negation
-    ("i really loved it, but the plot was extremely dull.", 1.5 * 1.0 - 2.0 * 0.5),
-    ("it is a disaster and a mess", -1.0 - 0.5),
-    ("slightly awful, very", 0.5 * -1.0),  # a trailing intensifier scales nothing
-    ("GREAT!", 1.0),  # case-insensitive, punctuation split off
-    ("the story follows a young farmer who moves to paris.", 0.0),
-])
+@pytest.mark.parametrize(
+    "text, total",
+    [
+        ("the acting was good.", 0.5),
+        ("the acting was not good.", -0.5),  # negation flips
+        ("the acting was not very good.", -(1.5 * 0.5)),  # ... and the intensifier still scales
+        ("really very good", 1.5 * 1.5 * 0.5),  # intensifiers multiply
+        ("this is not a great film", -1.0),  # negation reaches past "a" to the next polarity word
+        ("not the plot, but the acting was good.", 0.5),  # ... but not past a comma
+        ("not never good", 0.5),  # double negation
+        ("i really loved it, but the plot was extremely dull.", 1.5 * 1.0 - 2.0 * 0.5),
+        ("it is a disaster and a mess", -1.0 - 0.5),
+        ("slightly awful, very", 0.5 * -1.0),  # a trailing intensifier scales nothing
+        ("GREAT!", 1.0),  # case-insensitive, punctuation split off
+        ("the story follows a young farmer who moves to paris.", 0.0),
+    ],
+)
 def test_sentiment_sum_by_hand(text, total):
     assert sentiment.sentiment_sum(text) == pytest.approx(total)
 
@@ -119,19 +122,32 @@ def test_preference_rows_count_disagreements_ties_and_skips():
     prompts = ["the plot"] * n
     first, second = [f" was good {i}." for i in range(n)], [f" was dull {i}." for i in range(n)]
     # The first response is better by τ·ln 3: a quarter of the labels should prefer the second (disagree).
-    rows, report = preferences.preference_rows(prompts, first, second, [tau * math.log(3)] * n, [0.0] * n,
-                                               tau=tau, seed=0)
+    rows, report = preferences.preference_rows(
+        prompts, first, second, [tau * math.log(3)] * n, [0.0] * n, tau=tau, seed=0
+    )
     assert report.pairs == len(rows) == n and report.ties == 0
     assert abs(report.disagreement_share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
     assert sum(r["chosen"].startswith(" was dull") for r in rows) == report.disagreements
 
     rows, report = preferences.preference_rows(
-        ["a", "b", "c", "d"], [" good.", " same.", "", " fine."], [" bad.", " same.", " x.", " fine!"],
-        [0.9, 0.0, 0.0, 0.2], [-0.9, 0.0, 0.0, 0.2], tau=1e-3, seed=0)
+        ["a", "b", "c", "d"],
+        [" good.", " same.", "", " fine."],
+        [" bad.", " same.", " x.", " fine!"],
+        [0.9, 0.0, 0.0, 0.2],
+        [-0.9, 0.0, 0.0, 0.2],
+        tau=1e-3,
+        seed=0,
+    )
     # τ → 0: the higher reward always wins; "same" is identical, "" is empty, the last pair is a tie.
     assert rows[0] == {"prompt": "a", "chosen": " good.", "rejected": " bad."}
     assert [r["prompt"] for r in rows] == ["a", "d"]
-    assert (report.pairs, report.identical_skipped, report.empty_skipped, report.ties, report.disagreements) == \
-        (2, 1, 1, 1, 0)
-    assert report.summary() == ("2 pairs, labels disagree with the reward on 0% (τ = 0.001), 1 ties; skipped 1 "
-                                "identical, 1 empty")
+    assert (report.pairs, report.identical_skipped, report.empty_skipped, report.ties, report.disagreements) == (
+        2,
+        1,
+        1,
+        1,
+        0,
+    )
+    assert report.summary() == (
+        "2 pairs, labels disagree with the reward on 0% (τ = 0.001), 1 ties; skipped 1 identical, 1 empty"
+    )

@@ -26,8 +26,17 @@ def tokenizer():
 
 
 def test_tokenizer_ids_by_hand(tokenizer):
-    assert tokenizer.convert_ids_to_tokens(list(range(9))) == \
-        ["<unk>", "<s>", "</s>", ".", "Ġgood", "Ġplot", "Ġthe", "Ġwas", "Ġdull"]
+    assert tokenizer.convert_ids_to_tokens(list(range(9))) == [
+        "<unk>",
+        "<s>",
+        "</s>",
+        ".",
+        "Ġgood",
+        "Ġplot",
+        "Ġthe",
+        "Ġwas",
+        "Ġdull",
+    ]
     assert tokenizer("the plot was dull.")["input_ids"] == [1, THE, PLOT, WAS, DULL, DOT]
     # preftune tokenizes prompt + response + EOS: the response keeps its leading space and EOS stays one token.
     assert tokenizer("the plot was" + " good." + "</s>")["input_ids"] == [1, THE, PLOT, WAS, GOOD, DOT, 2]

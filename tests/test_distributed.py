@@ -19,27 +19,55 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.cli import main
-from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.distributed import share
+
 from conftest import stopped_after
 from helpers import assert_same_run, assert_same_weights, copy_run, records, torchrun
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
 
 def args(toy: dict, out: Path, batch_size: int, *extra: str) -> list[str]:
     """25 pairs, 8 per step in file order: 4 steps of 8, 8, 8, 1 pairs; warmup makes step 1's learning rate 0."""
-    return ["train", "--model", toy["model"], "--data", toy["train"], "--eval-data", toy["eval"], "--eval-every", "2",
-            "--output", str(out), "--batch-size", str(batch_size), "--no-shuffle", "--epochs", "1",
-            "--learning-rate", "1e-3", "--lr-scheduler", "linear", "--warmup-steps", "1", "--save-every", "1", *extra]
+    return [
+        "train",
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--eval-data",
+        toy["eval"],
+        "--eval-every",
+        "2",
+        "--output",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--no-shuffle",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler",
+        "linear",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    return {"model": str(save_model_folder(root / "model")), "root": root,
-            "train": str(write_jsonl(counting_pairs(25, seed=1), root / "train.jsonl")),
-            "eval": str(write_jsonl(counting_pairs(9, seed=2), root / "eval.jsonl"))}
+    return {
+        "model": str(save_model_folder(root / "model")),
+        "root": root,
+        "train": str(write_jsonl(counting_pairs(25, seed=1), root / "train.jsonl")),
+        "eval": str(write_jsonl(counting_pairs(9, seed=2), root / "eval.jsonl")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +102,11 @@ def test_two_processes_continue_a_one_process_run_as_one_process(whole, mixed):
     # Rank 0 alone logs progress and writes: one line per step, one log line per event.
     assert proc.stderr.count("training 4 steps of 8 pairs (25 pairs, 4 steps per epoch) on cpu × 2 processes") == 1
     assert proc.stderr.count("resumed from") == 1
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002",
-                                                                        "step-00000003"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
 
 
 def test_the_shared_reference_cache_is_the_one_process_file(toy, mixed):
@@ -83,8 +114,22 @@ def test_the_shared_reference_cache_is_the_one_process_file(toy, mixed):
     single = toy["root"] / "cache-single"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFTUNE_CACHE", str(single))
-        assert main(["precompute", "--model", toy["model"], "--data", toy["train"], "--eval-data", toy["eval"],
-                     "--batch-size", "4"]) == 0
+        assert (
+            main(
+                [
+                    "precompute",
+                    "--model",
+                    toy["model"],
+                    "--data",
+                    toy["train"],
+                    "--eval-data",
+                    toy["eval"],
+                    "--batch-size",
+                    "4",
+                ]
+            )
+            == 0
+        )
     shared = sorted((toy["root"] / "cache-two").iterdir())
     assert [p.name for p in shared] == sorted(p.name for p in single.iterdir())
     assert len(shared) == 2  # --data and --eval-data, no temporary file left
@@ -107,17 +152,36 @@ def test_resume_with_another_global_batch_is_refused(toy, mixed, tmp_path, capsy
     out = copy_run(mixed[0], tmp_path / "run")
     assert main(args(toy, out, 4, "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"preftune: error: --resume: the run in {out} took --batch-size 4 × --grad-accum 1 × 2 processes "
-                   "= 8 pairs per optimizer step, now --batch-size 4 × --grad-accum 1 = 4; an exact resume needs the "
-                   "same global batch")
+    assert err == (
+        f"preftune: error: --resume: the run in {out} took --batch-size 4 × --grad-accum 1 × 2 processes "
+        "= 8 pairs per optimizer step, now --batch-size 4 × --grad-accum 1 = 4; an exact resume needs the "
+        "same global batch"
+    )
 
 
 @pytest.mark.slow
 def test_an_error_after_training_started_is_printed_once(toy, tmp_path):
     """Step 1 is trained (π = π_ref: loss ln 2), its huge update makes step 2's loss NaN on both processes."""
     out = tmp_path / "run"
-    argv = ["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--batch-size", "4",
-            "--max-steps", "3", "--learning-rate", "1e20", "--max-grad-norm", "0", "--lr-scheduler", "constant"]
+    argv = [
+        "train",
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--learning-rate",
+        "1e20",
+        "--max-grad-norm",
+        "0",
+        "--lr-scheduler",
+        "constant",
+    ]
     proc = torchrun(argv, tmp_path / "cache")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("preftune: error")]
@@ -207,47 +271,60 @@ def test_fsdp_resumes_a_one_process_checkpoint(toy, whole):
     assert_same_weights(out, whole)
 
 
-@pytest.mark.parametrize("extra, refused", [
-    (["--lora-r", "4"], "LoRA (--lora-r, or a --model that holds an adapter): train adapters without it"),
-    (["--ref-update", "hard"], "--ref-update (the live reference would be updated from sharded weights)"),
-    (["--eval-prompts", "prompts.jsonl"],
-     "--eval-prompts (sampling on rank 0 alone would wait for the other processes)"),
-    (["--loss", "kto"],
-     "--loss kto (its KL estimate is exchanged between processes in the middle of each micro-batch)"),
-])
+@pytest.mark.parametrize(
+    "extra, refused",
+    [
+        (["--lora-r", "4"], "LoRA (--lora-r, or a --model that holds an adapter): train adapters without it"),
+        (["--ref-update", "hard"], "--ref-update (the live reference would be updated from sharded weights)"),
+        (
+            ["--eval-prompts", "prompts.jsonl"],
+            "--eval-prompts (sampling on rank 0 alone would wait for the other processes)",
+        ),
+        (
+            ["--loss", "kto"],
+            "--loss kto (its KL estimate is exchanged between processes in the middle of each micro-batch)",
+        ),
+    ],
+)
 def test_fsdp_refuses_what_it_does_not_handle(toy, tmp_path, capsys, extra, refused):
     out = tmp_path / "run"
-    assert main(["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--fsdp",
-                 *extra]) == 2
+    assert main(["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--fsdp", *extra]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"preftune: error: --fsdp: not supported with {refused}"
     assert not out.exists()
 
 
 def test_tied_groups_name_the_tied_embeddings_once():
-    from toy import build_model
     from preftune.fsdp import tied_groups
+
+    from toy import build_model
 
     assert tied_groups(build_model(12, tie=True)) == [["lm_head.weight", "model.embed_tokens.weight"]]
     assert tied_groups(build_model(12, tie=False)) == []
 
 
-@pytest.mark.parametrize("n, size, expected", [
-    (7, 3, [[0, 1, 2], [3, 4], [5, 6]]),  # 7 = 3 + 2 + 2: the first parts are larger
-    (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
-    (1, 2, [[0], []]),  # fewer items than ranks: rank 0 still gets one
-    (5, 4, [[0, 1], [2], [3], [4]]),
-])
+@pytest.mark.parametrize(
+    "n, size, expected",
+    [
+        (7, 3, [[0, 1, 2], [3, 4], [5, 6]]),  # 7 = 3 + 2 + 2: the first parts are larger
+        (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        (1, 2, [[0], []]),  # fewer items than ranks: rank 0 still gets one
+        (5, 4, [[0, 1], [2], [3], [4]]),
+    ],
+)
 def test_share_splits_contiguously(n, size, expected):
     parts = [share(list(range(n)), rank, size) for rank in range(size)]
     assert parts == expected
 
 
-@pytest.mark.parametrize("n, size, unit, expected", [
-    (6, 2, 2, [[0, 1, 2, 3], [4, 5]]),  # 3 groups of 2: 2 + 1 groups
-    (9, 2, 3, [[0, 1, 2, 3, 4, 5], [6, 7, 8]]),
-    (3, 2, 3, [[0, 1, 2], []]),  # one group: rank 0 takes it whole
-    (8, 2, 1, [[0, 1, 2, 3], [4, 5, 6, 7]]),
-])
+@pytest.mark.parametrize(
+    "n, size, unit, expected",
+    [
+        (6, 2, 2, [[0, 1, 2, 3], [4, 5]]),  # 3 groups of 2: 2 + 1 groups
+        (9, 2, 3, [[0, 1, 2, 3, 4, 5], [6, 7, 8]]),
+        (3, 2, 3, [[0, 1, 2], []]),  # one group: rank 0 takes it whole
+        (8, 2, 1, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ],
+)
 def test_share_keeps_groups_whole(n, size, unit, expected):
     assert [share(list(range(n)), rank, size, unit) for rank in range(size)] == expected
 
@@ -256,9 +333,17 @@ def test_gradient_buckets_hold_one_dtype_up_to_the_limit(monkeypatch):
     from preftune import distributed
 
     monkeypatch.setattr(distributed, "BUCKET_ELEMENTS", 8)
-    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n, dtype in
-              [(3, torch.float32), (4, torch.float32), (2, torch.float32), (10, torch.float32), (1, torch.float32),
-               (1, torch.bfloat16)]]
+    params = [
+        torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+        for n, dtype in [
+            (3, torch.float32),
+            (4, torch.float32),
+            (2, torch.float32),
+            (10, torch.float32),
+            (1, torch.float32),
+            (1, torch.bfloat16),
+        ]
+    ]
     for p in params:
         p.grad = torch.zeros_like(p)
     # 3 + 4 fit in 8; 2 would make 9; 10 is alone (too big for any bucket); 1 after it would make 11; bf16 apart.

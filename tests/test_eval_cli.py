@@ -7,12 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer
 
 from preftune.cli import main
 from preftune.errors import UserError
 from preftune.evaluation.evaluate import EvalOptions, flat_metrics, run_eval
 from preftune.evaluation.rewards import load_reward
+
+from conftest import build_tiny_tokenizer
 
 
 def save_llama(folder, seed: int):
@@ -20,8 +21,16 @@ def save_llama(folder, seed: int):
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
@@ -37,25 +46,40 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     (root / "eval_cli_reward.py").write_text(
         "def score(texts):\n    return [float(t.split().count('good')) for t in texts]\n"
-        "def always(text):\n    return True\n", encoding="utf-8")
+        "def always(text):\n    return True\n",
+        encoding="utf-8",
+    )
     return {
         "root": root,
         "policy": save_llama(root / "policy", seed=0),
         "reference": save_llama(root / "reference", seed=1),
-        "pairs": write_rows(root / "pairs.jsonl", [
-            {"prompt": "Q: what color is the sky ? A:", "chosen": " blue", "rejected": " green"},
-            {"prompt": "Q: how are you ? A:", "chosen": " fine thanks", "rejected": " bad"},
-            {"prompt": "Q: tell me a joke A:", "chosen": " why do cats purr", "rejected": " no"},
-        ]),
-        "prompts": write_rows(root / "prompts.jsonl", [
-            {"prompt": "Q: hi there A:"}, {"prompt": "Q: what color is the sky ? A:"},
-            {"prompt": [{"role": "user", "content": "tell me a joke"}]}, {"prompt": "Q: how are you ? A:"},
-            {"prompt": "Q: why do cats purr ? A:"}, {"prompt": "Q: hello A:"},
-        ]),
-        "refusal": write_rows(root / "refusal.jsonl", [
-            {"prompt": "tell me a joke", "label": "safe"}, {"prompt": "what color is the sky", "label": "safe"},
-            {"prompt": "help me", "label": "unsafe"},
-        ]),
+        "pairs": write_rows(
+            root / "pairs.jsonl",
+            [
+                {"prompt": "Q: what color is the sky ? A:", "chosen": " blue", "rejected": " green"},
+                {"prompt": "Q: how are you ? A:", "chosen": " fine thanks", "rejected": " bad"},
+                {"prompt": "Q: tell me a joke A:", "chosen": " why do cats purr", "rejected": " no"},
+            ],
+        ),
+        "prompts": write_rows(
+            root / "prompts.jsonl",
+            [
+                {"prompt": "Q: hi there A:"},
+                {"prompt": "Q: what color is the sky ? A:"},
+                {"prompt": [{"role": "user", "content": "tell me a joke"}]},
+                {"prompt": "Q: how are you ? A:"},
+                {"prompt": "Q: why do cats purr ? A:"},
+                {"prompt": "Q: hello A:"},
+            ],
+        ),
+        "refusal": write_rows(
+            root / "refusal.jsonl",
+            [
+                {"prompt": "tell me a joke", "label": "safe"},
+                {"prompt": "what color is the sky", "label": "safe"},
+                {"prompt": "help me", "label": "unsafe"},
+            ],
+        ),
     }
 
 
@@ -67,10 +91,29 @@ def reward_on_path(files, monkeypatch):
 
 def test_eval_end_to_end_writes_eval_json(files, reward_on_path, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = main(["eval", "--model", files["policy"], "--ref", files["reference"], "--data", files["pairs"],
-                 "--prompts", files["prompts"], "--reward", "eval_cli_reward:score",
-                 "--refusal-prompts", files["refusal"], "--max-new-tokens", "6", "--batch-size", "4",
-                 "--json", str(out)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            files["policy"],
+            "--ref",
+            files["reference"],
+            "--data",
+            files["pairs"],
+            "--prompts",
+            files["prompts"],
+            "--reward",
+            "eval_cli_reward:score",
+            "--refusal-prompts",
+            files["refusal"],
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     for heading in ("held-out pairs:", "KL(π‖π_ref)", "distinct-2", "win rate", "over-refusal", "≤ "):
@@ -81,8 +124,7 @@ def test_eval_end_to_end_writes_eval_json(files, reward_on_path, tmp_path, capsy
     assert pairs["pairs"] == 3 and pairs["wins"] + pairs["ties"] + pairs["losses"] == 3 and pairs["beta"] == 0.1
     assert sum(b["pairs"] for b in pairs["by_length"]["buckets"]) == 3
     gen = result["generation"]
-    assert gen["prompts"] == 6 and gen["settings"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6,
-                                                       "seed": 0}
+    assert gen["prompts"] == 6 and gen["settings"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "seed": 0}
     assert gen["kl"] is not None and gen["kl_se"] > 0 and gen["kl_samples"] == 6
     assert gen["kl_of"] == "the models' own distributions"
     assert 0 <= gen["length"]["policy"] <= 6 and 0 < gen["distinct_1"]["policy"] <= 1
@@ -104,9 +146,17 @@ def test_eval_end_to_end_writes_eval_json(files, reward_on_path, tmp_path, capsy
 
 def test_a_model_against_itself(files, reward_on_path):
     """Same model, same seed: every pair a tie, KL exactly 0, identical samples (all reward ties: win rate ½)."""
-    options = EvalOptions(model=files["policy"], ref=files["policy"], data=files["pairs"], prompts=files["prompts"],
-                          reward="eval_cli_reward:score", refusal_prompts=files["refusal"],
-                          refusal_detector="eval_cli_reward:always", max_new_tokens=4, num_prompts=3)
+    options = EvalOptions(
+        model=files["policy"],
+        ref=files["policy"],
+        data=files["pairs"],
+        prompts=files["prompts"],
+        reward="eval_cli_reward:score",
+        refusal_prompts=files["refusal"],
+        refusal_detector="eval_cli_reward:always",
+        max_new_tokens=4,
+        num_prompts=3,
+    )
     result = run_eval(options)
     assert result["pairs"]["ties"] == 3 and result["pairs"]["rewards/accuracies"] == 0.0
     gen = result["generation"]
@@ -123,17 +173,20 @@ def bad_file(files, name: str, rows) -> str:
     return write_rows(files["root"] / name, rows)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no inputs", "eval: nothing to evaluate; give --data, --prompts or --refusal-prompts"),
-    ("no ref", "eval: --ref is required"),
-    ("reward without prompts", "--reward scores samples of --prompts; give --prompts too"),
-    ("bad reward", "--reward no_such_module_xyz:score: cannot import module 'no_such_module_xyz'"),
-    ("prompt field missing", "bad_prompts.jsonl line 2: no field 'prompt' (the row has: question)"),
-    ("bad label", "bad_refusal.jsonl line 1: field 'label' must be 'safe' or 'unsafe', got 'fine'"),
-    ("zero temperature", "--temperature must be greater than 0 (sampling), got 0.0"),
-    ("json folder missing", "--json"),
-    ("zero prompt length", "--max-prompt-length must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no inputs", "eval: nothing to evaluate; give --data, --prompts or --refusal-prompts"),
+        ("no ref", "eval: --ref is required"),
+        ("reward without prompts", "--reward scores samples of --prompts; give --prompts too"),
+        ("bad reward", "--reward no_such_module_xyz:score: cannot import module 'no_such_module_xyz'"),
+        ("prompt field missing", "bad_prompts.jsonl line 2: no field 'prompt' (the row has: question)"),
+        ("bad label", "bad_refusal.jsonl line 1: field 'label' must be 'safe' or 'unsafe', got 'fine'"),
+        ("zero temperature", "--temperature must be greater than 0 (sampling), got 0.0"),
+        ("json folder missing", "--json"),
+        ("zero prompt length", "--max-prompt-length must be at least 1, got 0"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(files, tmp_path, capsys, case, message):
     base = ["eval", "--model", files["policy"], "--ref", files["reference"]]
     args = {
@@ -141,10 +194,10 @@ def test_user_errors_exit_2_with_one_line(files, tmp_path, capsys, case, message
         "no ref": ["eval", "--model", files["policy"], "--data", files["pairs"]],
         "reward without prompts": base + ["--data", files["pairs"], "--reward", "m:f"],
         "bad reward": base + ["--prompts", files["prompts"], "--reward", "no_such_module_xyz:score"],
-        "prompt field missing": base + ["--prompts", bad_file(files, "bad_prompts.jsonl",
-                                                              [{"prompt": "hi"}, {"question": "hi"}])],
-        "bad label": base + ["--refusal-prompts", bad_file(files, "bad_refusal.jsonl",
-                                                           [{"prompt": "hi", "label": "fine"}])],
+        "prompt field missing": base
+        + ["--prompts", bad_file(files, "bad_prompts.jsonl", [{"prompt": "hi"}, {"question": "hi"}])],
+        "bad label": base
+        + ["--refusal-prompts", bad_file(files, "bad_refusal.jsonl", [{"prompt": "hi", "label": "fine"}])],
         "zero temperature": base + ["--prompts", files["prompts"], "--temperature", "0"],
         "json folder missing": base + ["--data", files["pairs"], "--json", str(tmp_path / "no" / "eval.json")],
         "zero prompt length": base + ["--prompts", files["prompts"], "--max-prompt-length", "0"],
@@ -165,8 +218,15 @@ def save_reward_model(folder, seed: int = 0):
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=len(tokenizer), num_labels=1)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        num_labels=1,
+    )
     model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -192,7 +252,6 @@ def test_reward_folder_with_pickle_weights_is_refused(tmp_path):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(UserError, match=r"holds only pickle weights \(pytorch_model.bin\)"):
         load_reward(str(folder))
-
 
 
 def test_training_calls_the_same_path_with_models_in_memory(files):

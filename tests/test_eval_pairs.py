@@ -21,8 +21,7 @@ PAD = 2  # the tiny tokenizer's EOS, which preftune pads with
 def test_summary_counts_ties_apart_from_wins():
     # β = 0.5. Pair 0: chosen reward 0.5·(−3 − (−4)) = 0.5, rejected 0.5·(−5 − (−4)) = −0.5 → a win, margin 1.
     #          Pair 1: chosen 0.5·(−2 − (−1)) = −0.5, rejected 0.5·(−2 − (−1)) = −0.5 → a tie, margin 0.
-    result = summarize_pairs([-3.0, -2.0], [-5.0, -2.0], [-4.0, -1.0], [-4.0, -1.0], [4, 8], beta=0.5,
-                             length_edges=[5])
+    result = summarize_pairs([-3.0, -2.0], [-5.0, -2.0], [-4.0, -1.0], [-4.0, -1.0], [4, 8], beta=0.5, length_edges=[5])
     assert (result["pairs"], result["wins"], result["ties"], result["losses"]) == (2, 1, 1, 0)
     assert result["rewards/accuracies"] == 0.5 and result["rewards/ties"] == 0.5
     # margins 1 and 0: mean 0.5, s = √((0.5² + 0.5²) / 1) = 0.7071, SE = s / √2 = 0.5
@@ -52,13 +51,16 @@ def test_fixed_edges_keep_empty_buckets():
     assert buckets[1]["rewards/accuracies"] is None and buckets[1]["rewards/margins"] is None
 
 
-@pytest.mark.parametrize("lengths, edges", [
-    ([2, 3, 4, 5, 6, 7, 8, 9], [3, 5, 7]),  # 2nd, 4th and 6th smallest: buckets {2,3} {4,5} {6,7} {8,9}
-    ([9, 2, 8, 3, 7, 4, 6, 5], [3, 5, 7]),  # order does not matter
-    ([1, 1, 1, 10], [1]),  # quartiles 1, 1, 1 collapse: buckets {1,1,1} and {10}
-    ([5, 5, 5], []),  # one length: one bucket, no edge at the maximum
-    ([], []),
-])
+@pytest.mark.parametrize(
+    "lengths, edges",
+    [
+        ([2, 3, 4, 5, 6, 7, 8, 9], [3, 5, 7]),  # 2nd, 4th and 6th smallest: buckets {2,3} {4,5} {6,7} {8,9}
+        ([9, 2, 8, 3, 7, 4, 6, 5], [3, 5, 7]),  # order does not matter
+        ([1, 1, 1, 10], [1]),  # quartiles 1, 1, 1 collapse: buckets {1,1,1} and {10}
+        ([5, 5, 5], []),  # one length: one bucket, no edge at the maximum
+        ([], []),
+    ],
+)
 def test_quartile_edges(lengths, edges):
     assert quartile_edges(lengths) == edges
 
@@ -79,8 +81,14 @@ def models(tiny_tokenizer):
     out = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=64, vocab_size=len(tiny_tokenizer))
+        config = LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=len(tiny_tokenizer),
+        )
         out.append(LlamaForCausalLM(config).eval())
     return out
 
@@ -105,21 +113,26 @@ def test_pair_logps_match_a_naive_loop(models):
     policy, reference = models
     logps = pair_logps(policy, reference, PAIRS, pad_id=PAD, batch_size=2)  # batches of 2 and 1: padding varies
     for i, pair in enumerate(PAIRS):
-        assert logps["policy_chosen"][i] == pytest.approx(naive_logp(policy, pair.prompt_ids, pair.chosen_ids),
-                                                          abs=1e-4)
-        assert logps["ref_rejected"][i] == pytest.approx(naive_logp(reference, pair.prompt_ids, pair.rejected_ids),
-                                                         abs=1e-4)
+        assert logps["policy_chosen"][i] == pytest.approx(
+            naive_logp(policy, pair.prompt_ids, pair.chosen_ids), abs=1e-4
+        )
+        assert logps["ref_rejected"][i] == pytest.approx(
+            naive_logp(reference, pair.prompt_ids, pair.rejected_ids), abs=1e-4
+        )
     assert logps["lengths"] == [2 + 2, 4 + 2, 4 + 6]
 
 
 def test_pair_eval_against_hand_computation(models):
     policy, reference = models
     beta = 0.1
-    chosen = [beta * (naive_logp(policy, p.prompt_ids, p.chosen_ids) - naive_logp(reference, p.prompt_ids,
-                                                                                     p.chosen_ids)) for p in PAIRS]
-    rejected = [beta * (naive_logp(policy, p.prompt_ids, p.rejected_ids) - naive_logp(reference, p.prompt_ids,
-                                                                                        p.rejected_ids))
-                for p in PAIRS]
+    chosen = [
+        beta * (naive_logp(policy, p.prompt_ids, p.chosen_ids) - naive_logp(reference, p.prompt_ids, p.chosen_ids))
+        for p in PAIRS
+    ]
+    rejected = [
+        beta * (naive_logp(policy, p.prompt_ids, p.rejected_ids) - naive_logp(reference, p.prompt_ids, p.rejected_ids))
+        for p in PAIRS
+    ]
     result = pair_eval(policy, reference, PAIRS, pad_id=PAD, beta=beta, batch_size=2)
     assert all(abs(c - r) > 1e-4 for c, r in zip(chosen, rejected))  # no near-tie for float noise to flip
     wins = sum(c > r for c, r in zip(chosen, rejected))

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer
 
 from preftune.evaluation.evaluate import generation_eval
 from preftune.evaluation.sampling import (
@@ -18,6 +17,8 @@ from preftune.evaluation.sampling import (
     generate,
     sampled_logps,
 )
+
+from conftest import build_tiny_tokenizer
 
 EOS = 2
 
@@ -33,8 +34,16 @@ def llama(vocab: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=vocab, bos_token_id=1, eos_token_id=EOS)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab,
+        bos_token_id=1,
+        eos_token_id=EOS,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -111,8 +120,10 @@ def test_kl_analytic_for_fixed_next_token_distributions(tokenizer, temperature):
     assert all(len(r) == steps for r in samples.response_ids) and not any(samples.ended)
     from preftune.evaluation.stats import kl_estimate
 
-    estimate = kl_estimate(sampled_logps(policy, samples, settings, EOS, batch_size=64),
-                           sampled_logps(reference, samples, settings, EOS, batch_size=64))
+    estimate = kl_estimate(
+        sampled_logps(policy, samples, settings, EOS, batch_size=64),
+        sampled_logps(reference, samples, settings, EOS, batch_size=64),
+    )
     # Tokens are independent draws from softmax(p/T), so the sequence KL is `steps` times the per-token KL.
     expected = steps * kl_of(p, q, temperature)
     assert expected > 1.0  # a KL well away from 0, so the check has teeth

@@ -30,7 +30,11 @@ def test_kl_estimate_is_the_mean_log_ratio_with_its_standard_error():
     assert kl_estimate([1.0, -1.0], [0.0, -4.0]) == {"kl": 2.0, "kl_se": 1.0, "samples": 2, "infinite": 0}
     # a sample the reference cannot produce (log-prob −inf) makes the KL infinite: reported, not averaged away
     assert kl_estimate([1.0, -1.0, -2.0], [0.0, -math.inf, -4.0]) == {
-        "kl": None, "kl_se": None, "samples": 3, "infinite": 1}
+        "kl": None,
+        "kl_se": None,
+        "samples": 3,
+        "infinite": 1,
+    }
 
 
 def test_distinct_n_by_hand():
@@ -77,7 +81,9 @@ def reward_module(tmp_path, monkeypatch):
         "    return ['high' for _ in texts]\n"
         "def nan(texts):\n"
         "    return [float('nan') for _ in texts]\n"
-        "NOT_CALLABLE = 3\n", encoding="utf-8")
+        "NOT_CALLABLE = 3\n",
+        encoding="utf-8",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
     import sys
@@ -103,24 +109,33 @@ def test_win_rate_on_a_callable_reward(reward_module):
     assert result["ci_high"] == pytest.approx(0.6275270 + 0.3268859, abs=1e-6)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("eval_stats_reward:wrong_length", "--reward eval_stats_reward:wrong_length: returned 1 scores for 2 texts"),
-    ("eval_stats_reward:not_numbers", "--reward eval_stats_reward:not_numbers: score 0 is str, expected a number"),
-    ("eval_stats_reward:nan", "--reward eval_stats_reward:nan: score 0 is nan, expected a finite number"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("eval_stats_reward:wrong_length", "--reward eval_stats_reward:wrong_length: returned 1 scores for 2 texts"),
+        ("eval_stats_reward:not_numbers", "--reward eval_stats_reward:not_numbers: score 0 is str, expected a number"),
+        ("eval_stats_reward:nan", "--reward eval_stats_reward:nan: score 0 is nan, expected a finite number"),
+    ],
+)
 def test_a_reward_returning_nonsense_is_a_user_error(reward_module, spec, message):
     with pytest.raises(UserError) as e:
         load_reward(spec)(["a", "b"], ["c", "d"])
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_module_xyz:score", "--reward no_such_module_xyz:score: cannot import module 'no_such_module_xyz'"),
-    ("eval_stats_reward:missing", "--reward eval_stats_reward:missing: module 'eval_stats_reward' has no attribute"),
-    ("eval_stats_reward:NOT_CALLABLE", "--reward eval_stats_reward:NOT_CALLABLE: 'NOT_CALLABLE' is not callable"),
-    ("eval_stats_reward:", "--reward eval_stats_reward:: expected module:function"),
-    ("just-a-name", "--reward just-a-name: no such folder; expected a reward model folder or module:function"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:score", "--reward no_such_module_xyz:score: cannot import module 'no_such_module_xyz'"),
+        (
+            "eval_stats_reward:missing",
+            "--reward eval_stats_reward:missing: module 'eval_stats_reward' has no attribute",
+        ),
+        ("eval_stats_reward:NOT_CALLABLE", "--reward eval_stats_reward:NOT_CALLABLE: 'NOT_CALLABLE' is not callable"),
+        ("eval_stats_reward:", "--reward eval_stats_reward:: expected module:function"),
+        ("just-a-name", "--reward just-a-name: no such folder; expected a reward model folder or module:function"),
+    ],
+)
 def test_bad_reward_specs(reward_module, spec, message):
     with pytest.raises(UserError) as e:
         load_reward(spec)

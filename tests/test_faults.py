@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from preftune import checkpoint, rundir
 from preftune import train as train_module
 from preftune.cli import main
-from toy import counting_pairs, save_model_folder, write_jsonl
+
 from conftest import stopped_after
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -31,13 +32,31 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    return {"model": str(save_model_folder(root / "model")),
-            "train": str(write_jsonl(counting_pairs(32, seed=3), root / "train.jsonl"))}
+    return {
+        "model": str(save_model_folder(root / "model")),
+        "train": str(write_jsonl(counting_pairs(32, seed=3), root / "train.jsonl")),
+    }
 
 
 def args(toy, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--batch-size", "8",
-            "--max-steps", str(STEPS), "--learning-rate", "1e-3", "--save-every", "1", *extra]
+    return [
+        "train",
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(STEPS),
+        "--learning-rate",
+        "1e-3",
+        "--save-every",
+        "1",
+        *extra,
+    ]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -81,14 +100,25 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("point,at", [("weights_written", 1), ("before_rename", 2),
-                                      pytest.param("after_step", 3, marks=pytest.mark.slow),
-                                      pytest.param("before_rename", 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "point,at",
+    [
+        ("weights_written", 1),
+        ("before_rename", 2),
+        pytest.param("after_step", 3, marks=pytest.mark.slow),
+        pytest.param("before_rename", 4, marks=pytest.mark.slow),
+    ],
+)
 def test_kill_9_then_resume_gives_identical_weights(toy, uninterrupted, tmp_path, point, at):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    child = subprocess.run([sys.executable, "-c", KILLER, point, str(at), *args(toy, out)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLER, point, str(at), *args(toy, out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert not (out / "final").exists()
     assert main(args(toy, out, "--resume")) == 0
@@ -106,8 +136,12 @@ def test_kill_9_at_a_random_moment(toy, uninterrupted, tmp_path):
     """Killed from outside as soon as the run has written anything, wherever it is, then resumed."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    child = subprocess.Popen([sys.executable, "-m", "preftune", *args(toy, out)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "preftune", *args(toy, out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while child.poll() is None and not (out / "metrics.jsonl").exists():
             time.sleep(0.01)

@@ -7,15 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from preftune.data.formats import (LoadReport, PreferencePair, _hub_reachable, load_pairs, parse_columns,
-                                   shared_text_prompt)
+from preftune.data.formats import (
+    LoadReport,
+    PreferencePair,
+    _hub_reachable,
+    load_pairs,
+    parse_columns,
+    shared_text_prompt,
+)
 from preftune.errors import UserError
+
 from helpers import assistant, user
 
 DATA = Path(__file__).parent / "data"
 SHAPES = str(DATA / "fmt_shapes.jsonl")
-
-
 
 
 STANDARD = {"prompt": "Q: hi there\nA: ", "chosen": "good", "rejected": "bad"}
@@ -51,37 +56,46 @@ def test_every_shape_in_one_file():
     assert pairs[1] == PreferencePair([user("hi")], [assistant("good")], [assistant("bad")], f"{SHAPES} line 2")
     # "blue" / "blush" share "blu", but the prompt stops at the word boundary before it.
     assert pairs[2] == PreferencePair("the sky is ", "blue", "blush", f"{SHAPES} line 3")
-    assert pairs[3] == PreferencePair([user("what color is the sky?")], [assistant("blue")], [assistant("green")],
-                                      f"{SHAPES} line 5")
+    assert pairs[3] == PreferencePair(
+        [user("what color is the sky?")], [assistant("blue")], [assistant("green")], f"{SHAPES} line 5"
+    )
     # HH: split after the LAST "\n\nAssistant:", which stays in the prompt; the response keeps its leading space.
     assert pairs[4] == PreferencePair(
-        "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:", " fine, thanks", " bad",
-        f"{SHAPES} line 6")
+        "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
+        " fine, thanks",
+        " bad",
+        f"{SHAPES} line 6",
+    )
     assert (report.rows, report.pairs, report.identical_skipped) == (6, 5, 1)
     assert report.shapes == {"standard": 1, "conversational": 2, "implicit": 1, "hh": 1}
-    assert report.summary() == ("6 rows → 5 pairs (conversational 2, hh 1, implicit 1, standard 1); "
-                                "1 skipped (chosen == rejected)")
+    assert report.summary() == (
+        "6 rows → 5 pairs (conversational 2, hh 1, implicit 1, standard 1); 1 skipped (chosen == rejected)"
+    )
 
 
-@pytest.mark.parametrize("chosen, rejected, prompt", [
-    ("Q: hi there\nA: good", "Q: hi there\nA: bad", "Q: hi there\nA: "),  # the brief's example
-    ("The answer is yes", "The answer is yellow", "The answer is "),  # "ye" is shared but mid-word
-    ("yes", "no", ""),  # nothing shared
-    ("abc", "abc def", ""),  # all of chosen is shared, but no whitespace precedes the split point
-    ("hi\tthere", "hi\tthem", "hi\t"),  # any whitespace is a boundary
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, prompt",
+    [
+        ("Q: hi there\nA: good", "Q: hi there\nA: bad", "Q: hi there\nA: "),  # the brief's example
+        ("The answer is yes", "The answer is yellow", "The answer is "),  # "ye" is shared but mid-word
+        ("yes", "no", ""),  # nothing shared
+        ("abc", "abc def", ""),  # all of chosen is shared, but no whitespace precedes the split point
+        ("hi\tthere", "hi\tthem", "hi\t"),  # any whitespace is a boundary
+    ],
+)
 def test_implicit_prompt_word_boundary(tmp_path, chosen, rejected, prompt):
     assert shared_text_prompt(chosen, rejected) == len(prompt)
     pair = load_one(tmp_path, {"chosen": chosen, "rejected": rejected})
-    assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, chosen[len(prompt):], rejected[len(prompt):])
+    assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, chosen[len(prompt) :], rejected[len(prompt) :])
 
 
 def test_implicit_message_prompt_keeps_whole_messages(tmp_path):
     # Shared: system + user + assistant + user; the assistant replies differ only in their last word,
     # yet the prompt is made of whole messages only.
     history = [{"role": "system", "content": "be brief"}, user("hi"), assistant("hello"), user("sky?")]
-    pair = load_one(tmp_path, {"chosen": history + [assistant("it is blue")],
-                               "rejected": history + [assistant("it is green")]})
+    pair = load_one(
+        tmp_path, {"chosen": history + [assistant("it is blue")], "rejected": history + [assistant("it is green")]}
+    )
     assert pair.prompt == history
     assert (pair.chosen, pair.rejected) == ([assistant("it is blue")], [assistant("it is green")])
 
@@ -108,19 +122,28 @@ def test_hh_needs_both_markers_in_both_responses(tmp_path):
 
 def test_parse_columns():
     assert parse_columns("prompt=question,chosen=response_j,rejected=response_k") == {
-        "prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+        "prompt": "question",
+        "chosen": "response_j",
+        "rejected": "response_k",
+    }
     assert parse_columns(" chosen = good , rejected=bad ") == {"chosen": "good", "rejected": "bad"}
     assert parse_columns("prompt=") == {"prompt": ""}
     assert parse_columns(None) == {} and parse_columns("") == {}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("prompt", "--columns: expected NAME=COLUMN items separated by commas, got 'prompt'"),
-    ("answer=x", "--columns: unknown name 'answer' in 'answer=x'; expected prompt, chosen, rejected, completion or label"),
-    ("chosen=a,chosen=b", "--columns: 'chosen' is given twice"),
-    ("chosen=", "--columns: 'chosen=' needs a column name (only 'prompt=' may be empty)"),
-    ("chosen=x,rejected=x", "--columns: column 'x' is given for both chosen and rejected"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("prompt", "--columns: expected NAME=COLUMN items separated by commas, got 'prompt'"),
+        (
+            "answer=x",
+            "--columns: unknown name 'answer' in 'answer=x'; expected prompt, chosen, rejected, completion or label",
+        ),
+        ("chosen=a,chosen=b", "--columns: 'chosen' is given twice"),
+        ("chosen=", "--columns: 'chosen=' needs a column name (only 'prompt=' may be empty)"),
+        ("chosen=x,rejected=x", "--columns: column 'x' is given for both chosen and rejected"),
+    ],
+)
 def test_parse_columns_errors(spec, message):
     with pytest.raises(UserError) as e:
         parse_columns(spec)
@@ -131,8 +154,10 @@ def test_pairwise_csv_with_column_mapping():
     # fmt_pairwise.csv holds stack-exchange-like columns and a quoted cell spanning two lines (row 2).
     path = str(DATA / "fmt_pairwise.csv")
     pairs, report = load_pairs(path, columns=parse_columns("prompt=question,chosen=response_j,rejected=response_k"))
-    assert pairs == [PreferencePair("what color is the sky?", "blue", "green", f"{path} row 1"),
-                     PreferencePair("how are you,\nfriend?", "fine", "bad", f"{path} row 2")]
+    assert pairs == [
+        PreferencePair("what color is the sky?", "blue", "green", f"{path} row 1"),
+        PreferencePair("how are you,\nfriend?", "fine", "bad", f"{path} row 2"),
+    ]
     assert report.shapes == {"standard": 2}
 
 
@@ -141,8 +166,10 @@ def test_mapped_column_missing(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError) as e:
         load_pairs(path, columns=parse_columns("prompt=question,chosen=response_j,rejected=response_k"))
-    assert str(e.value) == (f"{path} line 2: column 'response_k' (--columns rejected=response_k) not found; "
-                            f"the row has: question, response_j")
+    assert str(e.value) == (
+        f"{path} line 2: column 'response_k' (--columns rejected=response_k) not found; "
+        f"the row has: question, response_j"
+    )
 
 
 def test_prompt_column_can_be_ignored(tmp_path):
@@ -159,8 +186,7 @@ ROWS = [STANDARD, {"prompt": "hi", "chosen": "yes", "rejected": "no"}]
 
 
 def expected(where):
-    return [PreferencePair("Q: hi there\nA: ", "good", "bad", where[0]),
-            PreferencePair("hi", "yes", "no", where[1])]
+    return [PreferencePair("Q: hi there\nA: ", "good", "bad", where[0]), PreferencePair("hi", "yes", "no", where[1])]
 
 
 def test_jsonl_blank_lines_crlf_and_bom(tmp_path):
@@ -207,8 +233,10 @@ def test_no_such_file_and_unknown_extension(tmp_path):
     path.write_text("x")
     with pytest.raises(UserError) as e:
         load_pairs(str(path))
-    assert str(e.value) == (f"{path}: unsupported file type '.txt'; supported: .jsonl, .json, .csv, .parquet "
-                            f"or a hub dataset name owner/name")
+    assert str(e.value) == (
+        f"{path}: unsupported file type '.txt'; supported: .jsonl, .json, .csv, .parquet "
+        f"or a hub dataset name owner/name"
+    )
     with pytest.raises(UserError, match="is a folder"):
         load_pairs(str(tmp_path))
 
@@ -223,8 +251,10 @@ def test_hub_offline_fails_fast_with_one_line(monkeypatch):
         load_pairs("preftune-tests/no-such-dataset", split="test")
     assert time.monotonic() - start < 10
     message = str(e.value)
-    assert message.startswith("hub dataset 'preftune-tests/no-such-dataset': offline mode (HF_HUB_OFFLINE) is on "
-                              "and it is not in the local cache (")
+    assert message.startswith(
+        "hub dataset 'preftune-tests/no-such-dataset': offline mode (HF_HUB_OFFLINE) is on "
+        "and it is not in the local cache ("
+    )
     assert "\n" not in message
     assert datasets.config.HF_HUB_OFFLINE == before  # the forced offline mode does not leak
 
@@ -241,8 +271,10 @@ def test_hub_unreachable_falls_back_to_cache_then_fails(monkeypatch):
     monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     with pytest.raises(UserError) as e:
         load_pairs("preftune-tests/no-such-dataset")
-    assert str(e.value).startswith(f"hub dataset 'preftune-tests/no-such-dataset': cannot reach the Hugging Face "
-                                   f"hub (http://127.0.0.1:{port}) and it is not in the local cache (")
+    assert str(e.value).startswith(
+        f"hub dataset 'preftune-tests/no-such-dataset': cannot reach the Hugging Face "
+        f"hub (http://127.0.0.1:{port}) and it is not in the local cache ("
+    )
 
 
 def closed_port() -> int:
@@ -265,12 +297,13 @@ def test_hub_reachable_probe():
 
 def test_malformed_json_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(STANDARD) + "\n\n{\"prompt\": \"hi\",\n", encoding="utf-8")
+    path.write_text(json.dumps(STANDARD) + '\n\n{"prompt": "hi",\n', encoding="utf-8")
     with pytest.raises(UserError) as e:
         load_pairs(str(path))
     # line 3 is '{"prompt": "hi",' (16 characters): the next property name was expected at column 17
-    assert str(e.value) == (f"{path} line 3: not valid JSON "
-                            f"(Expecting property name enclosed in double quotes at column 17)")
+    assert str(e.value) == (
+        f"{path} line 3: not valid JSON (Expecting property name enclosed in double quotes at column 17)"
+    )
 
 
 def test_jsonl_line_not_an_object(tmp_path):
@@ -288,23 +321,30 @@ def test_json_errors(tmp_path):
     path.write_text(json.dumps({"train": ROWS, "meta": {}}), encoding="utf-8")
     with pytest.raises(UserError) as e:
         load_pairs(str(path))
-    assert str(e.value) == (f"{path}: expected a list of objects or an object with a single list value "
-                            f"(like {{\"data\": [...]}}), got an object with keys: train, meta")
+    assert str(e.value) == (
+        f"{path}: expected a list of objects or an object with a single list value "
+        f'(like {{"data": [...]}}), got an object with keys: train, meta'
+    )
     path.write_text(json.dumps([STANDARD, "hi"]), encoding="utf-8")
     with pytest.raises(UserError, match=r"d\.json index 1: expected a JSON object, got string$"):
         load_pairs(str(path))
     path.write_text(json.dumps([STANDARD, {"prompt": "hi", "chosen": "a", "rejected": 3}]), encoding="utf-8")
-    with pytest.raises(UserError, match=r"d\.json index 1: field 'rejected' must be a string or a list of "
-                                        r"messages, got int$"):
+    with pytest.raises(
+        UserError,
+        match=r"d\.json index 1: field 'rejected' must be a string or a list of "
+        r"messages, got int$",
+    ):
         load_pairs(str(path))
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_non_utf8_names_file_and_line(tmp_path, suffix):
     path = tmp_path / f"d{suffix}"
-    body = {".jsonl": b'{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a"}\n',
-            ".json": b'[{"prompt": "hi", "chosen": "a", "rejected": "b"},\n{"prompt": "caf\xe9"}]',
-            ".csv": b"prompt,chosen,rejected\ncaf\xe9,a,b\n"}[suffix]
+    body = {
+        ".jsonl": b'{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a"}\n',
+        ".json": b'[{"prompt": "hi", "chosen": "a", "rejected": "b"},\n{"prompt": "caf\xe9"}]',
+        ".csv": b"prompt,chosen,rejected\ncaf\xe9,a,b\n",
+    }[suffix]
     path.write_bytes(body)
     with pytest.raises(UserError) as e:
         load_pairs(str(path))
@@ -330,58 +370,101 @@ def test_parquet_errors(tmp_path):
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "hi", "chosen": "a", "rejected": None}]), path)
-    with pytest.raises(UserError, match=r"d\.parquet row 1: field 'rejected' must be a string or a list of "
-                                        r"messages, got null$"):
+    with pytest.raises(
+        UserError,
+        match=r"d\.parquet row 1: field 'rejected' must be a string or a list of "
+        r"messages, got null$",
+    ):
         load_pairs(str(path))
     path.write_bytes(b"not parquet at all")
     with pytest.raises(UserError, match=r"d\.parquet: not a readable Parquet file \("):
         load_pairs(str(path))
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "hi", "rejected": "no"},
-     "line 2: missing field 'chosen' (the row has: prompt, rejected; rename columns with --columns)"),
-    ({"prompt": "hi", "chosen": 5, "rejected": "no"},
-     "line 2: field 'chosen' must be a string or a list of messages, got int"),
-    ({"prompt": {"text": "hi"}, "chosen": "a", "rejected": "b"},
-     "line 2: field 'prompt' must be a string or a list of messages, got dict"),
-    ({"prompt": "hi", "chosen": "", "rejected": "no"}, "line 2: field 'chosen' is empty"),
-    ({"prompt": "hi", "chosen": "yes", "rejected": " \n\t"}, "line 2: field 'rejected' is empty"),
-    ({"chosen": "a b ", "rejected": "a b c"},
-     "line 2: field 'chosen' is empty once the prompt shared with the other response is removed"),
-    ({"prompt": [user("hi")], "chosen": "a", "rejected": "b"},
-     "line 2: fields mix plain text and message lists (prompt is a list of messages, chosen is a string, "
-     "rejected is a string); use one kind"),
-    ({"prompt": "hi", "chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "line 2: fields mix plain text and message lists (prompt is a string, chosen is a list of messages, "
-     "rejected is a list of messages); use one kind (to take the prompt from the shared beginning of chosen and "
-     "rejected, pass --columns prompt=)"),
-    ({"prompt": [user("hi")], "chosen": [user("a")], "rejected": [assistant("b")]},
-     "line 2: field 'chosen': conversation with no assistant turn"),
-    ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [user("hi"), assistant("b")]},
-     "line 2: field 'rejected' must start with an assistant turn, got role 'user' (the prompt belongs in 'prompt')"),
-    ({"chosen": [user("hi"), assistant("a")], "rejected": [user("hey"), assistant("b")]},
-     "line 2: field 'chosen' must start with an assistant turn, got role 'user' (chosen and rejected share no "
-     "leading messages)"),
-    ({"prompt": [user("hi")], "chosen": [assistant(" ")], "rejected": [assistant("b")]},
-     "line 2: field 'chosen' is empty (its assistant turns have no content)"),
-    ({"prompt": [], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "line 2: field 'prompt' is an empty list of messages"),
-    ({"prompt": [user("hi")], "chosen": ["a"], "rejected": [assistant("b")]},
-     "line 2: field 'chosen' message 0 must be an object with 'role' and 'content', got str"),
-    ({"prompt": [{"role": "user"}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "line 2: field 'prompt' message 0 has no 'content'"),
-    ({"prompt": [{"role": "user", "content": 1}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "line 2: field 'prompt' message 0: 'content' must be a string, got int"),
-    ({"prompt": [user("hi"), {"role": "bot", "content": "x"}], "chosen": [assistant("a")],
-      "rejected": [assistant("b")]},
-     "line 2: field 'prompt' message 1: unknown role 'bot'; expected one of system, user, assistant, tool"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hey\n\nAssistant: b"},
-     "line 2: Anthropic HH transcripts 'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' turn; "
-     "the prompt must be shared"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
-     "line 2: field 'chosen' is empty"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": "hi", "rejected": "no"},
+            "line 2: missing field 'chosen' (the row has: prompt, rejected; rename columns with --columns)",
+        ),
+        (
+            {"prompt": "hi", "chosen": 5, "rejected": "no"},
+            "line 2: field 'chosen' must be a string or a list of messages, got int",
+        ),
+        (
+            {"prompt": {"text": "hi"}, "chosen": "a", "rejected": "b"},
+            "line 2: field 'prompt' must be a string or a list of messages, got dict",
+        ),
+        ({"prompt": "hi", "chosen": "", "rejected": "no"}, "line 2: field 'chosen' is empty"),
+        ({"prompt": "hi", "chosen": "yes", "rejected": " \n\t"}, "line 2: field 'rejected' is empty"),
+        (
+            {"chosen": "a b ", "rejected": "a b c"},
+            "line 2: field 'chosen' is empty once the prompt shared with the other response is removed",
+        ),
+        (
+            {"prompt": [user("hi")], "chosen": "a", "rejected": "b"},
+            "line 2: fields mix plain text and message lists (prompt is a list of messages, chosen is a string, "
+            "rejected is a string); use one kind",
+        ),
+        (
+            {"prompt": "hi", "chosen": [assistant("a")], "rejected": [assistant("b")]},
+            "line 2: fields mix plain text and message lists (prompt is a string, chosen is a list of messages, "
+            "rejected is a list of messages); use one kind (to take the prompt from the shared beginning of chosen and "
+            "rejected, pass --columns prompt=)",
+        ),
+        (
+            {"prompt": [user("hi")], "chosen": [user("a")], "rejected": [assistant("b")]},
+            "line 2: field 'chosen': conversation with no assistant turn",
+        ),
+        (
+            {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [user("hi"), assistant("b")]},
+            "line 2: field 'rejected' must start with an assistant turn, got role 'user' (the prompt belongs in 'prompt')",
+        ),
+        (
+            {"chosen": [user("hi"), assistant("a")], "rejected": [user("hey"), assistant("b")]},
+            "line 2: field 'chosen' must start with an assistant turn, got role 'user' (chosen and rejected share no "
+            "leading messages)",
+        ),
+        (
+            {"prompt": [user("hi")], "chosen": [assistant(" ")], "rejected": [assistant("b")]},
+            "line 2: field 'chosen' is empty (its assistant turns have no content)",
+        ),
+        (
+            {"prompt": [], "chosen": [assistant("a")], "rejected": [assistant("b")]},
+            "line 2: field 'prompt' is an empty list of messages",
+        ),
+        (
+            {"prompt": [user("hi")], "chosen": ["a"], "rejected": [assistant("b")]},
+            "line 2: field 'chosen' message 0 must be an object with 'role' and 'content', got str",
+        ),
+        (
+            {"prompt": [{"role": "user"}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
+            "line 2: field 'prompt' message 0 has no 'content'",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": 1}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
+            "line 2: field 'prompt' message 0: 'content' must be a string, got int",
+        ),
+        (
+            {
+                "prompt": [user("hi"), {"role": "bot", "content": "x"}],
+                "chosen": [assistant("a")],
+                "rejected": [assistant("b")],
+            },
+            "line 2: field 'prompt' message 1: unknown role 'bot'; expected one of system, user, assistant, tool",
+        ),
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hey\n\nAssistant: b"},
+            "line 2: Anthropic HH transcripts 'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' turn; "
+            "the prompt must be shared",
+        ),
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+            "line 2: field 'chosen' is empty",
+        ),
+    ],
+)
 def test_row_errors_name_file_line_and_field(tmp_path, row, message):
     assert load_error(tmp_path, row) == f"{tmp_path / 'data.jsonl'} {message}"
 
@@ -426,14 +509,24 @@ def test_a_list_of_rejected_texts_becomes_one_pair_each(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [several, STANDARD, {**several, "prompt": "Q: 2+2 =\nA: "}])
     pairs, report = load_pairs(path)
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-        ("Q: 2+2?\nA: ", "4", "5"), ("Q: 2+2?\nA: ", "4", "22"), ("Q: 2+2?\nA: ", "4", "four?"),
+        ("Q: 2+2?\nA: ", "4", "5"),
+        ("Q: 2+2?\nA: ", "4", "22"),
+        ("Q: 2+2?\nA: ", "4", "four?"),
         ("Q: hi there\nA: ", "good", "bad"),
-        ("Q: 2+2 =\nA: ", "4", "5"), ("Q: 2+2 =\nA: ", "4", "22"), ("Q: 2+2 =\nA: ", "4", "four?")]
-    assert [p.where for p in pairs[:4]] == [f"{path} line 1 rejected[0]", f"{path} line 1 rejected[1]",
-                                            f"{path} line 1 rejected[2]", f"{path} line 2"]
+        ("Q: 2+2 =\nA: ", "4", "5"),
+        ("Q: 2+2 =\nA: ", "4", "22"),
+        ("Q: 2+2 =\nA: ", "4", "four?"),
+    ]
+    assert [p.where for p in pairs[:4]] == [
+        f"{path} line 1 rejected[0]",
+        f"{path} line 1 rejected[1]",
+        f"{path} line 1 rejected[2]",
+        f"{path} line 2",
+    ]
     assert (report.rows, report.pairs) == (3, 7)
-    assert report.summary() == ("3 rows → 7 pairs (standard 7); 0 skipped (chosen == rejected); "
-                                "2 rows with 3 rejected each → 6 pairs")
+    assert report.summary() == (
+        "3 rows → 7 pairs (standard 7); 0 skipped (chosen == rejected); 2 rows with 3 rejected each → 6 pairs"
+    )
 
 
 def test_a_list_of_rejected_conversations_and_a_mapped_column(tmp_path):
@@ -451,8 +544,10 @@ def test_a_rejected_equal_to_chosen_in_a_list_is_skipped_and_counted(tmp_path):
     assert (report.rows, report.pairs, report.identical_skipped) == (1, 1, 1)
     with pytest.raises(UserError) as e:
         load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]), on_identical="error")
-    assert str(e.value) == f"{tmp_path / 'd.jsonl'} line 1 rejected[1]: 'chosen' and 'rejected' are identical " \
-                           "(--on-identical error)"
+    assert (
+        str(e.value) == f"{tmp_path / 'd.jsonl'} line 1 rejected[1]: 'chosen' and 'rejected' are identical "
+        "(--on-identical error)"
+    )
 
 
 def test_a_bad_item_in_a_rejected_list_names_it(tmp_path):

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
-from toy import counting_pairs, save_model_folder
+
 from helpers import assistant, user
+from toy import counting_pairs, save_model_folder
 
 GOOD = counting_pairs(4, seed=1)  # {"prompt": "count from 2 :", "chosen": " 2 3 4", "rejected": " 3 4 2"}, ...
 
@@ -63,8 +64,21 @@ class Workspace:
 
     def argv(self) -> list[str]:
         output = ["--output", self.out] if self.command == "train" else []
-        return [self.command, "--model", self.model, "--data", self.data, *output, "--batch-size", "2",
-                "--max-steps", "1", "--max-length", "64", *self.flags]
+        return [
+            self.command,
+            "--model",
+            self.model,
+            "--data",
+            self.data,
+            *output,
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--max-length",
+            "64",
+            *self.flags,
+        ]
 
 
 CASES = []
@@ -74,9 +88,8 @@ def case(case_id: str, *expect: str, code: int = 2):
     def register(build: Callable[[Workspace], None]):
         CASES.append(pytest.param(build, code, expect, id=case_id))
         return build
+
     return register
-
-
 
 
 def good_lines() -> str:
@@ -103,7 +116,7 @@ def _(w):
 
     pq.write_table(pa.Table.from_pylist(GOOD), w.tmp / "whole.parquet")
     whole = (w.tmp / "whole.parquet").read_bytes()
-    w.data = w.write("d.parquet", whole[:len(whole) // 2])
+    w.data = w.write("d.parquet", whole[: len(whole) // 2])
 
 
 @case("csv-quote-never-closed", "{data} line 3: not valid CSV (unexpected end of data)")
@@ -122,8 +135,9 @@ def _(w):
     w.data = w.write("d.jsonl", b"\xef\xbb\xbf" + good_lines().encode())
 
 
-@case("utf16-file", "{data} line 1: the file is UTF-16 (it starts with a UTF-16 byte order mark); save the file as "
-                    "UTF-8")
+@case(
+    "utf16-file", "{data} line 1: the file is UTF-16 (it starts with a UTF-16 byte order mark); save the file as UTF-8"
+)
 def _(w):
     w.data = w.write("d.jsonl", good_lines().encode("utf-16"))
 
@@ -144,8 +158,13 @@ def _(w):
     w.rows(GOOD + [{**GOOD[0], "source": "x" * 5_000_000}])
 
 
-@case("huge-response-dropped", "--data {data}: 5 rows → 5 pairs", "4 pairs; 0 prompts cut from the left, 0 responses "
-      "cut, 1 dropped; longest prompt 5 tokens, longest response 40001 tokens", code=0)
+@case(
+    "huge-response-dropped",
+    "--data {data}: 5 rows → 5 pairs",
+    "4 pairs; 0 prompts cut from the left, 0 responses "
+    "cut, 1 dropped; longest prompt 5 tokens, longest response 40001 tokens",
+    code=0,
+)
 def _(w):
     # 40 000 tokens + EOS, far over --max-length 64, dropped and counted. (A 5 MB response is read just as well,
     # but the tokenizer alone needs 10-20 s for it on a small CPU: too slow for this matrix.)
@@ -163,15 +182,27 @@ def _(w):
     w.rows(rows)
 
 
-@case("control-characters-in-an-error", "{data} line 1: field 'prompt' message 0: unknown role 'user\\n\\x1b[2J'; "
-                                        "expected one of system, user, assistant, tool")
+@case(
+    "control-characters-in-an-error",
+    "{data} line 1: field 'prompt' message 0: unknown role 'user\\n\\x1b[2J'; "
+    "expected one of system, user, assistant, tool",
+)
 def _(w):
-    w.rows([{"prompt": [{"role": "user\n\x1b[2J", "content": "hi"}], "chosen": [assistant("a")],
-             "rejected": [assistant("b")]}])
+    w.rows(
+        [
+            {
+                "prompt": [{"role": "user\n\x1b[2J", "content": "hi"}],
+                "chosen": [assistant("a")],
+                "rejected": [assistant("b")],
+            }
+        ]
+    )
 
 
-@case("lone-surrogate", "{data} line 2: field 'chosen' holds '\\ud800', half of a UTF-16 surrogate pair, which no "
-                        "tokenizer can encode")
+@case(
+    "lone-surrogate",
+    "{data} line 2: field 'chosen' holds '\\ud800', half of a UTF-16 surrogate pair, which no tokenizer can encode",
+)
 def _(w):
     w.data = w.write("d.jsonl", good_lines().replace('" 10 11 12 13 14 15"', '" 10 \\ud800"', 1))
 
@@ -189,15 +220,19 @@ def _(w):
     w.rows([{**GOOD[0], "prompt": None}])
 
 
-@case("chosen-is-a-list-of-ints", "{data} line 1: field 'chosen' message 0 must be an object with 'role' and "
-                                  "'content', got int")
+@case(
+    "chosen-is-a-list-of-ints",
+    "{data} line 1: field 'chosen' message 0 must be an object with 'role' and 'content', got int",
+)
 def _(w):
     # Token ids where text belongs: named as such, not as "fields mix plain text and message lists".
     w.rows([{**GOOD[0], "chosen": [5, 6, 7]}])
 
 
-@case("missing-field", "{data} line 3: missing field 'rejected' (the row has: prompt, chosen; rename columns with "
-                       "--columns)")
+@case(
+    "missing-field",
+    "{data} line 3: missing field 'rejected' (the row has: prompt, chosen; rename columns with --columns)",
+)
 def _(w):
     w.rows(GOOD[:2] + [{"prompt": "count from 1 :", "chosen": " 1 2"}])
 
@@ -227,25 +262,37 @@ def _(w):
     w.data = w.write("d.csv", "prompt,chosen,rejected\ncount from 7 :,7 8,8 7\ncount from 8 :,8 9\n")
 
 
-@case("mixed-shapes-without-chat-template", "{data} line 3: the pair is a conversation (lists of messages) but the "
-                                            "tokenizer has no chat template")
+@case(
+    "mixed-shapes-without-chat-template",
+    "{data} line 3: the pair is a conversation (lists of messages) but the tokenizer has no chat template",
+)
 def _(w):
-    w.rows(GOOD[:2] + [{"prompt": [user("count from 1 :")], "chosen": [assistant("1 2")],
-                        "rejected": [assistant("2 1")]}])
+    w.rows(
+        GOOD[:2] + [{"prompt": [user("count from 1 :")], "chosen": [assistant("1 2")], "rejected": [assistant("2 1")]}]
+    )
 
 
-@case("mixed-shapes-warned", "mixes plain-text pairs (first: {data} line 1) and conversations (first: {data} line "
-      "3); the chat template formats the conversations only", "4 rows → 4 pairs (conversational 1, standard 3)", code=0)
+@case(
+    "mixed-shapes-warned",
+    "mixes plain-text pairs (first: {data} line 1) and conversations (first: {data} line "
+    "3); the chat template formats the conversations only",
+    "4 rows → 4 pairs (conversational 1, standard 3)",
+    code=0,
+)
 def _(w):
     from transformers import AutoTokenizer
 
     folder = w.model_copy("chat-model")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-                               "{% if add_generation_prompt %}assistant :{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
     tokenizer.save_pretrained(folder)
-    w.rows(GOOD[:2] + [{"prompt": [user("count from 1 :")], "chosen": [assistant("1 2")],
-                        "rejected": [assistant("2 1")]}, GOOD[2]])
+    w.rows(
+        GOOD[:2]
+        + [{"prompt": [user("count from 1 :")], "chosen": [assistant("1 2")], "rejected": [assistant("2 1")]}, GOOD[2]]
+    )
 
 
 @case("conversation-without-assistant-turn", "{data} line 1: field 'chosen': conversation with no assistant turn")
@@ -255,12 +302,15 @@ def _(w):
 
 @case("assistant-turn-in-prompt-only", "{data} line 1: field 'chosen': conversation with no assistant turn")
 def _(w):
-    w.rows([{"prompt": [user("count from 1 :"), assistant("1 2")], "chosen": [user("thanks")],
-             "rejected": [user("no")]}])
+    w.rows(
+        [{"prompt": [user("count from 1 :"), assistant("1 2")], "chosen": [user("thanks")], "rejected": [user("no")]}]
+    )
 
 
-@case("unknown-role", "{data} line 1: field 'chosen' message 0: unknown role 'bot'; expected one of system, user, "
-                      "assistant, tool")
+@case(
+    "unknown-role",
+    "{data} line 1: field 'chosen' message 0: unknown role 'bot'; expected one of system, user, assistant, tool",
+)
 def _(w):
     w.rows([{"prompt": [user("hi")], "chosen": [{"role": "bot", "content": "1"}], "rejected": [assistant("2")]}])
 
@@ -278,8 +328,7 @@ def _(w):
     w.rows([{**row, "rejected": row["chosen"]} for row in GOOD])
 
 
-@case("identical-pair-skipped", "--data {data}: 5 rows → 4 pairs (standard 4); 1 skipped (chosen == rejected)",
-      code=0)
+@case("identical-pair-skipped", "--data {data}: 5 rows → 4 pairs (standard 4); 1 skipped (chosen == rejected)", code=0)
 def _(w):
     w.rows(GOOD[:2] + [{"prompt": "count from 1 :", "chosen": " 1", "rejected": " 1"}] + GOOD[2:])
 
@@ -288,14 +337,20 @@ def _(w):
 LONG_PROMPT = {"prompt": "count from 0 :" + " 0" * 100, "chosen": " 1 2", "rejected": " 2 1"}
 
 
-@case("long-prompt-truncated", "--data tokens: 5 pairs; 1 prompts cut from the left, 0 responses cut, "
-      "0 dropped; longest prompt 105 tokens", code=0)
+@case(
+    "long-prompt-truncated",
+    "--data tokens: 5 pairs; 1 prompts cut from the left, 0 responses cut, 0 dropped; longest prompt 105 tokens",
+    code=0,
+)
 def _(w):
     w.rows(GOOD + [LONG_PROMPT])
 
 
-@case("long-prompt-dropped", "--data tokens: 4 pairs; 0 prompts cut from the left, 0 responses cut, "
-      "1 dropped; longest prompt 105 tokens", code=0)
+@case(
+    "long-prompt-dropped",
+    "--data tokens: 4 pairs; 0 prompts cut from the left, 0 responses cut, 1 dropped; longest prompt 105 tokens",
+    code=0,
+)
 def _(w):
     w.rows(GOOD + [LONG_PROMPT])
     w.flags += ["--on-overlength", "drop"]
@@ -330,8 +385,11 @@ def _(w):
     (w.model_copy("bad-config") / "config.json").write_text('{"model_type": "llama", ')
 
 
-@case("model-bert-encoder", "--model {model}: model type 'bert' is a bidirectional encoder (config.json does not "
-                            "set is_decoder: true), not a causal language model")
+@case(
+    "model-bert-encoder",
+    "--model {model}: model type 'bert' is a bidirectional encoder (config.json does not "
+    "set is_decoder: true), not a causal language model",
+)
 def _(w):
     # transformers maps "bert" to BertLMHeadModel, which would load and train here, attending in both directions.
     from transformers import BertConfig
@@ -368,34 +426,55 @@ def pickle_only(w: Workspace) -> None:
     (folder / "model.safetensors").unlink()
 
 
-@case("pickle-weights-refused", "--model {model}: holds only pickle weights (pytorch_model.bin), which can run code "
-                                "when loaded; convert them to safetensors (or pass --allow-pickle-weights")
+@case(
+    "pickle-weights-refused",
+    "--model {model}: holds only pickle weights (pytorch_model.bin), which can run code "
+    "when loaded; convert them to safetensors (or pass --allow-pickle-weights",
+)
 def _(w):
     pickle_only(w)
 
 
-@case("pickle-weights-allowed", "--model {model}: loading pickle weights (pytorch_model.bin) as "
-                                "--allow-pickle-weights asks", code=0)
+@case(
+    "pickle-weights-allowed",
+    "--model {model}: loading pickle weights (pytorch_model.bin) as --allow-pickle-weights asks",
+    code=0,
+)
 def _(w):
     pickle_only(w)
     w.flags.append("--allow-pickle-weights")
 
 
-@case("remote-code-known-type", "--model {model}: the model ships its own code (auto_map in config.json); pass "
-                                "--trust-remote-code if you trust its author")
+@case(
+    "remote-code-known-type",
+    "--model {model}: the model ships its own code (auto_map in config.json); pass "
+    "--trust-remote-code if you trust its author",
+)
 def _(w):
     # model_type stays "llama": transformers would quietly load its own Llama instead of the folder's code.
     config = w.model_copy("remote") / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()),
-                                  "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    config.write_text(
+        json.dumps(
+            {**json.loads(config.read_text()), "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}
+        )
+    )
 
 
 @case("remote-code-own-type", "--model {model}: the model needs its own code to run; pass --trust-remote-code")
 def _(w):
     config = w.model_copy("remote-type") / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "evil",
-                                  "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
-                                               "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    config.write_text(
+        json.dumps(
+            {
+                **json.loads(config.read_text()),
+                "model_type": "evil",
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                },
+            }
+        )
+    )
     (Path(w.model) / "configuration_evil.py").write_text(f"open({str(w.tmp / 'pwned')!r}, 'w').close()\n")
 
 
@@ -407,8 +486,11 @@ def _(w):
     w.yaml("beta: 0.2\nlearnig_rate: 0.001\n")
 
 
-@case("yaml-python-tag", "{config} line 1: not valid YAML (could not determine a constructor for the tag "
-                         "'tag:yaml.org,2002:python/object/apply:os.system')")
+@case(
+    "yaml-python-tag",
+    "{config} line 1: not valid YAML (could not determine a constructor for the tag "
+    "'tag:yaml.org,2002:python/object/apply:os.system')",
+)
 def _(w):
     w.yaml(f"beta: !!python/object/apply:os.system ['touch {w.tmp / 'pwned'}']\n")
 

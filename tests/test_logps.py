@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from preftune.data.batching import collate_padded
-from preftune.logps import padded_logps, sequence_logps
-
 from preftune.data.tokenize import TokenizedPair
+from preftune.logps import padded_logps, sequence_logps
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -104,14 +103,20 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).float().eval()
 
 
 SHORT = TokenizedPair(prompt_ids=[1, 5, 9], chosen_ids=[12, 7], rejected_ids=[30, 31, 2], where="row 0")
-LONG = TokenizedPair(prompt_ids=list(range(3, 40)), chosen_ids=list(range(40, 60)), rejected_ids=[8] * 5,
-                     where="row 1")
+LONG = TokenizedPair(prompt_ids=list(range(3, 40)), chosen_ids=list(range(40, 60)), rejected_ids=[8] * 5, where="row 1")
 
 
 @torch.no_grad()

@@ -16,11 +16,12 @@ from preftune import lora, refcache
 from preftune import train as train_module
 from preftune.cli import main
 from preftune.config import resolve
-from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.loading import load_causal_lm
 from preftune.logps import compute_logps
 from preftune.reference import PolicyReference
+
 from conftest import stopped_after
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -28,13 +29,31 @@ pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under othe
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    return {"model": str(save_model_folder(root / "model")),
-            "train": str(write_jsonl(counting_pairs(16, seed=1), root / "train.jsonl")), "root": root}
+    return {
+        "model": str(save_model_folder(root / "model")),
+        "train": str(write_jsonl(counting_pairs(16, seed=1), root / "train.jsonl")),
+        "root": root,
+    }
 
 
 def base_args(toy, out: Path, steps: int = 2, model: str | None = None) -> list[str]:
-    return ["train", "--model", model or toy["model"], "--data", toy["train"], "--output", str(out),
-            "--batch-size", "8", "--max-steps", str(steps), "--learning-rate", "1e-2", "--lr-scheduler", "constant"]
+    return [
+        "train",
+        "--model",
+        model or toy["model"],
+        "--data",
+        toy["train"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(steps),
+        "--learning-rate",
+        "1e-2",
+        "--lr-scheduler",
+        "constant",
+    ]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -88,7 +107,11 @@ def test_final_is_an_adapter_and_merged_is_a_plain_model(toy, fresh):
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
     assert not (final / "model.safetensors").exists() and not (final / "reference").exists()
     config = json.loads((final / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, str(Path(toy["model"]).resolve()))
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (
+        4,
+        8.0,
+        str(Path(toy["model"]).resolve()),
+    )
     saved = load_file(final / "adapter_model.safetensors")
     assert len(saved) == 28 and all(".lora_" in k for k in saved)
 
@@ -103,15 +126,23 @@ def test_final_is_an_adapter_and_merged_is_a_plain_model(toy, fresh):
 
 
 def test_reference_is_the_base_with_the_adapter_disabled_and_no_copy(toy, tmp_path):
-    args = {"model": toy["model"], "data": toy["train"], "output": str(tmp_path / "run"), "batch_size": 8,
-            "lora_r": 4, "no_ref_cache": True}
+    args = {
+        "model": toy["model"],
+        "data": toy["train"],
+        "output": str(tmp_path / "run"),
+        "batch_size": 8,
+        "lora_r": 4,
+        "no_ref_cache": True,
+    }
     s = train_module.setup(resolve(args)[0])
     assert isinstance(s.reference, PolicyReference) and s.reference.model is s.policy
     # No second copy of the base: the reference's tensors are the policy's own.
     policy_storage = {p.data_ptr() for p in s.policy.parameters()}
     assert {p.data_ptr() for p in s.reference.model.parameters()} == policy_storage
     plain = train_module.setup(resolve({**args, "lora_r": 0, "output": str(tmp_path / "plain")})[0])
-    assert not {p.data_ptr() for p in plain.reference.model.parameters()} & {p.data_ptr() for p in plain.policy.parameters()}
+    assert not {p.data_ptr() for p in plain.reference.model.parameters()} & {
+        p.data_ptr() for p in plain.policy.parameters()
+    }
 
     with torch.no_grad():  # an adapter that has trained: B ≠ 0
         for name, p in s.policy.named_parameters():
@@ -147,8 +178,16 @@ def test_live_reference_equals_the_cache_which_a_plain_run_shares(toy, tmp_path,
 
 def test_resume_with_lora_reproduces_the_adapter(toy, tmp_path):
     def args(out):
-        return base_args(toy, out, steps=3) + ["--lora-r", "4", "--lora-dropout", "0.1", "--save-every", "1",
-                                               "--lora-targets", "q_proj,self_attn.v_proj,embed_tokens"]
+        return base_args(toy, out, steps=3) + [
+            "--lora-r",
+            "4",
+            "--lora-dropout",
+            "0.1",
+            "--save-every",
+            "1",
+            "--lora-targets",
+            "q_proj,self_attn.v_proj,embed_tokens",
+        ]
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(args(whole)) == 0
@@ -157,7 +196,10 @@ def test_resume_with_lora_reproduces_the_adapter(toy, tmp_path):
         assert main(args(cut)) == 130
     assert main(args(cut) + ["--resume"]) == 0
     assert losses(cut) == losses(whole)
-    a, b = load_file(whole / "final" / "adapter_model.safetensors"), load_file(cut / "final" / "adapter_model.safetensors")
+    a, b = (
+        load_file(whole / "final" / "adapter_model.safetensors"),
+        load_file(cut / "final" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # 2 layers × (q_proj, v_proj) × (A, B) + the embedding's A and B; never the frozen embedding matrix itself
     assert len(a) == 10 and all(".lora_" in k for k in a)
@@ -209,16 +251,21 @@ def adapter_folder(fresh, tmp_path: Path, **changes) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--merge"], "--merge has no effect without --lora-r"),
-    (["--lora-alpha", "8"], "--lora-alpha has no effect without --lora-r"),
-    (["--lora-r", "-1"], "--lora-r must be zero or positive, got -1"),
-    (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
-    (["--lora-r", "4", "--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
-    (["--lora-r", "4", "--lora-targets", "q_proj,qproj"],
-     "--lora-targets: no linear or embedding module named 'qproj' in the model (its modules: down_proj, embed_tokens"),
-    (["--lora-r", "4", "--lora-targets", "lm_head"], "--lora-targets: lm_head is the output layer"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--merge"], "--merge has no effect without --lora-r"),
+        (["--lora-alpha", "8"], "--lora-alpha has no effect without --lora-r"),
+        (["--lora-r", "-1"], "--lora-r must be zero or positive, got -1"),
+        (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+        (["--lora-r", "4", "--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
+        (
+            ["--lora-r", "4", "--lora-targets", "q_proj,qproj"],
+            "--lora-targets: no linear or embedding module named 'qproj' in the model (its modules: down_proj, embed_tokens",
+        ),
+        (["--lora-r", "4", "--lora-targets", "lm_head"], "--lora-targets: lm_head is the output layer"),
+    ],
+)
 def test_lora_flag_mistakes(toy, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert main(base_args(toy, out) + extra) == 2
@@ -229,11 +276,19 @@ def test_lora_flag_mistakes(toy, tmp_path, capsys, extra, message):
 
 def test_adapter_folder_mistakes(toy, fresh, tmp_path, capsys):
     out = tmp_path / "run"
-    cases = [(adapter_folder(fresh, tmp_path / "a"), ["--lora-r", "8"], "--lora-r: --model "),
-             (adapter_folder(fresh, tmp_path / "b", base_model_name_or_path=str(tmp_path / "gone")), [],
-              "field 'base_model_name_or_path' names"),
-             (adapter_folder(fresh, tmp_path / "c", peft_type="PREFIX_TUNING"), [],
-              "field 'peft_type' must be LORA, got 'PREFIX_TUNING'")]
+    cases = [
+        (adapter_folder(fresh, tmp_path / "a"), ["--lora-r", "8"], "--lora-r: --model "),
+        (
+            adapter_folder(fresh, tmp_path / "b", base_model_name_or_path=str(tmp_path / "gone")),
+            [],
+            "field 'base_model_name_or_path' names",
+        ),
+        (
+            adapter_folder(fresh, tmp_path / "c", peft_type="PREFIX_TUNING"),
+            [],
+            "field 'peft_type' must be LORA, got 'PREFIX_TUNING'",
+        ),
+    ]
     pickled = adapter_folder(fresh, tmp_path / "d")
     Path(pickled, "adapter_model.safetensors").rename(Path(pickled, "adapter_model.bin"))
     cases.append((pickled, [], "holds only pickle adapter weights"))

@@ -24,10 +24,10 @@ from preftune.losses import (
     F_DIVERGENCES,
     LOSSES,
     OPTIONS,
+    TIE_RTOL,
     _scores,
     combined_loss,
     loss_params,
-    TIE_RTOL,
     pair_metrics,
     reward_kind,
     rewards,
@@ -46,6 +46,7 @@ def t(values):
 def example(requires_grad=False):
     def leaf(values):
         return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
+
     return leaf([-4.0, -3.0, -2.0]), leaf([-6.0, -6.0, -6.0]), leaf([-5.0, -5.0, -5.0]), leaf([-7.0, -7.0, -7.0])
 
 
@@ -82,8 +83,9 @@ def test_ipo_hand_values_with_length_normalisation():
 def test_ipo_clamps_zero_lengths_to_one():
     # A length of 0 divides by 1 (as TRL's clamp(min=1)): same as lengths [1, 1, 1]:
     #   d = hw − hl = [0, 1, 2] → (d − 5)² = [25, 16, 9]
-    losses = call("ipo", example(), beta=BETA,
-                  chosen_lengths=torch.tensor([0, 1, 0]), rejected_lengths=torch.tensor([1, 0, 0]))
+    losses = call(
+        "ipo", example(), beta=BETA, chosen_lengths=torch.tensor([0, 1, 0]), rejected_lengths=torch.tensor([1, 0, 0])
+    )
     close(losses, [25.0, 16.0, 9.0])
 
 
@@ -157,8 +159,7 @@ def test_dpop_hand_values():
 def test_rdpo_hand_values():
     # β·h + α·(|yw| − |yl|) with α = 0.05, length differences [1−1, 2−1, 4−2] = [0, 1, 2]:
     #   [0 + 0, 0.1 + 0.05, 0.2 + 0.1] = [0, 0.15, 0.3] → sp = [0.6931471806, 0.6209570478, 0.5543552445]
-    losses = call("rdpo", example(), beta=BETA, rdpo_alpha=0.05, chosen_lengths=LENGTHS[0],
-                  rejected_lengths=LENGTHS[1])
+    losses = call("rdpo", example(), beta=BETA, rdpo_alpha=0.05, chosen_lengths=LENGTHS[0], rejected_lengths=LENGTHS[1])
     close(losses, [0.6931471806, 0.6209570478, 0.5543552445])
 
 
@@ -237,8 +238,16 @@ def test_simpo_hand_values_ignore_the_reference():
     policy_chosen, policy_rejected, _, _ = example()
     expected = [0.6931471806, 0.0788897343, 0.4740769842]
     for ref in (t([0.0] * 3), t([-100.0, 3.0, 7.0])):  # any reference gives the same losses
-        losses = LOSSES["simpo"].fn(policy_chosen, policy_rejected, ref, ref, beta=1.0, simpo_gamma=2.0,
-                                    chosen_lengths=LENGTHS[0], rejected_lengths=LENGTHS[1])
+        losses = LOSSES["simpo"].fn(
+            policy_chosen,
+            policy_rejected,
+            ref,
+            ref,
+            beta=1.0,
+            simpo_gamma=2.0,
+            chosen_lengths=LENGTHS[0],
+            rejected_lengths=LENGTHS[1],
+        )
         close(losses, expected)
 
 
@@ -265,8 +274,9 @@ def test_orpo_odds_ratio_term_hand_values():
     # −β·log σ(log 4) = −β·log(4/5) = β·ln 1.25;  −β·log σ(0) = β·ln 2.  β = 0.1:
     #   [0.02231435513, 0.02231435513, 0.06931471806]
     chosen, rejected, lengths = orpo_example()
-    losses = LOSSES["orpo"].fn(chosen, rejected, None, None, beta=BETA, chosen_lengths=lengths[0],
-                               rejected_lengths=lengths[1])
+    losses = LOSSES["orpo"].fn(
+        chosen, rejected, None, None, beta=BETA, chosen_lengths=lengths[0], rejected_lengths=lengths[1]
+    )
     close(losses, [0.02231435513, 0.02231435513, 0.06931471806], atol=1e-11)
 
 
@@ -306,8 +316,17 @@ def test_f_divergence_changes_the_margin_of_the_loss():
 
 def test_losses_with_f_divergence_are_those_of_the_chosen_minus_rejected_difference():
     supported = {name for name in LOSSES if "f_divergence" in loss_params(name)}
-    assert supported == {"sigmoid", "ipo", "ipo_sum", "sigmoid_norm", "hinge", "robust", "exo_pair", "discopop",
-                         "plackett_luce"}
+    assert supported == {
+        "sigmoid",
+        "ipo",
+        "ipo_sum",
+        "sigmoid_norm",
+        "hinge",
+        "robust",
+        "exo_pair",
+        "discopop",
+        "plackett_luce",
+    }
     assert {name for name in supported if "f_alpha" in loss_params(name)} == supported
     assert set(F_DIVERGENCES) == {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}
 
@@ -375,8 +394,9 @@ def test_plackett_luce_groups_are_independent_and_unordered():
     logps[2] = logps[2][[0, 0, 0, 3, 3, 3]]
     whole = call("plackett_luce", logps, beta=0.3, group_size=3)
     for group in (slice(0, 3), slice(3, 6)):  # a group alone gives the same loss
-        torch.testing.assert_close(call("plackett_luce", [x[group] for x in logps], beta=0.3, group_size=3),
-                                   whole[group])
+        torch.testing.assert_close(
+            call("plackett_luce", [x[group] for x in logps], beta=0.3, group_size=3), whole[group]
+        )
     shuffled = [x[[2, 0, 1, 5, 3, 4]] for x in logps]  # the order of the rejected responses does not matter
     torch.testing.assert_close(call("plackett_luce", shuffled, beta=0.3, group_size=3), whole)
     with pytest.raises(ValueError, match="whole groups"):
@@ -385,9 +405,20 @@ def test_plackett_luce_groups_are_independent_and_unordered():
 
 # ---------------------------------------------------------------------------------------------------- properties
 
-ALL_PARAMS = {"beta": BETA, "label_smoothing": 0.1, "simpo_gamma": 0.5, "discopop_tau": 0.05, "dpop_lambda": 50.0,
-              "rdpo_alpha": 0.05, "cpo_alpha": 1.0, "f_divergence": "reverse_kl", "f_alpha": 0.5,
-              "chosen_lengths": LENGTHS[0], "rejected_lengths": LENGTHS[1], "group_size": 1}
+ALL_PARAMS = {
+    "beta": BETA,
+    "label_smoothing": 0.1,
+    "simpo_gamma": 0.5,
+    "discopop_tau": 0.05,
+    "dpop_lambda": 50.0,
+    "rdpo_alpha": 0.05,
+    "cpo_alpha": 1.0,
+    "f_divergence": "reverse_kl",
+    "f_alpha": 0.5,
+    "chosen_lengths": LENGTHS[0],
+    "rejected_lengths": LENGTHS[1],
+    "group_size": 1,
+}
 
 
 def kwargs_for(name, params=ALL_PARAMS):
@@ -398,8 +429,13 @@ def kwargs_for(name, params=ALL_PARAMS):
 def test_ln2_when_policy_equals_reference(name):
     # π = π_ref → every log-ratio is 0 → −log σ(0) = ln 2, for any ε (R-DPO: equal lengths, so no length term).
     logps = torch.tensor([-3.0, -12.5]), torch.tensor([-4.0, -1.0])
-    params = {**ALL_PARAMS, "beta": 0.5, "label_smoothing": 0.2, "chosen_lengths": torch.tensor([3, 5]),
-              "rejected_lengths": torch.tensor([3, 5])}
+    params = {
+        **ALL_PARAMS,
+        "beta": 0.5,
+        "label_smoothing": 0.2,
+        "chosen_lengths": torch.tensor([3, 5]),
+        "rejected_lengths": torch.tensor([3, 5]),
+    }
     losses = LOSSES[name].fn(logps[0], logps[1], logps[0].clone(), logps[1].clone(), **kwargs_for(name, params))
     torch.testing.assert_close(losses, torch.full((2,), math.log(2)))
 
@@ -444,8 +480,13 @@ def test_loss_params_and_registry():
         "hinge": {"beta", "f_divergence", "f_alpha"},
         "robust": {"beta", "label_smoothing", "f_divergence", "f_alpha"},
         "exo_pair": {"beta", "label_smoothing", "f_divergence", "f_alpha"},
-        "nca_pair": {"beta"}, "bco_pair": {"beta"}, "sppo_hard": {"beta"}, "apo_zero": {"beta"}, "apo_down": {"beta"},
-        "aot": {"beta", "label_smoothing"}, "aot_unpaired": {"beta", "label_smoothing"},
+        "nca_pair": {"beta"},
+        "bco_pair": {"beta"},
+        "sppo_hard": {"beta"},
+        "apo_zero": {"beta"},
+        "apo_down": {"beta"},
+        "aot": {"beta", "label_smoothing"},
+        "aot_unpaired": {"beta", "label_smoothing"},
         "discopop": {"beta", "discopop_tau", "f_divergence", "f_alpha"},
         "dpop": {"beta", "dpop_lambda"},
         "rdpo": {"beta", "rdpo_alpha", "chosen_lengths", "rejected_lengths"},
@@ -458,13 +499,26 @@ def test_loss_params_and_registry():
         "plackett_luce": {"beta", "group_size", "f_divergence", "f_alpha"},
     }
     assert {name: loss_params(name) for name in LOSSES} == expected
-    assert OPTIONS == {"beta", "label_smoothing", "simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha",
-                       "discopop_tau", "f_divergence", "f_alpha", "desirable_weight", "undesirable_weight"}
+    assert OPTIONS == {
+        "beta",
+        "label_smoothing",
+        "simpo_gamma",
+        "cpo_alpha",
+        "dpop_lambda",
+        "rdpo_alpha",
+        "discopop_tau",
+        "f_divergence",
+        "f_alpha",
+        "desirable_weight",
+        "undesirable_weight",
+    }
     assert {name for name, spec in LOSSES.items() if spec.unpaired} == {"kto", "apo_zero_unpaired"}
     assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "cpo", "orpo", "sft"}
     assert {name for name, spec in LOSSES.items() if spec.normalize != "pairs"} == {"sft"}
-    assert {name: spec.nll for name, spec in LOSSES.items() if spec.nll is not None} == {"cpo": "cpo_alpha",
-                                                                                        "orpo": 1.0}
+    assert {name: spec.nll for name, spec in LOSSES.items() if spec.nll is not None} == {
+        "cpo": "cpo_alpha",
+        "orpo": 1.0,
+    }
     assert all(spec.paper and spec.formula for spec in LOSSES.values())
 
 
@@ -487,10 +541,19 @@ def test_every_loss_option_is_a_config_field_with_the_losses_default():
 
 def combined(names, weights, logps, lengths, num_pairs, num_chosen_tokens, **options):
     options = {"beta": BETA, **options}
-    return combined_loss(names, weights, policy_chosen_logps=logps[0], policy_rejected_logps=logps[1],
-                         ref_chosen_logps=logps[2], ref_rejected_logps=logps[3], chosen_lengths=lengths[0],
-                         rejected_lengths=lengths[1], num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                         **options)
+    return combined_loss(
+        names,
+        weights,
+        policy_chosen_logps=logps[0],
+        policy_rejected_logps=logps[1],
+        ref_chosen_logps=logps[2],
+        ref_rejected_logps=logps[3],
+        chosen_lengths=lengths[0],
+        rejected_lengths=lengths[1],
+        num_pairs=num_pairs,
+        num_chosen_tokens=num_chosen_tokens,
+        **options,
+    )
 
 
 def test_combined_rpo_value():
@@ -498,8 +561,9 @@ def test_combined_rpo_value():
     #   sigmoid part: (0.6931471806 + 0.6443966601 + 0.5981388694) / 3 pairs = 0.6452275700
     #   sft part:     0.2 · (4 + 3 + 2) / 7 tokens = 0.2571428571
     #   total = 0.9023704271
-    loss = combined(["sigmoid", "sft"], [1.0, 0.2], example(), LENGTHS, num_pairs=3, num_chosen_tokens=7,
-                    label_smoothing=0.0)
+    loss = combined(
+        ["sigmoid", "sft"], [1.0, 0.2], example(), LENGTHS, num_pairs=3, num_chosen_tokens=7, label_smoothing=0.0
+    )
     assert loss.shape == ()
     assert loss.item() == pytest.approx(0.9023704271, abs=1e-9)
 
@@ -507,8 +571,14 @@ def test_combined_rpo_value():
 def test_combined_sft_alone_needs_no_reference():
     # 1.0 · (4 + 3 + 2) / 9 tokens = 1.0
     policy_chosen, policy_rejected, _, _ = example()
-    loss = combined(["sft"], [1.0], (policy_chosen, policy_rejected, None, None),
-                    (torch.tensor([3, 3, 3]), torch.tensor([1, 1, 1])), num_pairs=3, num_chosen_tokens=9)
+    loss = combined(
+        ["sft"],
+        [1.0],
+        (policy_chosen, policy_rejected, None, None),
+        (torch.tensor([3, 3, 3]), torch.tensor([1, 1, 1])),
+        num_pairs=3,
+        num_chosen_tokens=9,
+    )
     assert loss.item() == pytest.approx(1.0)
 
 
@@ -516,8 +586,16 @@ def test_combined_cpo_adds_the_chosen_nll_weighted_by_cpo_alpha():
     # CPO, β = 0.5, α = 0.3: preference term (sp(1) + sp(1.5) + sp(2)) / 3 = 0.6416029765 / 3 = 0.2138676588
     #   NLL term: 0.3 · (4 + 3 + 2) / 7 chosen tokens = 0.3857142857  → 0.5995819445
     policy_chosen, policy_rejected, _, _ = example()
-    loss = combined(["cpo"], [1.0], (policy_chosen, policy_rejected, None, None), LENGTHS, num_pairs=3,
-                    num_chosen_tokens=7, beta=0.5, cpo_alpha=0.3)
+    loss = combined(
+        ["cpo"],
+        [1.0],
+        (policy_chosen, policy_rejected, None, None),
+        LENGTHS,
+        num_pairs=3,
+        num_chosen_tokens=7,
+        beta=0.5,
+        cpo_alpha=0.3,
+    )
     assert loss.item() == pytest.approx(0.5995819445, abs=1e-9)
     with pytest.raises(KeyError):  # cpo_alpha has no default outside the config: a direct call must give it
         combined(["cpo"], [1.0], (policy_chosen, policy_rejected, None, None), LENGTHS, 3, 7, beta=0.5)
@@ -555,8 +633,12 @@ def test_grad_accumulation_equals_one_batch():
     full = combined(PER_PAIR_LOSSES, weights, (*leaves, *refs), lengths, **totals, **options)
     full_grads = torch.autograd.grad(full, leaves)
 
-    halves = [combined(PER_PAIR_LOSSES, weights, [x[s] for x in (*leaves, *refs)], [x[s] for x in lengths],
-                       **totals, **options) for s in (slice(0, 2), slice(2, 6))]  # unequal halves
+    halves = [
+        combined(
+            PER_PAIR_LOSSES, weights, [x[s] for x in (*leaves, *refs)], [x[s] for x in lengths], **totals, **options
+        )
+        for s in (slice(0, 2), slice(2, 6))
+    ]  # unequal halves
     accumulated = halves[0] + halves[1]
     accumulated_grads = torch.autograd.grad(accumulated, leaves)
 
@@ -595,8 +677,9 @@ def test_length_normalised_and_reference_free_rewards():
     #   logp: β·π: chosen [−0.4, −0.3, −0.2], rejected [−0.6, −0.6, −0.6]
     #   logp_per_token: chosen 0.1·[−4, −1.5, −0.5], rejected 0.1·[−6, −6, −3]
     logps = example()
-    per_token = pair_metrics(*logps, BETA, reward="logratio_per_token", chosen_lengths=LENGTHS[0],
-                             rejected_lengths=LENGTHS[1])
+    per_token = pair_metrics(
+        *logps, BETA, reward="logratio_per_token", chosen_lengths=LENGTHS[0], rejected_lengths=LENGTHS[1]
+    )
     close(per_token["rewards/chosen"], [0.1, 0.1, 0.075])
     close(per_token["rewards/rejected"], [0.1, 0.1, 0.05])
     close(per_token["rewards/margins"], [0.0, 0.0, 0.025])
@@ -605,8 +688,9 @@ def test_length_normalised_and_reference_free_rewards():
     logp = pair_metrics(*logps, BETA, reward="logp")
     close(logp["rewards/chosen"], [-0.4, -0.3, -0.2])
     close(logp["rewards/rejected"], [-0.6, -0.6, -0.6])
-    mean_logp = pair_metrics(*logps, BETA, reward="logp_per_token", chosen_lengths=LENGTHS[0],
-                             rejected_lengths=LENGTHS[1])
+    mean_logp = pair_metrics(
+        *logps, BETA, reward="logp_per_token", chosen_lengths=LENGTHS[0], rejected_lengths=LENGTHS[1]
+    )
     close(mean_logp["rewards/chosen"], [-0.4, -0.15, -0.05])
     close(mean_logp["rewards/rejected"], [-0.6, -0.6, -0.3])
 
@@ -617,8 +701,10 @@ def test_a_margin_within_the_rounding_of_the_logps_is_a_tie():
     #   d = 1e-5 (rounding of a cached reference): margin 1e-6 < band → a tie, not a win.
     #   d = 1e-3: margin 1e-4 > band → a win.     bfloat16's band is 200 times wider: d = 1e-3 is a tie there.
     policy_chosen, policy_rejected = torch.tensor([-10.0, -10.0]), torch.tensor([-12.0, -12.0])
-    ref_chosen, ref_rejected = torch.tensor([-10.0 - 1e-5, -10.0 - 1e-3], dtype=torch.float64), torch.tensor(
-        [-12.0, -12.0], dtype=torch.float64)
+    ref_chosen, ref_rejected = (
+        torch.tensor([-10.0 - 1e-5, -10.0 - 1e-3], dtype=torch.float64),
+        torch.tensor([-12.0, -12.0], dtype=torch.float64),
+    )
     policy_chosen, policy_rejected = policy_chosen.double(), policy_rejected.double()
     band = tie_band(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA)
     close(band, [0.1 * 1e-5 * (44 + 1e-5), 0.1 * 1e-5 * (44 + 1e-3)])
@@ -629,8 +715,10 @@ def test_a_margin_within_the_rounding_of_the_logps_is_a_tie():
     close(wide["rewards/accuracies"], [0.0, 0.0])
     # A per-token reward divides each response's share of the band by its length, as it divides the reward.
     lengths = torch.tensor([4.0, 4.0]), torch.tensor([2.0, 2.0])
-    close(tie_band(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA, "logratio_per_token", *lengths),
-          [0.1 * 1e-5 * ((20 + 1e-5) / 4 + 24 / 2), 0.1 * 1e-5 * ((20 + 1e-3) / 4 + 24 / 2)])
+    close(
+        tie_band(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA, "logratio_per_token", *lengths),
+        [0.1 * 1e-5 * ((20 + 1e-5) / 4 + 24 / 2), 0.1 * 1e-5 * ((20 + 1e-3) / 4 + 24 / 2)],
+    )
 
 
 def test_reward_kind_follows_the_first_loss_that_defines_one():
@@ -652,26 +740,33 @@ def resolve(**values):
     return resolve_config({"model": "m", "data": "d", "output": "o", **values})[0]
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"loss": "hinge", "label_smoothing": 0.1}, "--label-smoothing has no effect with --loss hinge"),
-    ({"loss": "sigmoid", "simpo_gamma": 1.0}, "--simpo-gamma has no effect with --loss sigmoid"),
-    ({"loss": "simpo", "cpo_alpha": 0.5}, "--cpo-alpha has no effect with --loss simpo"),
-    ({"loss": "sigmoid", "dpop_lambda": 5.0}, "--dpop-lambda has no effect with --loss sigmoid"),
-    ({"loss": "sigmoid", "discopop_tau": 0.1}, "--discopop-tau has no effect with --loss sigmoid"),
-    ({"loss": "nca_pair", "f_divergence": "forward_kl"}, "--f-divergence has no effect with --loss nca_pair"),
-    ({"loss": "sigmoid,nca_pair", "f_divergence": "js_divergence"},
-     "--f-divergence js_divergence is not defined for --loss nca_pair"),
-    ({"loss": "sigmoid", "f_alpha": 0.3}, "--f-alpha has no effect without --f-divergence alpha_divergence"),
-    ({"loss": "sigmoid", "f_divergence": "forward_kl", "f_alpha": 0.3},
-     "--f-alpha has no effect without --f-divergence alpha_divergence"),
-    ({"loss": "exo_pair"}, r"--label-smoothing must be in \(0, 1\) for the exo_pair loss"),
-    ({"loss": "rdpo"}, "--loss rdpo needs --rdpo-alpha"),
-    ({"loss": "rdpo", "rdpo_alpha": -0.1}, "--rdpo-alpha must be zero or positive, got -0.1"),
-    ({"loss": "simpo", "simpo_gamma": float("nan")}, "--simpo-gamma must be zero or positive, got nan"),
-    ({"loss": "discopop", "discopop_tau": 0.0}, "--discopop-tau must be positive, got 0.0"),
-    ({"loss": "sft", "beta": 0.2}, "--beta has no effect with --loss sft"),
-    ({"loss": "simpo", "ref_model": "r"}, "--ref-model has no effect with --loss simpo"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"loss": "hinge", "label_smoothing": 0.1}, "--label-smoothing has no effect with --loss hinge"),
+        ({"loss": "sigmoid", "simpo_gamma": 1.0}, "--simpo-gamma has no effect with --loss sigmoid"),
+        ({"loss": "simpo", "cpo_alpha": 0.5}, "--cpo-alpha has no effect with --loss simpo"),
+        ({"loss": "sigmoid", "dpop_lambda": 5.0}, "--dpop-lambda has no effect with --loss sigmoid"),
+        ({"loss": "sigmoid", "discopop_tau": 0.1}, "--discopop-tau has no effect with --loss sigmoid"),
+        ({"loss": "nca_pair", "f_divergence": "forward_kl"}, "--f-divergence has no effect with --loss nca_pair"),
+        (
+            {"loss": "sigmoid,nca_pair", "f_divergence": "js_divergence"},
+            "--f-divergence js_divergence is not defined for --loss nca_pair",
+        ),
+        ({"loss": "sigmoid", "f_alpha": 0.3}, "--f-alpha has no effect without --f-divergence alpha_divergence"),
+        (
+            {"loss": "sigmoid", "f_divergence": "forward_kl", "f_alpha": 0.3},
+            "--f-alpha has no effect without --f-divergence alpha_divergence",
+        ),
+        ({"loss": "exo_pair"}, r"--label-smoothing must be in \(0, 1\) for the exo_pair loss"),
+        ({"loss": "rdpo"}, "--loss rdpo needs --rdpo-alpha"),
+        ({"loss": "rdpo", "rdpo_alpha": -0.1}, "--rdpo-alpha must be zero or positive, got -0.1"),
+        ({"loss": "simpo", "simpo_gamma": float("nan")}, "--simpo-gamma must be zero or positive, got nan"),
+        ({"loss": "discopop", "discopop_tau": 0.0}, "--discopop-tau must be positive, got 0.0"),
+        ({"loss": "sft", "beta": 0.2}, "--beta has no effect with --loss sft"),
+        ({"loss": "simpo", "ref_model": "r"}, "--ref-model has no effect with --loss simpo"),
+    ],
+)
 def test_config_rejects_loss_options_that_do_nothing_or_are_out_of_range(values, message):
     with pytest.raises(UserError, match=message):
         resolve(**values)
@@ -693,6 +788,7 @@ def test_reference_free_loss_trains_without_any_reference(tmp_path, monkeypatch)
 
     from preftune import train as train_module
     from preftune.cli import main
+
     from toy import counting_pairs, save_model_folder, write_jsonl
 
     cache = tmp_path / "cache"
@@ -701,8 +797,31 @@ def test_reference_free_loss_trains_without_any_reference(tmp_path, monkeypatch)
     model = save_model_folder(tmp_path / "model")
     data = write_jsonl(counting_pairs(16, seed=1), tmp_path / "train.jsonl")
     out = tmp_path / "run"
-    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "8",
-                 "--max-steps", "3", "--learning-rate", "1e-3", "--loss", "simpo", "--beta", "2.0", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "3",
+                "--learning-rate",
+                "1e-3",
+                "--loss",
+                "simpo",
+                "--beta",
+                "2.0",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     assert not cache.exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -719,6 +838,7 @@ def test_a_new_loss_is_one_registry_entry(tmp_path, monkeypatch):
 
     from preftune.cli import main
     from preftune.losses import LossSpec, Range, _ranged
+
     from toy import counting_pairs, save_model_folder, write_jsonl
 
     @_ranged(beta=Range(0.0, 1.0, "(]"))
@@ -727,15 +847,36 @@ def test_a_new_loss_is_one_registry_entry(tmp_path, monkeypatch):
         h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
         return (1 - beta * h) ** 2
 
-    monkeypatch.setitem(LOSSES, "squared_margin", LossSpec(
-        squared_margin, True, "(1 − βh)²", "a test", refuses={"wpo": "--wpo: not with --loss {name}"}))
+    monkeypatch.setitem(
+        LOSSES,
+        "squared_margin",
+        LossSpec(squared_margin, True, "(1 − βh)²", "a test", refuses={"wpo": "--wpo: not with --loss {name}"}),
+    )
     model = save_model_folder(tmp_path / "model")
     data = write_jsonl(counting_pairs(16, seed=1), tmp_path / "train.jsonl")
 
     def train(name: str, *extra: str) -> int:
-        return main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / name),
-                     "--batch-size", "8", "--max-steps", "2", "--learning-rate", "1e-3", "--loss", "squared_margin",
-                     "--no-report", *extra])
+        return main(
+            [
+                "train",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / name),
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "2",
+                "--learning-rate",
+                "1e-3",
+                "--loss",
+                "squared_margin",
+                "--no-report",
+                *extra,
+            ]
+        )
 
     assert train("run") == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -808,8 +949,10 @@ def trl_formula(name, pc, pr, rc, rr, lc, lr, beta, eps, tau=0.05, gamma=0.5, f_
     if name == "cpo":  # CPOTrainer, loss_type="sigmoid": logits = pc - pr
         return -ls(beta * (pc - pr)) * (1 - eps) - ls(-beta * (pc - pr)) * eps
     if name == "orpo":  # ORPOTrainer: loss = nll - mean(beta * logsigmoid(log_odds)), on mean log-probs
+
         def log1mexp(x):
             return math.log1p(-math.exp(x)) if x < -0.6931471805599453 else math.log(-math.expm1(x))
+
         mc, mr = pc / lc, pr / lr
         return -beta * ls((mc - mr) - (log1mexp(mc) - log1mexp(mr)))
     raise AssertionError(name)
@@ -821,29 +964,43 @@ def trl_aot(name, pc, pr, rc, rr, beta, eps):
         first, second = sorted(a - b for a, b in zip(pc, pr)), sorted(a - b for a, b in zip(rc, rr))
     else:
         first, second = sorted(a - b for a, b in zip(pc, rc)), sorted(a - b for a, b in zip(pr, rr))
-    return [-_logsigmoid(beta * (a - b)) * (1 - eps) - _logsigmoid(-beta * (a - b)) * eps for a, b in zip(first, second)]
+    return [
+        -_logsigmoid(beta * (a - b)) * (1 - eps) - _logsigmoid(-beta * (a - b)) * eps for a, b in zip(first, second)
+    ]
 
 
 TRL_CASES = [  # (our loss, TRL restatement, ε, f-divergence, α)
-    ("sigmoid", "sigmoid", 0.0, "reverse_kl", 0.5), ("sigmoid", "cdpo", 0.15, "reverse_kl", 0.5),
-    ("ipo", "ipo", 0.0, "reverse_kl", 0.5), ("hinge", "hinge", 0.0, "reverse_kl", 0.5),
-    ("robust", "robust", 0.15, "reverse_kl", 0.5), ("exo_pair", "exo_pair", 1e-3, "reverse_kl", 0.5),
-    ("nca_pair", "nca_pair", 0.0, "reverse_kl", 0.5), ("bco_pair", "bco_pair", 0.0, "reverse_kl", 0.5),
-    ("sppo_hard", "sppo_hard", 0.0, "reverse_kl", 0.5), ("apo_zero", "apo_zero", 0.0, "reverse_kl", 0.5),
-    ("apo_down", "apo_down", 0.0, "reverse_kl", 0.5), ("discopop", "discopop", 0.0, "reverse_kl", 0.5),
+    ("sigmoid", "sigmoid", 0.0, "reverse_kl", 0.5),
+    ("sigmoid", "cdpo", 0.15, "reverse_kl", 0.5),
+    ("ipo", "ipo", 0.0, "reverse_kl", 0.5),
+    ("hinge", "hinge", 0.0, "reverse_kl", 0.5),
+    ("robust", "robust", 0.15, "reverse_kl", 0.5),
+    ("exo_pair", "exo_pair", 1e-3, "reverse_kl", 0.5),
+    ("nca_pair", "nca_pair", 0.0, "reverse_kl", 0.5),
+    ("bco_pair", "bco_pair", 0.0, "reverse_kl", 0.5),
+    ("sppo_hard", "sppo_hard", 0.0, "reverse_kl", 0.5),
+    ("apo_zero", "apo_zero", 0.0, "reverse_kl", 0.5),
+    ("apo_down", "apo_down", 0.0, "reverse_kl", 0.5),
+    ("discopop", "discopop", 0.0, "reverse_kl", 0.5),
     ("sigmoid_norm", "sigmoid_norm", 0.0, "reverse_kl", 0.5),
-    ("simpo", "simpo", 0.1, "reverse_kl", 0.5), ("cpo", "cpo", 0.1, "reverse_kl", 0.5),
+    ("simpo", "simpo", 0.1, "reverse_kl", 0.5),
+    ("cpo", "cpo", 0.1, "reverse_kl", 0.5),
     ("orpo", "orpo", 0.0, "reverse_kl", 0.5),
-    ("sigmoid", "sigmoid", 0.0, "forward_kl", 0.5), ("sigmoid", "sigmoid", 0.0, "js_divergence", 0.5),
-    ("sigmoid", "sigmoid", 0.0, "alpha_divergence", 0.3), ("ipo", "ipo", 0.0, "js_divergence", 0.5),
-    ("hinge", "hinge", 0.0, "alpha_divergence", 0.7), ("robust", "robust", 0.15, "forward_kl", 0.5),
-    ("exo_pair", "exo_pair", 1e-3, "js_divergence", 0.5), ("discopop", "discopop", 0.0, "alpha_divergence", 0.5),
+    ("sigmoid", "sigmoid", 0.0, "forward_kl", 0.5),
+    ("sigmoid", "sigmoid", 0.0, "js_divergence", 0.5),
+    ("sigmoid", "sigmoid", 0.0, "alpha_divergence", 0.3),
+    ("ipo", "ipo", 0.0, "js_divergence", 0.5),
+    ("hinge", "hinge", 0.0, "alpha_divergence", 0.7),
+    ("robust", "robust", 0.15, "forward_kl", 0.5),
+    ("exo_pair", "exo_pair", 1e-3, "js_divergence", 0.5),
+    ("discopop", "discopop", 0.0, "alpha_divergence", 0.5),
     ("sigmoid_norm", "sigmoid_norm", 0.0, "forward_kl", 0.5),
 ]
 
 
-@pytest.mark.parametrize("name, restated, eps, f_div, alpha", TRL_CASES,
-                         ids=[f"{c[1]}-{c[3]}-{c[4]}" for c in TRL_CASES])
+@pytest.mark.parametrize(
+    "name, restated, eps, f_div, alpha", TRL_CASES, ids=[f"{c[1]}-{c[3]}-{c[4]}" for c in TRL_CASES]
+)
 def test_parity_with_trl_formulas(name, restated, eps, f_div, alpha):
     torch.manual_seed(1)
     # Log-ratios within ±3 so that forward KL's e^(−x) and the α-divergence stay moderate; lengths ≥ 1 for the
@@ -854,11 +1011,21 @@ def test_parity_with_trl_formulas(name, restated, eps, f_div, alpha):
     low = 0 if name in ("ipo", "sigmoid_norm") else 1
     lengths = torch.randint(low, 20, (8,)), torch.randint(low, 20, (8,))
     beta = 0.25
-    params = {"beta": beta, "label_smoothing": eps, "chosen_lengths": lengths[0], "rejected_lengths": lengths[1],
-              "discopop_tau": 0.05, "simpo_gamma": 0.5, "f_divergence": f_div, "f_alpha": alpha}
+    params = {
+        "beta": beta,
+        "label_smoothing": eps,
+        "chosen_lengths": lengths[0],
+        "rejected_lengths": lengths[1],
+        "discopop_tau": 0.05,
+        "simpo_gamma": 0.5,
+        "f_divergence": f_div,
+        "f_alpha": alpha,
+    }
     got = LOSSES[name].fn(*logps, **{p: params[p] for p in loss_params(name) if p in params})
-    want = [trl_formula(restated, *(float(x[i]) for x in (*logps, *lengths)), beta, eps, f_div=f_div, alpha=alpha)
-            for i in range(8)]
+    want = [
+        trl_formula(restated, *(float(x[i]) for x in (*logps, *lengths)), beta, eps, f_div=f_div, alpha=alpha)
+        for i in range(8)
+    ]
     torch.testing.assert_close(got, t(want), rtol=1e-12, atol=1e-12)
 
 
@@ -909,8 +1076,10 @@ def test_restated_formulas_are_those_of_installed_trl():
         "ref_logratios = ref_chosen_logps - ref_rejected_logps",
         "delta = logratios_sorted - ref_logratios_sorted",
         "delta = chosen_logratios_sorted - rejected_logratios_sorted",
-        ("-F.logsigmoid(self.beta * delta) * (1 - self.label_smoothing) "
-         "- F.logsigmoid(-self.beta * delta) * self.label_smoothing"),
+        (
+            "-F.logsigmoid(self.beta * delta) * (1 - self.label_smoothing) "
+            "- F.logsigmoid(-self.beta * delta) * self.label_smoothing"
+        ),
         "losses_chosen = 1 - torch.sigmoid(self.beta * chosen_logratios)",
         "losses_rejected = torch.sigmoid(self.beta * rejected_logratios)",
         "losses_chosen = torch.sigmoid(self.beta * chosen_logratios)",
@@ -930,8 +1099,10 @@ def test_restated_formulas_are_those_of_installed_trl():
         "logits = (policy_chosen_logps - policy_rejected_logps).to(self.accelerator.device)",
         "gamma_logratios = self.simpo_gamma / self.beta",
         "logits = logits - gamma_logratios",
-        ("-F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing) "
-         "- F.logsigmoid(-self.beta * logits) * self.label_smoothing"),
+        (
+            "-F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing) "
+            "- F.logsigmoid(-self.beta * logits) * self.label_smoothing"
+        ),
         "chosen_rewards = self.beta * (policy_chosen_logps.to(self.accelerator.device)).detach()",
     ]:
         assert line in cpo, line
@@ -941,8 +1112,10 @@ def test_restated_formulas_are_those_of_installed_trl():
     assert "loss = losses.mean() + self.cpo_alpha * policy_nll_loss" in cpo_metrics
     orpo = _source("trl.experimental.orpo.orpo_trainer", "ORPOTrainer.odds_ratio_loss")
     for line in [
-        ("log_odds = (policy_chosen_logps - policy_rejected_logps) - ( log1mexp(policy_chosen_logps) - "
-         "log1mexp(policy_rejected_logps) )"),
+        (
+            "log_odds = (policy_chosen_logps - policy_rejected_logps) - ( log1mexp(policy_chosen_logps) - "
+            "log1mexp(policy_rejected_logps) )"
+        ),
         "ratio = F.logsigmoid(log_odds)",
         "losses = self.beta * ratio",
     ]:
@@ -961,8 +1134,14 @@ def test_sft_parity_with_trl_token_mean():
     per_token = [[-0.5, -1.5, -2.0], [-4.0]]
     trl_value = -sum(sum(row) for row in per_token) / 4  # (0.5 + 1.5 + 2 + 4) / 4 = 2.0
     policy_chosen = torch.tensor([sum(row) for row in per_token])
-    loss = combined(["sft"], [1.0], (policy_chosen, torch.zeros(2), None, None),
-                    (torch.tensor([3, 1]), torch.tensor([1, 1])), num_pairs=2, num_chosen_tokens=4)
+    loss = combined(
+        ["sft"],
+        [1.0],
+        (policy_chosen, torch.zeros(2), None, None),
+        (torch.tensor([3, 1]), torch.tensor([1, 1])),
+        num_pairs=2,
+        num_chosen_tokens=4,
+    )
     assert loss.item() == pytest.approx(trl_value) == 2.0
 
 
@@ -1004,8 +1183,9 @@ def test_wpo_log_weights_hand_values():
 def test_wpo_log_weights_agree_between_layouts_and_with_full_logits():
     from preftune.data.batching import collate_packed, collate_padded
     from preftune.data.tokenize import TokenizedPair
-    from toy import build_model
     from preftune.logps import compute_logps, compute_logps_wpo
+
+    from toy import build_model
 
     model = build_model(40, seed=1)
     gen = torch.Generator().manual_seed(3)
@@ -1022,7 +1202,9 @@ def test_wpo_log_weights_agree_between_layouts_and_with_full_logits():
             sequence = torch.tensor([pair.prompt_ids + response])
             logp = model(sequence).logits[0, :-1].double().log_softmax(-1)
             start = len(pair.prompt_ids) - 1
-            terms = [logp[start + k, token] - torch.logsumexp(2 * logp[start + k], 0) for k, token in enumerate(response)]
+            terms = [
+                logp[start + k, token] - torch.logsumexp(2 * logp[start + k], 0) for k, token in enumerate(response)
+            ]
             naive.append(sum(terms).item() / len(response))
     naive = torch.tensor(naive, dtype=torch.float64).view(2, 2).t()  # [chosen of both pairs], [rejected ...]
     with torch.no_grad():
@@ -1037,15 +1219,25 @@ def test_pair_weights_scale_the_pair_losses_not_the_nll():
     # sigmoid + 0.2·sft with pair weights [1, 0.5, 0]:
     #   (0.6931471806·1 + 0.6443966601·0.5 + 0) / 3 = 1.0153455107 / 3 = 0.3384485036;  sft unweighted: 0.2·9/7
     #   = 0.2571428571
-    loss = combined(["sigmoid", "sft"], [1.0, 0.2], example(), LENGTHS, num_pairs=3, num_chosen_tokens=7,
-                    pair_weights=t([1.0, 0.5, 0.0]))
+    loss = combined(
+        ["sigmoid", "sft"],
+        [1.0, 0.2],
+        example(),
+        LENGTHS,
+        num_pairs=3,
+        num_chosen_tokens=7,
+        pair_weights=t([1.0, 0.5, 0.0]),
+    )
     assert loss.item() == pytest.approx(0.3384485036 + 0.2571428571, abs=1e-9)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"loss": "aot", "wpo": True}, "--wpo cannot weight --loss aot: it sorts the pairs of a batch"),
-    ({"loss": "sft", "wpo": True}, "--wpo has no effect with --loss sft"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"loss": "aot", "wpo": True}, "--wpo cannot weight --loss aot: it sorts the pairs of a batch"),
+        ({"loss": "sft", "wpo": True}, "--wpo has no effect with --loss sft"),
+    ],
+)
 def test_config_rejects_wpo_where_it_cannot_apply(values, message):
     with pytest.raises(UserError, match=message):
         resolve(**values)
@@ -1076,8 +1268,9 @@ def test_ld_dpo_logps_agree_between_layouts(pack_tokens):
     # exactly the plain sum, and α = 0 keeps only the first min(|yw|, |yl|) tokens of each response.
     from preftune.data.batching import collate_packed, collate_padded
     from preftune.data.tokenize import TokenizedPair
-    from toy import build_model
     from preftune.logps import compute_logps
+
+    from toy import build_model
 
     model = build_model(40, seed=1)
     gen = torch.Generator().manual_seed(4)
@@ -1085,10 +1278,15 @@ def test_ld_dpo_logps_agree_between_layouts(pack_tokens):
     def ids(n):
         return torch.randint(3, 40, (n,), generator=gen).tolist()
 
-    pairs = [TokenizedPair(ids(4), ids(3), ids(5), "a"), TokenizedPair(ids(2), ids(6), ids(1), "b"),
-             TokenizedPair(ids(3), ids(2), ids(2), "c")]
-    layouts = {"padded": collate_padded(pairs, [0, 1, 2], pad_id=0),
-               "packed": collate_packed(pairs, [0, 1, 2], pad_id=0, max_row_tokens=pack_tokens)}
+    pairs = [
+        TokenizedPair(ids(4), ids(3), ids(5), "a"),
+        TokenizedPair(ids(2), ids(6), ids(1), "b"),
+        TokenizedPair(ids(3), ids(2), ids(2), "c"),
+    ]
+    layouts = {
+        "padded": collate_padded(pairs, [0, 1, 2], pad_id=0),
+        "packed": collate_packed(pairs, [0, 1, 2], pad_id=0, max_row_tokens=pack_tokens),
+    }
 
     def run(batch, alpha):
         model.zero_grad()
@@ -1114,5 +1312,6 @@ def test_ld_dpo_logps_agree_between_layouts(pack_tokens):
                     start = len(pair.prompt_ids) - 1
                     shared.append(sum(logp[start + k, response[k]].item() for k in range(n)))
             expected = torch.tensor(shared).view(3, 2).t().reshape(-1)  # chosen of every pair, then rejected
-            torch.testing.assert_close(torch.cat(compute_logps(model, batch, ld_alpha=0.0)[:2]), expected,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                torch.cat(compute_logps(model, batch, ld_alpha=0.0)[:2]), expected, rtol=1e-5, atol=1e-5
+            )

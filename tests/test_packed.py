@@ -13,9 +13,10 @@ import torch
 
 from preftune.data.batching import collate_packed, collate_padded
 from preftune.data.tokenize import TokenizedPair
-from toy import build_model
 from preftune.logps import packed_layout_works, packed_logps, padded_logps, token_logps
 from preftune.losses import combined_loss
+
+from toy import build_model
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -29,10 +30,20 @@ def random_pairs(n: int, vocab: int, seed: int) -> list[TokenizedPair]:
 def loss_and_grads(model, batch, logps_fn):
     model.zero_grad()
     chosen, rejected, chosen_len, rejected_len = logps_fn(model, batch)
-    loss = combined_loss(["sigmoid", "sft"], [1.0, 0.5], policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                         ref_chosen_logps=chosen.detach() - 0.3, ref_rejected_logps=rejected.detach() + 0.2,
-                         chosen_lengths=chosen_len, rejected_lengths=rejected_len, beta=0.1, label_smoothing=0.0,
-                         num_pairs=len(chosen), num_chosen_tokens=int(chosen_len.sum()))
+    loss = combined_loss(
+        ["sigmoid", "sft"],
+        [1.0, 0.5],
+        policy_chosen_logps=chosen,
+        policy_rejected_logps=rejected,
+        ref_chosen_logps=chosen.detach() - 0.3,
+        ref_rejected_logps=rejected.detach() + 0.2,
+        chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len,
+        beta=0.1,
+        label_smoothing=0.0,
+        num_pairs=len(chosen),
+        num_chosen_tokens=int(chosen_len.sum()),
+    )
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return (chosen.detach(), rejected.detach(), chosen_len, rejected_len), loss.detach(), grads

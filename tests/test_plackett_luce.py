@@ -13,9 +13,10 @@ import pytest
 
 from preftune.cli import main
 from preftune.config import TrainConfig
-from toy import counting_pairs, counting_rows_with_rejected_lists, save_model_folder, write_jsonl
 from preftune.data.load import epoch_order
+
 from helpers import RUN_TOL, assert_same_run, assert_same_weights, records, torchrun
+from toy import counting_pairs, counting_rows_with_rejected_lists, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -23,16 +24,37 @@ pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under othe
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("plackett_luce")
-    return {"model": str(save_model_folder(root / "model")), "root": root,
-            "train": str(write_jsonl(counting_rows_with_rejected_lists(10, 3, seed=1), root / "train.jsonl")),
-            "eval": str(write_jsonl(counting_rows_with_rejected_lists(4, 3, seed=2), root / "eval.jsonl"))}
+    return {
+        "model": str(save_model_folder(root / "model")),
+        "root": root,
+        "train": str(write_jsonl(counting_rows_with_rejected_lists(10, 3, seed=1), root / "train.jsonl")),
+        "eval": str(write_jsonl(counting_rows_with_rejected_lists(4, 3, seed=2), root / "eval.jsonl")),
+    }
 
 
 def args(toy, out: Path, *extra: str) -> list[str]:
     """10 rows × 3 rejected = 30 pairs; 6 pairs (2 rows) per step: 5 steps."""
-    return ["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--loss", "plackett_luce",
-            "--batch-size", "6", "--epochs", "1", "--learning-rate", "1e-3", "--lr-scheduler", "constant",
-            "--no-report", *extra]
+    return [
+        "train",
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--output",
+        str(out),
+        "--loss",
+        "plackett_luce",
+        "--batch-size",
+        "6",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+        "--no-report",
+        *extra,
+    ]
 
 
 def assert_same_runs(a: Path, b: Path, tol: float = RUN_TOL) -> None:
@@ -70,8 +92,10 @@ def test_one_rejected_response_per_row_is_dpo(toy, tmp_path):
     runs = {}
     for loss in ("sigmoid", "plackett_luce"):
         runs[loss] = tmp_path / loss
-        assert main([*args(toy, runs[loss], "--data", str(data), "--batch-size", "4", "--no-ref-cache"),
-                     "--loss", loss]) == 0
+        assert (
+            main([*args(toy, runs[loss], "--data", str(data), "--batch-size", "4", "--no-ref-cache"), "--loss", loss])
+            == 0
+        )
     assert_same_runs(runs["plackett_luce"], runs["sigmoid"])
 
 
@@ -100,8 +124,9 @@ def test_two_processes_share_steps_in_whole_groups(toy, tmp_path):
     toy = {**toy, "train": str(write_jsonl(counting_rows_with_rejected_lists(11, 3, seed=5), tmp_path / "t.jsonl"))}
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(args(toy, one, "--eval-data", toy["eval"], "--eval-every", "3")) == 0
-    proc = torchrun(args(toy, two, "--eval-data", toy["eval"], "--eval-every", "3", "--batch-size", "3"),
-                    tmp_path / "cache")
+    proc = torchrun(
+        args(toy, two, "--eval-data", toy["eval"], "--eval-every", "3", "--batch-size", "3"), tmp_path / "cache"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(records(two)) == 6
     assert_same_runs(two, one)
@@ -111,15 +136,18 @@ def _rows(tmp_path: Path, rows: list[dict], name: str = "d.jsonl") -> str:
     return str(write_jsonl(rows, tmp_path / name))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("uneven", "line 2 gives 2 pairs but {data} line 1 gives 3; every row must keep the same number of rejected"),
-    ("identical", "line 2 gives 2 pairs but {data} line 1 gives 3"),
-    ("batch", "--batch-size 4 is not a multiple of 3, the pairs of one row of --data"),
-    ("eval", "the rows of --eval-data give 2 pairs each but those of --data 3"),
-    ("wpo", "--wpo works on single pairs and cannot be used with --loss plackett_luce"),
-    ("group-by-length", "--group-by-length works on single pairs and cannot be used with --loss plackett_luce"),
-    ("ld-alpha", "--ld-alpha works on single pairs and cannot be used with --loss plackett_luce"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("uneven", "line 2 gives 2 pairs but {data} line 1 gives 3; every row must keep the same number of rejected"),
+        ("identical", "line 2 gives 2 pairs but {data} line 1 gives 3"),
+        ("batch", "--batch-size 4 is not a multiple of 3, the pairs of one row of --data"),
+        ("eval", "the rows of --eval-data give 2 pairs each but those of --data 3"),
+        ("wpo", "--wpo works on single pairs and cannot be used with --loss plackett_luce"),
+        ("group-by-length", "--group-by-length works on single pairs and cannot be used with --loss plackett_luce"),
+        ("ld-alpha", "--ld-alpha works on single pairs and cannot be used with --loss plackett_luce"),
+    ],
+)
 def test_what_a_grouped_loss_cannot_train_is_a_one_line_error(toy, tmp_path, capsys, case, message):
     rows = counting_rows_with_rejected_lists(4, 3, seed=4)
     extra = []

@@ -20,9 +20,10 @@ from preftune import lora
 from preftune import train as train_module
 from preftune.cli import main
 from preftune.config import resolve
-from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.loading import load_causal_lm
+
 from conftest import stopped_after
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -30,8 +31,11 @@ pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under othe
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    return {"model": str(save_model_folder(root / "model")),
-            "train": str(write_jsonl(counting_pairs(16, seed=1), root / "train.jsonl")), "root": root}
+    return {
+        "model": str(save_model_folder(root / "model")),
+        "train": str(write_jsonl(counting_pairs(16, seed=1), root / "train.jsonl")),
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +44,26 @@ def bnb():
 
 
 def base_args(toy, out: Path, steps: int = 2) -> list[str]:
-    return ["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--batch-size", "8",
-            "--max-steps", str(steps), "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--no-report",
-            "--ref-cache", str(toy["root"] / "cache")]
+    return [
+        "train",
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(steps),
+        "--learning-rate",
+        "1e-2",
+        "--lr-scheduler",
+        "constant",
+        "--no-report",
+        "--ref-cache",
+        str(toy["root"] / "cache"),
+    ]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -170,16 +191,50 @@ def test_8bit_trains(toy, bnb, tmp_path):
 @pytest.mark.slow  # about 30 s: two processes under the real torchrun
 def test_two_processes_train_a_4bit_base_as_one(toy, bnb, tmp_path):
     def args(out: Path, batch_size: int) -> list[str]:
-        return ["train", "--model", toy["model"], "--data", toy["train"], "--output", str(out), "--batch-size",
-                str(batch_size), "--max-steps", "2", "--learning-rate", "1e-2", "--no-shuffle", "--no-report",
-                "--lora-r", "4", "--load-in-4bit", "--ref-cache", str(tmp_path / "cache")]
+        return [
+            "train",
+            "--model",
+            toy["model"],
+            "--data",
+            toy["train"],
+            "--output",
+            str(out),
+            "--batch-size",
+            str(batch_size),
+            "--max-steps",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--no-shuffle",
+            "--no-report",
+            "--lora-r",
+            "4",
+            "--load-in-4bit",
+            "--ref-cache",
+            str(tmp_path / "cache"),
+        ]
 
     assert main(args(tmp_path / "one", 8)) == 0
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "preftune", *args(tmp_path / "two", 4)], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "preftune",
+            *args(tmp_path / "two", 4),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the same 8 pairs per step, 4 on each process: gradients summed across them give the one-process step
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
@@ -190,13 +245,18 @@ def test_two_processes_train_a_4bit_base_as_one(toy, bnb, tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--load-in-4bit"], "--load-in-4bit: a quantized model trains only through a LoRA adapter; add --lora-r"),
-    (["--load-in-8bit", "--lora-r", "0"], "--load-in-8bit: a quantized model trains only through a LoRA adapter"),
-    (["--load-in-4bit", "--load-in-8bit", "--lora-r", "4"],
-     "--load-in-4bit and --load-in-8bit contradict each other: give one"),
-    (["--load-in-4bit", "--lora-r", "4", "--fsdp"], "--fsdp: not supported with --load-in-4bit"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--load-in-4bit"], "--load-in-4bit: a quantized model trains only through a LoRA adapter; add --lora-r"),
+        (["--load-in-8bit", "--lora-r", "0"], "--load-in-8bit: a quantized model trains only through a LoRA adapter"),
+        (
+            ["--load-in-4bit", "--load-in-8bit", "--lora-r", "4"],
+            "--load-in-4bit and --load-in-8bit contradict each other: give one",
+        ),
+        (["--load-in-4bit", "--lora-r", "4", "--fsdp"], "--fsdp: not supported with --load-in-4bit"),
+    ],
+)
 def test_quantization_flag_mistakes(toy, tmp_path, capsys, extra, message):
     # checked before bitsandbytes is imported: these run without it too
     out = tmp_path / "run"

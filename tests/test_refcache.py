@@ -11,9 +11,10 @@ from preftune import refcache
 from preftune.data.batching import collate_padded
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
-from toy import build_model, build_tokenizer, counting_pairs
 from preftune.logps import padded_logps
 from preftune.refcache import cache_key, compute, default_cache_dir, load_or_compute, weights_digest
+
+from toy import build_model, build_tokenizer, counting_pairs
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -56,8 +57,17 @@ class CountingLogps:
 
 
 def run_compute(model, pairs, out, logps_fn=padded_logps, batch_size=3):
-    return compute(model, pairs, batch_size=batch_size, logps_fn=logps_fn, collate_fn=collate, device="cpu",
-                   dtype="float32", out=out, progress=False)
+    return compute(
+        model,
+        pairs,
+        batch_size=batch_size,
+        logps_fn=logps_fn,
+        collate_fn=collate,
+        device="cpu",
+        dtype="float32",
+        out=out,
+        progress=False,
+    )
 
 
 def test_pairs_have_different_lengths(pairs):
@@ -145,8 +155,9 @@ def test_key_changes_with_each_input(model):
     relocated = [pair(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in BASE]
     relocated[0].where = "other.jsonl line 9"
     assert cache_key(weights=weights, pairs=relocated, dtype="float32", extra={"ld_alpha": None}) == base
-    assert (cache_key(weights=weights, pairs=BASE, dtype="float32", extra={"a": 1, "b": 2})
-            == cache_key(weights=weights, pairs=BASE, dtype="float32", extra={"b": 2, "a": 1}))
+    assert cache_key(weights=weights, pairs=BASE, dtype="float32", extra={"a": 1, "b": 2}) == cache_key(
+        weights=weights, pairs=BASE, dtype="float32", extra={"b": 2, "a": 1}
+    )
     assert len(base) == 64 and int(base, 16) >= 0  # 32-byte blake2b, hex
 
 
@@ -157,8 +168,9 @@ def test_key_is_stable_across_rebuilds(tokenizer, pairs):
     other_seed = build_model(len(tokenizer), seed=1, hidden=32)
     assert weights_digest(first) == weights_digest(second) != weights_digest(other_seed)
     copies = [TokenizedPair(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids), p.where) for p in pairs]
-    assert (cache_key(weights=weights_digest(first), pairs=pairs, dtype="float32")
-            == cache_key(weights=weights_digest(second), pairs=copies, dtype="float32"))
+    assert cache_key(weights=weights_digest(first), pairs=pairs, dtype="float32") == cache_key(
+        weights=weights_digest(second), pairs=copies, dtype="float32"
+    )
 
 
 def test_digest_sees_dtype_and_bf16_bytes(model):
@@ -223,8 +235,7 @@ def test_damaged_file_is_recomputed(model, pairs, tmp_path, damage, caplog):
 def test_row_count_mismatch_is_recomputed(model, pairs, tmp_path):
     run_compute(model, pairs[:5], tmp_path / "k.npy")
     counter = CountingLogps()
-    ref, hit = load_or_compute(tmp_path, "k", lambda out: run_compute(model, pairs, out, counter),
-                               num_pairs=len(pairs))
+    ref, hit = load_or_compute(tmp_path, "k", lambda out: run_compute(model, pairs, out, counter), num_pairs=len(pairs))
     assert not hit and len(ref) == 7
 
 
@@ -272,8 +283,17 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 def test_bfloat16_runs_under_autocast(model, pairs, tmp_path):
     ref32 = run_compute(model, pairs, tmp_path / "f32.npy")
-    ref16 = compute(model, pairs, batch_size=3, logps_fn=padded_logps, collate_fn=collate, device="cpu",
-                    dtype="bfloat16", out=tmp_path / "bf16.npy", progress=False)
+    ref16 = compute(
+        model,
+        pairs,
+        batch_size=3,
+        logps_fn=padded_logps,
+        collate_fn=collate,
+        device="cpu",
+        dtype="bfloat16",
+        out=tmp_path / "bf16.npy",
+        progress=False,
+    )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want_chosen, _, _, _ = padded_logps(model, collate(pairs, list(range(len(pairs)))))
     got_chosen, _ = ref16.lookup(torch.arange(len(pairs)), "cpu")

@@ -28,9 +28,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def record(step: int, **values) -> dict:
     """A healthy step unless overridden: loss falling from ln 2, accuracy 0.6, chosen reward rising slowly."""
-    base = {"step": step, "loss": LN2 - 0.002 * step, "rewards/accuracies": 0.6, "rewards/chosen": 0.001 * step,
-            "rewards/rejected": -0.002 * step, "rewards/margins": 0.003 * step, "logps/chosen": -100.0,
-            "logps/rejected": -120.0, "grad_norm": 1.0, "lr": 1e-6}
+    base = {
+        "step": step,
+        "loss": LN2 - 0.002 * step,
+        "rewards/accuracies": 0.6,
+        "rewards/chosen": 0.001 * step,
+        "rewards/rejected": -0.002 * step,
+        "rewards/margins": 0.003 * step,
+        "logps/chosen": -100.0,
+        "logps/rejected": -120.0,
+        "grad_norm": 1.0,
+        "lr": 1e-6,
+    }
     return {**base, **values}
 
 
@@ -53,12 +62,22 @@ def test_displacement_fires_at_first_full_window():
     # margin grows 0.03 per step. The window is 30 steps, so step 30 is the first that can be judged. The
     # log-prob line is exact: the fitted change over the window is −0.5 × (30 − 1) = −14.5 nats.
     monitor = TrainingMonitor(total_steps=1000, loss_names=["sigmoid"])
-    records = [record(s, **{"rewards/chosen": -0.02 * s + 0.01 * (-1) ** s, "logps/chosen": -100 - 0.5 * s,
-                            "rewards/margins": 0.03 * s}) for s in range(1, 61)]
+    records = [
+        record(
+            s,
+            **{
+                "rewards/chosen": -0.02 * s + 0.01 * (-1) ** s,
+                "logps/chosen": -100 - 0.5 * s,
+                "rewards/margins": 0.03 * s,
+            },
+        )
+        for s in range(1, 61)
+    ]
     warnings = fired(monitor, records)
     assert [step for step, _ in warnings] == [30]  # once per run, although it stays true until step 60
-    assert warnings[0][1].startswith("step 30: chosen log-probs have fallen for 30 steps (−14.5 nats) while "
-                                     "margins grow: likelihood displacement")
+    assert warnings[0][1].startswith(
+        "step 30: chosen log-probs have fallen for 30 steps (−14.5 nats) while margins grow: likelihood displacement"
+    )
     assert monitor.warnings == [warnings[0][1]]
 
 
@@ -68,22 +87,31 @@ def test_displacement_after_a_flat_stretch():
     # scales slope and SE alike): k = 4 → t = −3.50, k = 5 → t = −4.02 (from slope_and_t, checked above).
     # The threshold is t ≤ −4, so it fires at step 40 + 5 = 45.
     monitor = TrainingMonitor(total_steps=1000, loss_names=["sigmoid"])
-    falling = lambda s: 0.0 if s <= 40 else -0.1 * (s - 40)
-    records = [record(s, **{"rewards/chosen": falling(s), "logps/chosen": -100 + 10 * falling(s)})
-               for s in range(1, 80)]
+
+    def falling(s):
+        return 0.0 if s <= 40 else -0.1 * (s - 40)
+
+    records = [
+        record(s, **{"rewards/chosen": falling(s), "logps/chosen": -100 + 10 * falling(s)}) for s in range(1, 80)
+    ]
     assert [step for step, _ in fired(monitor, records)] == [45]
 
 
 @pytest.mark.parametrize("change", ["margins shrink", "fall under 1 nat", "chosen above reference"])
 def test_no_displacement_without_all_signs(change):
-    chosen = {"margins shrink": lambda s: -0.02 * s, "fall under 1 nat": lambda s: -0.02 * s,
-              "chosen above reference": lambda s: 1.0 - 0.001 * s}[change]
+    chosen = {
+        "margins shrink": lambda s: -0.02 * s,
+        "fall under 1 nat": lambda s: -0.02 * s,
+        "chosen above reference": lambda s: 1.0 - 0.001 * s,
+    }[change]
     margin = (lambda s: 1.0 - 0.01 * s) if change == "margins shrink" else (lambda s: 0.03 * s)
     # 0.02 nat per step: the fitted fall over a 30-step window is 0.58 nat, under the 1-nat floor.
     logps = (lambda s: -100 - 0.02 * s) if change == "fall under 1 nat" else (lambda s: -100 - 0.5 * s)
     monitor = TrainingMonitor(total_steps=1000, loss_names=["sigmoid"])
-    records = [record(s, **{"rewards/chosen": chosen(s), "rewards/margins": margin(s), "logps/chosen": logps(s)})
-               for s in range(1, 101)]
+    records = [
+        record(s, **{"rewards/chosen": chosen(s), "rewards/margins": margin(s), "logps/chosen": logps(s)})
+        for s in range(1, 101)
+    ]
     assert fired(monitor, records) == []
 
 
@@ -113,8 +141,9 @@ def test_loss_stuck_at_ln2():
     records = [record(s, loss=LN2 + 0.001 * (-1) ** s, lr=1e-7) for s in range(1, 41)]
     warnings = fired(monitor, records)
     assert [step for step, _ in warnings] == [20]
-    assert warnings[0][1].startswith("step 20: the loss has stayed at ln 2 ≈ 0.6931 for 20 steps (mean distance "
-                                     "0.0010)")
+    assert warnings[0][1].startswith(
+        "step 20: the loss has stayed at ln 2 ≈ 0.6931 for 20 steps (mean distance 0.0010)"
+    )
     assert "learning rate now 1e-07" in warnings[0][1]
 
 
@@ -158,11 +187,19 @@ def test_healthy_noisy_run_gives_no_warning():
     # log-probs jump by ±200 nats between batches (long and short responses).
     rng = random.Random(0)
     monitor = TrainingMonitor(total_steps=300, loss_names=["sigmoid"])
-    records = [record(s, loss=LN2 - 0.001 * s + rng.gauss(0, 0.05),
-                      **{"rewards/accuracies": min(1.0, max(0.0, rng.gauss(0.7, 0.15))),
-                         "rewards/chosen": 0.0005 * s + rng.gauss(0, 0.05),
-                         "rewards/margins": 0.002 * s + rng.gauss(0, 0.05),
-                         "logps/chosen": -300 + rng.gauss(0, 200)}) for s in range(1, 301)]
+    records = [
+        record(
+            s,
+            loss=LN2 - 0.001 * s + rng.gauss(0, 0.05),
+            **{
+                "rewards/accuracies": min(1.0, max(0.0, rng.gauss(0.7, 0.15))),
+                "rewards/chosen": 0.0005 * s + rng.gauss(0, 0.05),
+                "rewards/margins": 0.002 * s + rng.gauss(0, 0.05),
+                "logps/chosen": -300 + rng.gauss(0, 200),
+            },
+        )
+        for s in range(1, 301)
+    ]
     assert fired(monitor, records) == []
 
 
@@ -178,30 +215,72 @@ def synthetic_run(root: Path) -> Path:
     steps 20, 40 and 60, an audit and an eval.json whose sample prompt holds a script tag."""
     run = root / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(f"model: ./sft <b>model</b>\nloss: sigmoid\nbeta: 0.1\nmax_steps: 60\n"
-                                     f"loss_weights: null\nlearning_rate: 1.0e-06\ndata: \"{SCRIPT}.jsonl\"\n")
+    (run / "config.yaml").write_text(
+        f"model: ./sft <b>model</b>\nloss: sigmoid\nbeta: 0.1\nmax_steps: 60\n"
+        f'loss_weights: null\nlearning_rate: 1.0e-06\ndata: "{SCRIPT}.jsonl"\n'
+    )
     lines = []
     for s in range(1, 61):
-        r = {"step": s, "loss": LN2 - 0.004 * s + 0.01 * (-1) ** s, "rewards/chosen": -0.02 * s + 0.01 * (-1) ** s,
-             "rewards/rejected": -0.05 * s, "rewards/accuracies": 0.5 + 0.005 * s,
-             "rewards/margins": 0.03 * s - 0.01 * (-1) ** s, "logps/chosen": -100 - 0.5 * s,
-             "logps/rejected": math.nan if s == 45 else -120 - 0.8 * s, "grad_norm": 2.0 - 0.01 * s,
-             "lr": 1e-6 * (1 - s / 60), "pairs_per_s": 8.0 + 0.1 * (-1) ** s, "tokens_per_s": 1500.0 + s,
-             "step_time_s": 1.0, "custom/metric": 1.0}
+        r = {
+            "step": s,
+            "loss": LN2 - 0.004 * s + 0.01 * (-1) ** s,
+            "rewards/chosen": -0.02 * s + 0.01 * (-1) ** s,
+            "rewards/rejected": -0.05 * s,
+            "rewards/accuracies": 0.5 + 0.005 * s,
+            "rewards/margins": 0.03 * s - 0.01 * (-1) ** s,
+            "logps/chosen": -100 - 0.5 * s,
+            "logps/rejected": math.nan if s == 45 else -120 - 0.8 * s,
+            "grad_norm": 2.0 - 0.01 * s,
+            "lr": 1e-6 * (1 - s / 60),
+            "pairs_per_s": 8.0 + 0.1 * (-1) ** s,
+            "tokens_per_s": 1500.0 + s,
+            "step_time_s": 1.0,
+            "custom/metric": 1.0,
+        }
         if s % 20 == 0:
-            r.update({"eval/loss": LN2 - 0.003 * s, "eval/rewards/accuracies": 0.5 + 0.004 * s,
-                      "eval/rewards/margins": 0.02 * s, "eval/logps/chosen": -105 - 0.4 * s,
-                      "eval/logps/rejected": -125 - 0.6 * s, "eval/kl": 0.05 * s, "eval/kl_se": 0.2})
+            r.update(
+                {
+                    "eval/loss": LN2 - 0.003 * s,
+                    "eval/rewards/accuracies": 0.5 + 0.004 * s,
+                    "eval/rewards/margins": 0.02 * s,
+                    "eval/logps/chosen": -105 - 0.4 * s,
+                    "eval/logps/rejected": -125 - 0.6 * s,
+                    "eval/kl": 0.05 * s,
+                    "eval/kl_se": 0.2,
+                }
+            )
         lines.append(json.dumps(r))  # NaN is written as the bare token NaN, as train.py's json.dumps does
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (run / "audit.json").write_text(json.dumps({
-        "rows": 100, "duplicates": {"count": 3, "share": 0.03, "examples": ["data.jsonl line 4", "line 9"]},
-        "chosen_longer_share": 0.71, "lengths": {"chosen": {"mean": 40.5, "max": 90}}}))
-    (run / "eval.json").write_text(json.dumps({
-        "pairs": {"accuracy": 0.75, "ties": 1, "buckets": [{"edges": [0, 10], "accuracy": 0.5}]},
-        "generation": {"kl": 3.0, "kl_se": 0.2, "samples": [
-            {"prompt": SCRIPT, "policy": "fine & <b>dandy</b>", "reference": "ok"},
-            {"prompt": [{"role": "user", "content": "hi"}], "policy": "hello", "reference": "hey", "reward": 0.5}]}}))
+    (run / "audit.json").write_text(
+        json.dumps(
+            {
+                "rows": 100,
+                "duplicates": {"count": 3, "share": 0.03, "examples": ["data.jsonl line 4", "line 9"]},
+                "chosen_longer_share": 0.71,
+                "lengths": {"chosen": {"mean": 40.5, "max": 90}},
+            }
+        )
+    )
+    (run / "eval.json").write_text(
+        json.dumps(
+            {
+                "pairs": {"accuracy": 0.75, "ties": 1, "buckets": [{"edges": [0, 10], "accuracy": 0.5}]},
+                "generation": {
+                    "kl": 3.0,
+                    "kl_se": 0.2,
+                    "samples": [
+                        {"prompt": SCRIPT, "policy": "fine & <b>dandy</b>", "reference": "ok"},
+                        {
+                            "prompt": [{"role": "user", "content": "hi"}],
+                            "policy": "hello",
+                            "reference": "hey",
+                            "reward": 0.5,
+                        },
+                    ],
+                },
+            }
+        )
+    )
     return run
 
 
@@ -214,7 +293,9 @@ def test_rolling_mean_skips_non_finite():
 class Page(HTMLParser):
     """Collects tags (checking that every non-void tag is closed in order), img sources, section ids, text."""
 
-    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"})
+    VOID = frozenset(
+        {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+    )
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -304,8 +385,9 @@ def test_user_text_is_escaped(report):
 
 
 def test_headless_browser_renders(report, tmp_path):
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "firefox")
-                    if shutil.which(b)), None)
+    browser = next(
+        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "firefox") if shutil.which(b)), None
+    )
     if browser is None:
         pytest.skip("no headless browser (chromium, chromium-browser, google-chrome, firefox) on PATH")
     shot = tmp_path / "shot.png"
@@ -313,8 +395,15 @@ def test_headless_browser_renders(report, tmp_path):
     if Path(browser).name == "firefox":
         command = [browser, "--headless", "--screenshot", str(shot), "--window-size=1280,2000", url]
     else:
-        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                   "--window-size=1280,2000", url]
+        command = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1280,2000",
+            url,
+        ]
     subprocess.run(command, check=True, capture_output=True, timeout=60)
     assert shot.read_bytes()[:8] == PNG_MAGIC and shot.stat().st_size > 10_000
 
@@ -355,8 +444,9 @@ def test_cli_report_rewrites_and_removes_stale_plots(report, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(report["run"], run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("eval/kl")})
-                                               + "\n" for r in records))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("eval/kl")}) + "\n" for r in records)
+    )
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     html_text = (run / "report.html").read_text(encoding="utf-8")

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from preftune import refcache
-from preftune.data import load
 from preftune.cli import main
 from preftune.config import resolve
+from preftune.data import load
 from preftune.data.formats import LoadReport, load_pairs, read_pairs
 from preftune.data.store import TokenStore, split_where
 from preftune.data.tokenize import TokenizedPair
-from toy import build_tokenizer, counting_pairs, save_model_folder, write_jsonl
+
 from conftest import stopped_after
+from toy import build_tokenizer, counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -25,14 +26,19 @@ TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s"}
 
 
 def test_store_files_and_pairs_as_in_the_docstring(tmp_path):
-    pairs = [TokenizedPair([1, 12, 7], [18, 2], [19, 2], "d.jsonl line 1"),
-             TokenizedPair([1, 16], [17, 2], [2], "d.jsonl line 3")]
+    pairs = [
+        TokenizedPair([1, 12, 7], [18, 2], [19, 2], "d.jsonl line 1"),
+        TokenizedPair([1, 16], [17, 2], [2], "d.jsonl line 3"),
+    ]
     store = TokenStore.write(tmp_path / "s", iter(pairs))
     assert np.fromfile(tmp_path / "s" / "ids.bin", np.int32).tolist() == [1, 12, 7, 18, 2, 19, 2, 1, 16, 17, 2, 2]
     assert np.fromfile(tmp_path / "s" / "offsets.bin", np.int64).tolist() == [0, 3, 5, 7, 9, 11, 12]
     assert np.fromfile(tmp_path / "s" / "where.bin", np.int64).tolist() == [0, 1, -1, 0, 3, -1]
-    assert json.loads((tmp_path / "s" / "meta.json").read_text()) == {"pairs": 2, "tokens": 12,
-                                                                       "prefixes": ["d.jsonl line"]}
+    assert json.loads((tmp_path / "s" / "meta.json").read_text()) == {
+        "pairs": 2,
+        "tokens": 12,
+        "prefixes": ["d.jsonl line"],
+    }
     reopened = TokenStore(tmp_path / "s")
     assert len(store) == len(reopened) == 2
     assert list(reopened) == pairs and reopened[-1] == pairs[1] and reopened[np.int64(0)] == pairs[0]
@@ -62,11 +68,13 @@ def test_the_pairs_of_a_list_of_rejected_responses_share_one_prefix(tmp_path):
 
 
 def test_unnumbered_where_comes_back_whole(tmp_path):
-    pairs = [TokenizedPair([1], [2], [3], "x 007"), TokenizedPair([1], [2], [3], "x 7"),
-             TokenizedPair([4], [5, 6], [7], "x 007")]
+    pairs = [
+        TokenizedPair([1], [2], [3], "x 007"),
+        TokenizedPair([1], [2], [3], "x 7"),
+        TokenizedPair([4], [5, 6], [7], "x 007"),
+    ]
     store = TokenStore.write(tmp_path / "s", pairs)
-    assert list(store) == pairs and json.loads((tmp_path / "s" / "meta.json").read_text())["prefixes"] == ["x 007",
-                                                                                                          "x"]
+    assert list(store) == pairs and json.loads((tmp_path / "s" / "meta.json").read_text())["prefixes"] == ["x 007", "x"]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +108,10 @@ def test_streamed_pairs_equal_the_in_memory_ones(toy, tmp_path):
     # Line 6: <s> + 6 × "count from 1 :" (3, 4, 7, 5) is 25 tokens; " 11 12 13</s>" is 4 (17, 18, 19, 2), so
     # --max-length 16 keeps max(16 - 4, min(25, 16 // 2)) = 12 prompt tokens.
     assert store[4] == TokenizedPair([3, 4, 7, 5] * 3, [17, 18, 19, 2], [20, 19, 18, 2], f"{toy['train']} line 6")
-    key = lambda pairs: refcache.cache_key(weights="w", pairs=pairs, dtype="float32")
+
+    def key(pairs):
+        return refcache.cache_key(weights="w", pairs=pairs, dtype="float32")
+
     assert key(store) == key(in_memory)
 
 
@@ -126,8 +137,9 @@ def test_parquet_is_read_by_row_groups_with_the_same_rows(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
     assert pq.ParquetFile(path).num_row_groups == 3
     pairs, report = load_pairs(str(path))
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(r["prompt"], r["chosen"], r["rejected"])
-                                                                 for r in rows]
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in rows
+    ]
     assert [p.where for p in pairs] == [f"{path} row {i}" for i in range(1, 6)] and report.pairs == 5
 
 
@@ -146,9 +158,26 @@ def run(args: list[str]) -> int:
 
 
 def cli_args(toy, out: Path, steps: int = 3) -> list[str]:
-    return ["--model", toy["model"], "--data", toy["train"], "--eval-data", toy["eval"], "--output", str(out),
-            "--batch-size", "4", "--max-steps", str(steps), "--max-length", "16", "--learning-rate", "1e-3",
-            "--eval-every", "2"]
+    return [
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--eval-data",
+        toy["eval"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        str(steps),
+        "--max-length",
+        "16",
+        "--learning-rate",
+        "1e-3",
+        "--eval-every",
+        "2",
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -169,7 +198,9 @@ def test_stream_run_equals_a_normal_run(toy, tmp_path, capsys):
 
 
 def test_stream_resume_reproduces_the_run(toy, tmp_path):
-    args = lambda out: cli_args(toy, out, steps=4) + ["--stream", "--save-every", "2"]
+    def args(out):
+        return cli_args(toy, out, steps=4) + ["--stream", "--save-every", "2"]
+
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(args(whole)) == 0
 
@@ -179,11 +210,14 @@ def test_stream_resume_reproduces_the_run(toy, tmp_path):
     assert metrics(cut) == metrics(whole)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "count", "chosen": 3, "rejected": "4"}', "line 2: field 'chosen' must be a string"),
-    ('{"prompt": ', "line 2: not valid JSON"),
-    ('{"prompt": "count from 1 :", "chosen": "", "rejected": "2"}', "line 2: field 'chosen' is empty"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "count", "chosen": 3, "rejected": "4"}', "line 2: field 'chosen' must be a string"),
+        ('{"prompt": ', "line 2: not valid JSON"),
+        ('{"prompt": "count from 1 :", "chosen": "", "rejected": "2"}', "line 2: field 'chosen' is empty"),
+    ],
+)
 def test_bad_rows_give_the_same_error_and_leave_nothing(toy, tmp_path, capsys, line, message):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(counting_pairs(1, seed=0)[0]) + "\n" + line + "\n", encoding="utf-8")

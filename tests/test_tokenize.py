@@ -9,16 +9,20 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import build_tiny_tokenizer
 
 from preftune.data.formats import PreferencePair, load_pairs
-from preftune.data.tokenize import (TokenizedPair, TruncationReport, common_prefix_length, tokenize_pair,
-                                    tokenize_pairs, truncate)
+from preftune.data.tokenize import (
+    TokenizedPair,
+    TruncationReport,
+    common_prefix_length,
+    tokenize_pair,
+    tokenize_pairs,
+    truncate,
+)
 from preftune.errors import UserError
+
+from conftest import build_tiny_tokenizer
 from helpers import assistant, user
-
-
-
 
 HH_PROMPT = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
 STANDARD = PreferencePair("Q: hi there\nA: ", "good", "bad", "d.jsonl line 1")
@@ -26,8 +30,12 @@ HH = PreferencePair(HH_PROMPT, " fine, thanks", " bad", "d.jsonl line 2")
 # "hi the" + "re" tokenizes as "hi there": the prompt's last token merges into the response (TRL's common prefix).
 MERGED = PreferencePair("hi the", "re", " bad", "d.jsonl line 3")
 CHAT = PreferencePair([user("hi")], [assistant("good")], [assistant("bad")], "d.jsonl line 4")
-MULTI_TURN = PreferencePair([user("hi"), assistant("hello"), user("how are you?")], [assistant("fine, thanks")],
-                            [assistant("bad")], "d.jsonl line 5")
+MULTI_TURN = PreferencePair(
+    [user("hi"), assistant("hello"), user("how are you?")],
+    [assistant("fine, thanks")],
+    [assistant("bad")],
+    "d.jsonl line 5",
+)
 
 
 def ids(tp: TokenizedPair):
@@ -62,7 +70,10 @@ def test_standard_pair(tiny_tokenizer):
 
 def test_hh_pair(tiny_tokenizer):
     assert ids(tokenize_pair(HH, tiny_tokenizer)) == (
-        [1, 14, 7, 16, 15, 7, 20, 14, 7, 32, 33, 34, 8, 15, 7], [35, 10, 36, 2], [19, 2])
+        [1, 14, 7, 16, 15, 7, 20, 14, 7, 32, 33, 34, 8, 15, 7],
+        [35, 10, 36, 2],
+        [19, 2],
+    )
 
 
 def test_conversational_pair_has_one_bos_and_one_eos(tiny_tokenizer):
@@ -74,7 +85,10 @@ def test_conversational_pair_has_one_bos_and_one_eos(tiny_tokenizer):
 
 def test_multi_turn_conversation(tiny_tokenizer):
     assert ids(tokenize_pair(MULTI_TURN, tiny_tokenizer)) == (
-        [1, 4, 16, 2, 5, 20, 2, 4, 32, 33, 34, 8, 2, 5], [35, 10, 36, 2], [19, 2])
+        [1, 4, 16, 2, 5, 20, 2, 4, 32, 33, 34, 8, 2, 5],
+        [35, 10, 36, 2],
+        [19, 2],
+    )
 
 
 def test_eos_not_doubled(tiny_tokenizer):
@@ -117,8 +131,10 @@ def test_conversation_without_chat_template():
     tokenizer.chat_template = None
     with pytest.raises(UserError) as e:
         tokenize_pair(CHAT, tokenizer)
-    assert str(e.value) == ("d.jsonl line 4: the pair is a conversation (lists of messages) but the tokenizer has no "
-                            "chat template; use a tokenizer with a chat_template, or plain-text data")
+    assert str(e.value) == (
+        "d.jsonl line 4: the pair is a conversation (lists of messages) but the tokenizer has no "
+        "chat template; use a tokenizer with a chat_template, or plain-text data"
+    )
 
 
 def test_chat_template_refusal_names_the_row():
@@ -126,15 +142,18 @@ def test_chat_template_refusal_names_the_row():
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(UserError) as e:
         tokenize_pair(CHAT, tokenizer)
-    assert str(e.value) == ("d.jsonl line 4: the tokenizer's chat template refused this conversation "
-                            "(roles must alternate)")
+    assert str(e.value) == (
+        "d.jsonl line 4: the tokenizer's chat template refused this conversation (roles must alternate)"
+    )
 
 
 def test_empty_response_ids():
     # A template that never renders assistant turns leaves nothing after the prompt.
     tokenizer = build_tiny_tokenizer()
-    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] != 'assistant' %}"
-                               "<|{{ m['role'] }}|> {{ m['content'] }}</s>{% endif %}{% endfor %}")
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'assistant' %}"
+        "<|{{ m['role'] }}|> {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
     with pytest.raises(UserError, match=r"^d\.jsonl line 4: chosen_ids is empty after tokenization$"):
         tokenize_pair(CHAT, tokenizer)
 
@@ -157,11 +176,14 @@ def test_text_pair_needs_an_eos_token():
         tokenize_pair(STANDARD, tokenizer)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_length": 1}, "--max-length must be at least 2 (one prompt and one response token), got 1"),
-    ({"max_prompt_length": 0}, "--max-prompt-length must be at least 1, got 0"),
-    ({"on_overlength": "cut"}, "--on-overlength must be one of truncate, drop, got 'cut'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_length": 1}, "--max-length must be at least 2 (one prompt and one response token), got 1"),
+        ({"max_prompt_length": 0}, "--max-prompt-length must be at least 1, got 0"),
+        ({"on_overlength": "cut"}, "--on-overlength must be one of truncate, drop, got 'cut'"),
+    ],
+)
 def test_bad_length_options(tiny_tokenizer, kwargs, message):
     with pytest.raises(UserError) as e:
         tokenize_pairs([STANDARD], tiny_tokenizer, **kwargs)
@@ -231,28 +253,48 @@ def test_tokenize_pairs_truncate_counts(tiny_tokenizer):
     # max_length=6. STANDARD: keep max(6-2, min(7, 3)) = 4 prompt tokens, responses fit.
     # HH: keep max(6-4, 3) = 3 prompt tokens, chosen cut to 3 (loses its EOS). MERGED: 2 + 3 <= 6, untouched.
     out, report = tokenize_pairs([STANDARD, HH, MERGED], tiny_tokenizer, max_length=6)
-    assert [ids(t) for t in out] == [([16, 17, 13, 7], [18, 2], [19, 2]),
-                                     ([8, 15, 7], [35, 10, 36], [19, 2]),
-                                     ([1, 16], [17, 2], [24, 19, 2])]
-    assert report == TruncationReport(pairs=3, prompts_truncated=2, responses_truncated=1, dropped=0,
-                                      max_prompt_tokens=15, max_response_tokens=4, boundaries_shifted=1)
-    assert report.summary() == ("3 pairs; 2 prompts cut from the left, 1 responses cut, 0 dropped; longest prompt "
-                                "15 tokens, longest response 4 tokens; 1 prompt/response boundaries moved by "
-                                "merged tokens")
+    assert [ids(t) for t in out] == [
+        ([16, 17, 13, 7], [18, 2], [19, 2]),
+        ([8, 15, 7], [35, 10, 36], [19, 2]),
+        ([1, 16], [17, 2], [24, 19, 2]),
+    ]
+    assert report == TruncationReport(
+        pairs=3,
+        prompts_truncated=2,
+        responses_truncated=1,
+        dropped=0,
+        max_prompt_tokens=15,
+        max_response_tokens=4,
+        boundaries_shifted=1,
+    )
+    assert report.summary() == (
+        "3 pairs; 2 prompts cut from the left, 1 responses cut, 0 dropped; longest prompt "
+        "15 tokens, longest response 4 tokens; 1 prompt/response boundaries moved by "
+        "merged tokens"
+    )
 
 
 def test_tokenize_pairs_drop_mode(tiny_tokenizer):
     out, report = tokenize_pairs([STANDARD, HH, MERGED], tiny_tokenizer, max_length=6, on_overlength="drop")
     assert [t.where for t in out] == ["d.jsonl line 3"]
-    assert report == TruncationReport(pairs=1, prompts_truncated=0, responses_truncated=0, dropped=2,
-                                      max_prompt_tokens=15, max_response_tokens=4, boundaries_shifted=1)
+    assert report == TruncationReport(
+        pairs=1,
+        prompts_truncated=0,
+        responses_truncated=0,
+        dropped=2,
+        max_prompt_tokens=15,
+        max_response_tokens=4,
+        boundaries_shifted=1,
+    )
 
 
 def test_tokenize_pairs_prompt_limit_only(tiny_tokenizer):
     out, report = tokenize_pairs([STANDARD, CHAT], tiny_tokenizer, max_prompt_length=5)
     assert [t.prompt_ids for t in out] == [[7, 16, 17, 13, 7], [1, 4, 16, 2, 5]]
-    assert report.summary() == ("2 pairs; 1 prompts cut from the left, 0 responses cut, 0 dropped; longest prompt "
-                                "7 tokens, longest response 2 tokens")
+    assert report.summary() == (
+        "2 pairs; 1 prompts cut from the left, 0 responses cut, 0 dropped; longest prompt "
+        "7 tokens, longest response 2 tokens"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ TRL parity
@@ -276,21 +318,25 @@ def as_row(p: PreferencePair):
 
 def test_trl_parity_plain_text(tiny_tokenizer):
     pairs = [STANDARD, HH, MERGED, PreferencePair("hi", "yes</s>", "no", "x"), PreferencePair("", "yes", "no", "y")]
-    assert [ids(tokenize_pair(p, tiny_tokenizer)) for p in pairs] == trl_tokenize(list(map(as_row, pairs)),
-                                                                                   tiny_tokenizer)
+    assert [ids(tokenize_pair(p, tiny_tokenizer)) for p in pairs] == trl_tokenize(
+        list(map(as_row, pairs)), tiny_tokenizer
+    )
 
 
 def test_trl_parity_conversational(tiny_tokenizer):
     pairs = [CHAT, MULTI_TURN]
-    assert [ids(tokenize_pair(p, tiny_tokenizer)) for p in pairs] == trl_tokenize(list(map(as_row, pairs)),
-                                                                                   tiny_tokenizer)
+    assert [ids(tokenize_pair(p, tiny_tokenizer)) for p in pairs] == trl_tokenize(
+        list(map(as_row, pairs)), tiny_tokenizer
+    )
 
 
 def test_trl_parity_implicit_conversational_prompt(tiny_tokenizer, tmp_path):
     # No prompt column: TRL's extract_prompt and our loader must find the same prompt, hence the same ids.
     history = [user("hi"), assistant("hello"), user("what color is the sky?")]
-    rows = [{"chosen": history + [assistant("blue")], "rejected": history + [assistant("it is green")]},
-            {"chosen": [user("hi"), assistant("good")], "rejected": [user("hi"), assistant("bad")]}]
+    rows = [
+        {"chosen": history + [assistant("blue")], "rejected": history + [assistant("it is green")]},
+        {"chosen": [user("hi"), assistant("good")], "rejected": [user("hi"), assistant("bad")]},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     pairs, _ = load_pairs(str(path))

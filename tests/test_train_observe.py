@@ -9,6 +9,7 @@ import math
 import pytest
 
 from preftune.cli import main
+
 from toy import counting_pairs, save_model_folder, write_jsonl
 
 REWARD_MODULE = '''
@@ -24,20 +25,46 @@ def toy(tmp_path_factory):
     rows = counting_pairs(32, seed=4)
     rows += rows[:3]  # at least 3 exact duplicates
     (root / "toy_reward.py").write_text(REWARD_MODULE, encoding="utf-8")
-    return {"root": root, "model": str(save_model_folder(root / "model")),
-            "train": str(write_jsonl(rows, root / "train.jsonl")),
-            "duplicates": len(rows) - len({json.dumps(r) for r in rows}),
-            "eval": str(write_jsonl(counting_pairs(8, seed=5), root / "eval.jsonl")),
-            "prompts": str(write_jsonl([{"prompt": f"count from {i} :"} for i in range(6)], root / "prompts.jsonl"))}
+    return {
+        "root": root,
+        "model": str(save_model_folder(root / "model")),
+        "train": str(write_jsonl(rows, root / "train.jsonl")),
+        "duplicates": len(rows) - len({json.dumps(r) for r in rows}),
+        "eval": str(write_jsonl(counting_pairs(8, seed=5), root / "eval.jsonl")),
+        "prompts": str(write_jsonl([{"prompt": f"count from {i} :"} for i in range(6)], root / "prompts.jsonl")),
+    }
 
 
 def test_a_run_samples_audits_warns_and_reports(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(toy["root"]))
     out = tmp_path / "run"
-    code = main(["train", "--model", toy["model"], "--data", toy["train"], "--eval-data", toy["eval"],
-                 "--output", str(out), "--batch-size", "8", "--max-steps", "4", "--learning-rate", "1e-3",
-                 "--eval-every", "2", "--eval-prompts", toy["prompts"], "--eval-reward", "toy_reward:score",
-                 "--eval-max-new-tokens", "6"])
+    code = main(
+        [
+            "train",
+            "--model",
+            toy["model"],
+            "--data",
+            toy["train"],
+            "--eval-data",
+            toy["eval"],
+            "--output",
+            str(out),
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "4",
+            "--learning-rate",
+            "1e-3",
+            "--eval-every",
+            "2",
+            "--eval-prompts",
+            toy["prompts"],
+            "--eval-reward",
+            "toy_reward:score",
+            "--eval-max-new-tokens",
+            "6",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     warning = err.split("--data audit:")[1].splitlines()[0]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
+
 from toy import save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
@@ -29,8 +30,16 @@ pytest.importorskip("trl")
 PAIRS = Path(__file__).parent / "data" / "parity_pairs.jsonl"
 STEPS = 3
 TOL = {"rel": 1e-5, "abs": 1e-5}
-KEYS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-        "grad_norm"]
+KEYS = [
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +65,35 @@ def run_trl(model_dir: Path, output: Path, data: Path, **overrides) -> list[dict
     from trl import KTOConfig, KTOTrainer
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    args = KTOConfig(output_dir=str(output), per_device_train_batch_size=16, max_steps=STEPS, learning_rate=1e-3,
-                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                     optim="adamw_torch", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                     bf16=False, activation_checkpointing=False, max_length=64, seed=0, disable_tqdm=True,
-                     beta=0.5, **overrides)
+    args = KTOConfig(
+        output_dir=str(output),
+        per_device_train_batch_size=16,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_length=64,
+        seed=0,
+        disable_tqdm=True,
+        beta=0.5,
+        **overrides,
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer = KTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     trainer.train()
     records = [r for r in trainer.state.log_history if "loss" in r and "step" in r]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -71,10 +101,34 @@ def run_trl(model_dir: Path, output: Path, data: Path, **overrides) -> list[dict
 
 
 def run_preftune(model_dir: Path, output: Path, data: Path, flags: list[str]) -> list[dict]:
-    args = ["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--batch-size", "16",
-            "--max-steps", str(STEPS), "--learning-rate", "1e-3", "--lr-scheduler", "linear", "--max-length", "64",
-            "--seed", "0", "--no-shuffle", "--no-report", "--beta", "0.5",
-            "--ref-cache", str(output.parent / "ref-cache"), *flags]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--max-steps",
+        str(STEPS),
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler",
+        "linear",
+        "--max-length",
+        "64",
+        "--seed",
+        "0",
+        "--no-shuffle",
+        "--no-report",
+        "--beta",
+        "0.5",
+        "--ref-cache",
+        str(output.parent / "ref-cache"),
+        *flags,
+    ]
     assert main(args) == 0
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
@@ -82,9 +136,12 @@ def run_preftune(model_dir: Path, output: Path, data: Path, flags: list[str]) ->
 # (id, data: "pairs" or "unpaired", preftune flags, KTOConfig overrides)
 CASES = [
     ("kto/pairs", "pairs", ["--loss", "kto"], {"loss_type": "kto"}),
-    ("kto/unpaired-weighted", "unpaired", ["--loss", "kto", "--desirable-weight", "0.8", "--undesirable-weight",
-                                           "1.3"], {"loss_type": "kto", "desirable_weight": 0.8,
-                                                    "undesirable_weight": 1.3}),
+    (
+        "kto/unpaired-weighted",
+        "unpaired",
+        ["--loss", "kto", "--desirable-weight", "0.8", "--undesirable-weight", "1.3"],
+        {"loss_type": "kto", "desirable_weight": 0.8, "undesirable_weight": 1.3},
+    ),
     ("apo_zero_unpaired", "unpaired", ["--loss", "apo_zero_unpaired"], {"loss_type": "apo_zero_unpaired"}),
 ]
 

@@ -60,8 +60,9 @@ import pytest
 from preftune.cli import main
 from preftune.data.formats import load_pairs
 from preftune.data.tokenize import tokenize_pairs
-from toy import save_model_folder, write_jsonl
 from preftune.losses import LOSSES
+
+from toy import save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -84,8 +85,11 @@ CASES = [
     ("ipo", ["--loss", "ipo"], {"loss_type": ["ipo"]}),
     ("hinge", ["--loss", "hinge"], {"loss_type": ["hinge"]}),
     ("robust", ["--loss", "robust", "--label-smoothing", "0.2"], {"loss_type": ["robust"], "label_smoothing": 0.2}),
-    ("exo_pair", ["--loss", "exo_pair", "--label-smoothing", "1e-3"],
-     {"loss_type": ["exo_pair"], "label_smoothing": 1e-3}),
+    (
+        "exo_pair",
+        ["--loss", "exo_pair", "--label-smoothing", "1e-3"],
+        {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+    ),
     ("nca_pair", ["--loss", "nca_pair"], {"loss_type": ["nca_pair"]}),
     ("bco_pair", ["--loss", "bco_pair"], {"loss_type": ["bco_pair"]}),
     ("sppo_hard", ["--loss", "sppo_hard"], {"loss_type": ["sppo_hard"]}),
@@ -95,21 +99,39 @@ CASES = [
     ("apo_down", ["--loss", "apo_down"], {"loss_type": ["apo_down"]}),
     ("discopop", ["--loss", "discopop", "--discopop-tau", "0.1"], {"loss_type": ["discopop"], "discopop_tau": 0.1}),
     ("sigmoid_norm", ["--loss", "sigmoid_norm"], {"loss_type": ["sigmoid_norm"]}),
-    ("sigmoid+sft", ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2"],
-     {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2]}),
+    (
+        "sigmoid+sft",
+        ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2"],
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2]},
+    ),
     # The plain layout with the reference model run at every step, as TRL does. sigmoid + sft exercises both the
     # pair-normalised and the chosen-token-normalised terms.
-    ("sigmoid+sft/padded", ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2", "--layout", "padded",
-                            "--no-ref-cache"], {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2]}),
-    ("sigmoid/forward_kl", ["--loss", "sigmoid", "--f-divergence", "forward_kl"],
-     {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"}),
-    ("sigmoid/js_divergence", ["--loss", "sigmoid", "--f-divergence", "js_divergence"],
-     {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"}),
+    (
+        "sigmoid+sft/padded",
+        ["--loss", "sigmoid,sft", "--loss-weights", "1,0.2", "--layout", "padded", "--no-ref-cache"],
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2]},
+    ),
+    (
+        "sigmoid/forward_kl",
+        ["--loss", "sigmoid", "--f-divergence", "forward_kl"],
+        {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
+    ),
+    (
+        "sigmoid/js_divergence",
+        ["--loss", "sigmoid", "--f-divergence", "js_divergence"],
+        {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
+    ),
     # α = 0.3, not the default 0.5, where TRL's α and the f-DPO paper's coincide: pins TRL's convention.
-    ("sigmoid/alpha_divergence", ["--loss", "sigmoid", "--f-divergence", "alpha_divergence", "--f-alpha", "0.3"],
-     {"loss_type": ["sigmoid"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
-    ("ipo/js_divergence", ["--loss", "ipo", "--f-divergence", "js_divergence"],
-     {"loss_type": ["ipo"], "f_divergence_type": "js_divergence"}),
+    (
+        "sigmoid/alpha_divergence",
+        ["--loss", "sigmoid", "--f-divergence", "alpha_divergence", "--f-alpha", "0.3"],
+        {"loss_type": ["sigmoid"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    ),
+    (
+        "ipo/js_divergence",
+        ["--loss", "ipo", "--f-divergence", "js_divergence"],
+        {"loss_type": ["ipo"], "f_divergence_type": "js_divergence"},
+    ),
     # WPO weights each pair by the policy's own likelihood of its responses (TRL's use_weighting).
     ("sigmoid/wpo", ["--loss", "sigmoid", "--wpo"], {"loss_type": ["sigmoid"], "use_weighting": True}),
     # (Not hinge: TRL 1.16 multiplies relu's output in place and fails in backward; preftune's hinge + WPO trains.)
@@ -128,12 +150,32 @@ def model_dir(tmp_path_factory) -> Path:
 
 def trl_args(config_class, output: Path, **overrides):
     """TRL training arguments equal to preftune's `train` flags in `run_preftune`."""
-    return config_class(output_dir=str(output), per_device_train_batch_size=8, max_steps=STEPS,
-                        learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                        max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-                        activation_checkpointing=False, max_length=MAX_LENGTH, seed=SEED, disable_tqdm=True,
-                        dataloader_drop_last=False, beta=0.5, **overrides)
+    return config_class(
+        output_dir=str(output),
+        per_device_train_batch_size=8,
+        max_steps=STEPS,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_length=MAX_LENGTH,
+        seed=SEED,
+        disable_tqdm=True,
+        dataloader_drop_last=False,
+        beta=0.5,
+        **overrides,
+    )
 
 
 def trl_trainer(model_dir: Path, output: Path, data: Path = DATA, trainer: str = "dpo", **overrides):
@@ -155,8 +197,13 @@ def trl_trainer(model_dir: Path, output: Path, data: Path = DATA, trainer: str =
     extra = {"ref_model": None} if trainer == "dpo" else {}
     if trainer == "cpo":  # CPOTrainer refuses a tokenizer without a pad token (DPOTrainer, like preftune, uses EOS)
         tokenizer.pad_token = tokenizer.eos_token
-    return Trainer(model=model, args=trl_args(Config, output, **overrides), train_dataset=Dataset.from_list(rows),
-                   processing_class=tokenizer, **extra)
+    return Trainer(
+        model=model,
+        args=trl_args(Config, output, **overrides),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        **extra,
+    )
 
 
 def run_trl(model_dir: Path, output: Path, data: Path = DATA, trainer: str = "dpo", **overrides) -> list[dict]:
@@ -168,9 +215,30 @@ def run_trl(model_dir: Path, output: Path, data: Path = DATA, trainer: str = "dp
 
 
 def run_preftune(model_dir: Path, output: Path, flags: list[str], data: Path = DATA) -> list[dict]:
-    args = ["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--batch-size", "8",
-            "--max-steps", str(STEPS), "--learning-rate", str(LEARNING_RATE), "--lr-scheduler", "linear",
-            "--max-length", str(MAX_LENGTH), "--seed", str(SEED), "--no-report", *BETA, *flags]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(STEPS),
+        "--learning-rate",
+        str(LEARNING_RATE),
+        "--lr-scheduler",
+        "linear",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--seed",
+        str(SEED),
+        "--no-report",
+        *BETA,
+        *flags,
+    ]
     losses = flags[flags.index("--loss") + 1].split(",")
     if not {"--no-ref-cache", "--ref-update"} & set(flags) and any(LOSSES[loss].needs_reference for loss in losses):
         args += ["--ref-cache", str(output.parent / "ref-cache")]
@@ -205,12 +273,18 @@ def test_tokenization_matches_trl(model_dir, tmp_path):
     theirs = trainer.train_dataset
     assert len(theirs) == len(ours) == 8
     for row, tp in zip(theirs, ours):
-        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == \
-               (tp.prompt_ids, tp.chosen_ids, tp.rejected_ids), tp.where
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (
+            tp.prompt_ids,
+            tp.chosen_ids,
+            tp.rejected_ids,
+        ), tp.where
     # One pair spelled out (toy vocabulary: <s>=1, </s>=2, count=3, from=4, ":"=5, "0"=6, so "n" = 6 + n):
     # "count from 3 :" + " 3 4 5 6</s>" vs " 6 5 4 3</s>".
-    assert (ours[0].prompt_ids, ours[0].chosen_ids, ours[0].rejected_ids) == \
-           ([1, 3, 4, 9, 5], [9, 10, 11, 12, 2], [12, 11, 10, 9, 2])
+    assert (ours[0].prompt_ids, ours[0].chosen_ids, ours[0].rejected_ids) == (
+        [1, 3, 4, 9, 5],
+        [9, 10, 11, 12, 2],
+        [12, 11, 10, 9, 2],
+    )
     # CPOTrainer tokenizes on its own (prompt, then prompt + response, BOS and EOS added if missing): same ids.
     cpo = trl_trainer(model_dir, tmp_path / "cpo", trainer="cpo").train_dataset
     for row, tp in zip(cpo, ours):
@@ -243,8 +317,9 @@ def equal_length_pairs(path: Path) -> Path:
     rows = []
     for start in (3, 0, 7, 3, 5, 2, 3, 9):
         good = [str(start + i) for i in range(4)]
-        rows.append({"prompt": f"count from {start} :", "chosen": " " + " ".join(good),
-                     "rejected": " " + " ".join(good[::-1])})
+        rows.append(
+            {"prompt": f"count from {start} :", "chosen": " " + " ".join(good), "rejected": " " + " ".join(good[::-1])}
+        )
     rows[6]["chosen"], rows[6]["rejected"] = rows[6]["rejected"], rows[6]["chosen"]  # one swapped label
     return write_jsonl(rows, path)
 
@@ -265,11 +340,17 @@ def test_length_normalised_rewards_are_trls_divided_by_the_length(model_dir, tmp
 
 # (id, preftune flags, CPOConfig overrides); cpo_alpha = 0 is TRL's pure SimPO, 1 its CPO-SimPO (= simpo + sft).
 CPO_CASES = [
-    ("simpo", ["--loss", "simpo", "--simpo-gamma", "0.5"], {"loss_type": "simpo", "cpo_alpha": 0.0,
-                                                              "simpo_gamma": 0.5}),
+    (
+        "simpo",
+        ["--loss", "simpo", "--simpo-gamma", "0.5"],
+        {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.5},
+    ),
     ("simpo+sft", ["--loss", "simpo,sft", "--loss-weights", "1,1"], {"loss_type": "simpo", "cpo_alpha": 1.0}),
-    ("cpo", ["--loss", "cpo", "--cpo-alpha", "0.5", "--label-smoothing", "0.1"],
-     {"loss_type": "sigmoid", "cpo_alpha": 0.5, "label_smoothing": 0.1}),
+    (
+        "cpo",
+        ["--loss", "cpo", "--cpo-alpha", "0.5", "--label-smoothing", "0.1"],
+        {"loss_type": "sigmoid", "cpo_alpha": 0.5, "label_smoothing": 0.1},
+    ),
 ]
 
 
@@ -286,10 +367,16 @@ def test_reference_free_losses_match_trl_cpo_trainer(model_dir, tmp_path, name, 
 
 # (id, preftune flags, DPOConfig overrides): TR-DPO's reference updates, small τ so that they matter within 3 steps.
 TR_DPO_CASES = [
-    ("soft", ["--ref-update", "soft", "--ref-update-every", "1", "--ref-update-alpha", "0.5"],
-     {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}),
-    ("hard", ["--ref-update", "hard", "--ref-update-every", "2"],
-     {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 1.0}),
+    (
+        "soft",
+        ["--ref-update", "soft", "--ref-update-every", "1", "--ref-update-alpha", "0.5"],
+        {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5},
+    ),
+    (
+        "hard",
+        ["--ref-update", "hard", "--ref-update-every", "2"],
+        {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 1.0},
+    ),
 ]
 
 

@@ -22,10 +22,11 @@ from preftune.data.unpaired import (
     read_examples,
     with_kl_completions,
 )
-from toy import counting_pairs, save_model_folder, write_jsonl
 from preftune.errors import UserError
 from preftune.losses import LOSSES, combined_loss, example_metrics, kl_estimate
 from preftune.metrics import per_pair, without_empty_means
+
+from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -43,14 +44,21 @@ def read(path: Path, **kwargs):
 
 
 def test_unpaired_rows_text_and_conversational(tmp_path):
-    rows = [{"prompt": "Q: hi\nA: ", "completion": "good", "label": True},
-            {"prompt": [{"role": "user", "content": "hi"}],
-             "completion": [{"role": "assistant", "content": "bad"}], "label": 0},
-            {"prompt": "Q: yo\nA: ", "completion": "fine", "label": "TRUE"}]
+    rows = [
+        {"prompt": "Q: hi\nA: ", "completion": "good", "label": True},
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "bad"}],
+            "label": 0,
+        },
+        {"prompt": "Q: yo\nA: ", "completion": "fine", "label": "TRUE"},
+    ]
     examples, report = read(write_jsonl(rows, tmp_path / "d.jsonl"))
     assert [(e.prompt, e.chosen, e.label) for e in examples] == [
-        ("Q: hi\nA: ", "good", True), ([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "bad"}],
-                                       False), ("Q: yo\nA: ", "fine", True)]
+        ("Q: hi\nA: ", "good", True),
+        ([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "bad"}], False),
+        ("Q: yo\nA: ", "fine", True),
+    ]
     assert all(e.rejected is e.chosen for e in examples)  # one sequence: tokenized once
     assert examples[1].where == f"{tmp_path / 'd.jsonl'} line 2"
     assert report.summary() == "3 rows → 3 examples (2 desirable, 1 undesirable; conversational 1, standard 2)"
@@ -70,28 +78,62 @@ def test_pairs_are_unpaired_in_trls_order(tmp_path, monkeypatch):
     rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in (1, 2, 3)]
     rows.append({"prompt": "p4", "chosen": "same", "rejected": "same"})  # skipped and counted, as for pairs
     examples, report = read(write_jsonl(rows, tmp_path / "d.jsonl"))
-    assert [(e.chosen, e.label) for e in examples] == [("c1", True), ("c2", True), ("r1", False), ("r2", False),
-                                                       ("c3", True), ("r3", False)]
-    assert report.summary() == ("4 rows → 3 pairs (standard 3); 1 skipped (chosen == rejected) → 6 examples "
-                                "(3 desirable, 3 undesirable; unpaired as TRL's unpair_preference_dataset)")
+    assert [(e.chosen, e.label) for e in examples] == [
+        ("c1", True),
+        ("c2", True),
+        ("r1", False),
+        ("r2", False),
+        ("c3", True),
+        ("r3", False),
+    ]
+    assert report.summary() == (
+        "4 rows → 3 pairs (standard 3); 1 skipped (chosen == rejected) → 6 examples "
+        "(3 desirable, 3 undesirable; unpaired as TRL's unpair_preference_dataset)"
+    )
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "p", "completion": "c", "label": "maybe"}],
-     "line 1: field 'label' must be true or false (or 1/0), got 'maybe'"),
-    ([{"prompt": "p", "completion": "c", "label": 2}], "line 1: field 'label' must be true or false (or 1/0), got 2"),
-    ([{"prompt": "p", "completion": "c"}], ("line 1: missing field 'label' (the row has: prompt, completion); "
-                                            "rename columns with --columns")),
-    ([{"prompt": "p", "completion": " ", "label": True}], "line 1: field 'completion' is empty"),
-    ([{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "chosen": "a", "rejected": "b"}],
-     ("line 2: missing field 'completion' (the row has: prompt, chosen, rejected); a pair (chosen, rejected) in a "
-      "source of unpaired examples? use one format per file")),
-    ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "completion": "c", "label": True}],
-     ("line 2: an unpaired example (completion, label) in a source of pairs (its first row is a pair); use one "
-      "format per file")),
-    ([{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", "content": "x"}],
-       "label": True}], "line 1: field 'completion': conversation with no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [{"prompt": "p", "completion": "c", "label": "maybe"}],
+            "line 1: field 'label' must be true or false (or 1/0), got 'maybe'",
+        ),
+        (
+            [{"prompt": "p", "completion": "c", "label": 2}],
+            "line 1: field 'label' must be true or false (or 1/0), got 2",
+        ),
+        (
+            [{"prompt": "p", "completion": "c"}],
+            ("line 1: missing field 'label' (the row has: prompt, completion); rename columns with --columns"),
+        ),
+        ([{"prompt": "p", "completion": " ", "label": True}], "line 1: field 'completion' is empty"),
+        (
+            [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "chosen": "a", "rejected": "b"}],
+            (
+                "line 2: missing field 'completion' (the row has: prompt, chosen, rejected); a pair (chosen, rejected) in a "
+                "source of unpaired examples? use one format per file"
+            ),
+        ),
+        (
+            [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "completion": "c", "label": True}],
+            (
+                "line 2: an unpaired example (completion, label) in a source of pairs (its first row is a pair); use one "
+                "format per file"
+            ),
+        ),
+        (
+            [
+                {
+                    "prompt": [{"role": "user", "content": "hi"}],
+                    "completion": [{"role": "user", "content": "x"}],
+                    "label": True,
+                }
+            ],
+            "line 1: field 'completion': conversation with no assistant turn",
+        ),
+    ],
+)
 def test_bad_rows_name_the_row_and_field(tmp_path, rows, message):
     path = write_jsonl(rows, tmp_path / "d.jsonl")
     with pytest.raises(UserError) as error:
@@ -103,8 +145,11 @@ def test_an_unpaired_file_for_a_pair_loss_says_which_loss_it_needs(tmp_path):
     from preftune.data.formats import load_pairs
 
     path = write_jsonl([{"prompt": "p", "completion": "c", "label": True}], tmp_path / "d.jsonl")
-    with pytest.raises(UserError, match=r"missing field 'chosen' .*an unpaired example \(prompt, completion, "
-                                        r"label\) trains only with --loss kto or apo_zero_unpaired"):
+    with pytest.raises(
+        UserError,
+        match=r"missing field 'chosen' .*an unpaired example \(prompt, completion, "
+        r"label\) trains only with --loss kto or apo_zero_unpaired",
+    ):
         load_pairs(str(path))
 
 
@@ -121,8 +166,12 @@ def test_kl_completions_rotate_within_blocks():
     report = KLReport()
     out = list(with_kl_completions(iter(examples), 3, None, report))
     assert [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in out] == [
-        ([10], [1, 1], [3, 3]), ([20], [2, 2], [1, 1]), ([30], [3, 3], [2, 2]),
-        ([40], [4, 4], [5, 5]), ([50], [5, 5], [4, 4])]
+        ([10], [1, 1], [3, 3]),
+        ([20], [2, 2], [1, 1]),
+        ([30], [3, 3], [2, 2]),
+        ([40], [4, 4], [5, 5]),
+        ([50], [5, 5], [4, 4]),
+    ]
     assert (report.examples, report.cut, report.same_prompt) == (5, 0, 0)
 
 
@@ -134,8 +183,9 @@ def test_a_last_lone_example_takes_the_completion_before_it_and_cuts_are_counted
     out = list(with_kl_completions(examples, 2, 4, report))
     assert [e.rejected_ids for e in out] == [[2, 2], [1], [2, 2, 2]]
     assert (report.examples, report.desirable, report.cut, report.same_prompt) == (3, 2, 1, 1)
-    assert report.summary() == ("3 examples (2 desirable, 1 undesirable); KL completions: 1 cut to --max-length, "
-                                "1 share their example's prompt")
+    assert report.summary() == (
+        "3 examples (2 desirable, 1 undesirable); KL completions: 1 cut to --max-length, 1 share their example's prompt"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the losses
@@ -148,23 +198,41 @@ def test_kto_by_hand():
     policy = torch.tensor([-3.0, -6.0], dtype=torch.float64, requires_grad=True)
     kl_side = torch.tensor([-9.0, -9.0], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([-4.0, -5.0], dtype=torch.float64)
-    losses = LOSSES["kto"].fn(policy, kl_side, ref, ref, beta=0.5, labels=torch.tensor([1.0, 0.0]),
-                              kl=torch.tensor(0.4, dtype=torch.float64), desirable_weight=0.8, undesirable_weight=1.3)
+    losses = LOSSES["kto"].fn(
+        policy,
+        kl_side,
+        ref,
+        ref,
+        beta=0.5,
+        labels=torch.tensor([1.0, 0.0]),
+        kl=torch.tensor(0.4, dtype=torch.float64),
+        desirable_weight=0.8,
+        undesirable_weight=1.3,
+    )
     expected = [0.8 * (1 - sig(0.3)), 1.3 * (1 - sig(0.7))]
     assert losses.tolist() == pytest.approx(expected, abs=1e-12)
     assert expected == pytest.approx([0.3404459865, 0.4313558962], abs=1e-10)
     losses.sum().backward()
     # d/dπ: desirable −λD·β·σ'(0.3) < 0 (raise it); undesirable +λU·β·σ'(0.7) > 0 (lower it).
-    assert policy.grad.tolist() == pytest.approx([-0.8 * 0.5 * sig(0.3) * (1 - sig(0.3)),
-                                                  1.3 * 0.5 * sig(0.7) * (1 - sig(0.7))], abs=1e-12)
+    assert policy.grad.tolist() == pytest.approx(
+        [-0.8 * 0.5 * sig(0.3) * (1 - sig(0.3)), 1.3 * 0.5 * sig(0.7) * (1 - sig(0.7))], abs=1e-12
+    )
     assert kl_side.grad is None
 
 
 def test_apo_zero_unpaired_by_hand():
     # β = 0.5, h = ±1: desirable 0.8·(1 − σ(0.5)), undesirable 1.3·σ(−0.5); σ(0.5) = 0.6224593312.
     policy, ref = torch.tensor([-3.0, -6.0]), torch.tensor([-4.0, -5.0])
-    losses = LOSSES["apo_zero_unpaired"].fn(policy, policy, ref, ref, beta=0.5, labels=torch.tensor([1.0, 0.0]),
-                                            desirable_weight=0.8, undesirable_weight=1.3)
+    losses = LOSSES["apo_zero_unpaired"].fn(
+        policy,
+        policy,
+        ref,
+        ref,
+        beta=0.5,
+        labels=torch.tensor([1.0, 0.0]),
+        desirable_weight=0.8,
+        undesirable_weight=1.3,
+    )
     assert losses.tolist() == pytest.approx([0.8 * 0.3775406688, 1.3 * 0.3775406688], abs=1e-7)
 
 
@@ -173,11 +241,23 @@ def test_kl_estimate_and_combined_mean():
     estimate = kl_estimate(torch.tensor([-3.0, -5.0, -4.0]), torch.tensor([-4.0, -5.0, -1.0]))
     assert estimate.tolist() == [-2.0, 3.0]
     # combined_loss divides by the step's example count: 2 examples of a step of 4.
-    loss = combined_loss(["kto"], [1.0], policy_chosen_logps=torch.tensor([-1.0, -1.0]),
-                         policy_rejected_logps=torch.zeros(2), ref_chosen_logps=torch.tensor([-1.0, -1.0]),
-                         ref_rejected_logps=torch.zeros(2), chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2),
-                         num_pairs=4, num_chosen_tokens=2, labels=torch.tensor([1.0, 0.0]), kl=torch.tensor(0.0),
-                         beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+    loss = combined_loss(
+        ["kto"],
+        [1.0],
+        policy_chosen_logps=torch.tensor([-1.0, -1.0]),
+        policy_rejected_logps=torch.zeros(2),
+        ref_chosen_logps=torch.tensor([-1.0, -1.0]),
+        ref_rejected_logps=torch.zeros(2),
+        chosen_lengths=torch.ones(2),
+        rejected_lengths=torch.ones(2),
+        num_pairs=4,
+        num_chosen_tokens=2,
+        labels=torch.tensor([1.0, 0.0]),
+        kl=torch.tensor(0.0),
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=1.0,
+    )
     assert loss.item() == pytest.approx((0.5 + 0.5) / 4)  # h = z = 0: 1 − σ(0) = ½ each
 
 
@@ -187,9 +267,18 @@ def test_masked_means_are_over_each_label():
     metrics = example_metrics(policy, ref, torch.tensor([1.0, 0.0, 1.0]), 0.5, torch.tensor(0.25))
     sums = {k: v.sum() for k, v in metrics.items()} | {"loss": torch.tensor(0.3)}
     means = {k: v.item() for k, v in per_pair(sums, 3).items()}
-    assert means == pytest.approx({"rewards/chosen": 1.0, "rewards/rejected": -0.5, "rewards/margins": 1.5,
-                                   "logps/chosen": -2.0, "logps/rejected": -6.0, "kl": 0.25, "loss": 0.3,
-                                   "desirable_share": 2 / 3})
+    assert means == pytest.approx(
+        {
+            "rewards/chosen": 1.0,
+            "rewards/rejected": -0.5,
+            "rewards/margins": 1.5,
+            "logps/chosen": -2.0,
+            "logps/rejected": -6.0,
+            "kl": 0.25,
+            "loss": 0.3,
+            "desirable_share": 2 / 3,
+        }
+    )
     # A step without undesirable examples logs no mean over them (0 / 0), as TRL's KTOTrainer.
     only = example_metrics(policy, ref, torch.ones(3), 0.5)
     means = {k: v.item() for k, v in per_pair({k: v.sum() for k, v in only.items()}, 3).items()}
@@ -203,17 +292,45 @@ def test_masked_means_are_over_each_label():
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("kto")
     pairs = counting_pairs(24, seed=3)
-    rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
-            for i, p in enumerate(pairs)]
-    return {"model": str(save_model_folder(root / "model")), "root": root,
-            "unpaired": str(write_jsonl(rows, root / "kto.jsonl")),
-            "pairs": str(write_jsonl(pairs, root / "pairs.jsonl"))}
+    rows = [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+        for i, p in enumerate(pairs)
+    ]
+    return {
+        "model": str(save_model_folder(root / "model")),
+        "root": root,
+        "unpaired": str(write_jsonl(rows, root / "kto.jsonl")),
+        "pairs": str(write_jsonl(pairs, root / "pairs.jsonl")),
+    }
 
 
 def train(toy, out: Path, *extra: str) -> list[dict]:
-    assert main(["train", "--model", toy["model"], "--data", toy["unpaired"], "--output", str(out), "--loss", "kto",
-                 "--batch-size", "24", "--max-steps", "3", "--learning-rate", "1e-3", "--lr-scheduler", "constant",
-                 "--no-report", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                toy["model"],
+                "--data",
+                toy["unpaired"],
+                "--output",
+                str(out),
+                "--loss",
+                "kto",
+                "--batch-size",
+                "24",
+                "--max-steps",
+                "3",
+                "--learning-rate",
+                "1e-3",
+                "--lr-scheduler",
+                "constant",
+                "--no-report",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -232,16 +349,23 @@ def test_kto_trains_and_streaming_gives_the_same_run(toy, tmp_path, capsys):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--loss", "kto,sft"], "--loss kto trains on unpaired examples and cannot be combined with other losses"),
-    (["--loss", "kto", "--wpo"], "--wpo is defined for pairs and has no effect with --loss kto"),
-    (["--loss", "kto", "--batch-size", "1"], "--loss kto needs --batch-size of at least 2"),
-    (["--loss", "sigmoid", "--desirable-weight", "2"], "--desirable-weight has no effect with --loss sigmoid"),
-    (["--loss", "kto", "--undesirable-weight", "-1"], "--undesirable-weight must be zero or positive, got -1.0"),
-    (["--loss", "sigmoid", "--columns", "completion=answer"],
-     ("--columns completion=...: unpaired examples train only with --loss kto or apo_zero_unpaired, not --loss "
-      "sigmoid")),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss", "kto,sft"], "--loss kto trains on unpaired examples and cannot be combined with other losses"),
+        (["--loss", "kto", "--wpo"], "--wpo is defined for pairs and has no effect with --loss kto"),
+        (["--loss", "kto", "--batch-size", "1"], "--loss kto needs --batch-size of at least 2"),
+        (["--loss", "sigmoid", "--desirable-weight", "2"], "--desirable-weight has no effect with --loss sigmoid"),
+        (["--loss", "kto", "--undesirable-weight", "-1"], "--undesirable-weight must be zero or positive, got -1.0"),
+        (
+            ["--loss", "sigmoid", "--columns", "completion=answer"],
+            (
+                "--columns completion=...: unpaired examples train only with --loss kto or apo_zero_unpaired, not --loss "
+                "sigmoid"
+            ),
+        ),
+    ],
+)
 def test_bad_kto_flags(toy, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     argv = ["train", "--model", toy["model"], "--data", toy["unpaired"], "--output", str(out), "--max-steps", "1"]
@@ -258,10 +382,25 @@ def test_two_processes_train_kto_as_one(toy, tmp_path):
     process 0 runs two micro-batches, process 1 one, and pads the second KL all-reduce; the run must finish."""
     from test_distributed import torchrun
 
-    data = write_jsonl([json.loads(line) for line in Path(toy["unpaired"]).read_text().splitlines()][:21],
-                       tmp_path / "kto21.jsonl")
-    common = ["--model", toy["model"], "--data", str(data), "--loss", "kto", "--no-shuffle", "--epochs", "1",
-              "--learning-rate", "1e-3", "--lr-scheduler", "constant", "--no-report"]
+    data = write_jsonl(
+        [json.loads(line) for line in Path(toy["unpaired"]).read_text().splitlines()][:21], tmp_path / "kto21.jsonl"
+    )
+    common = [
+        "--model",
+        toy["model"],
+        "--data",
+        str(data),
+        "--loss",
+        "kto",
+        "--no-shuffle",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+        "--no-report",
+    ]
     one = tmp_path / "one"
     assert main(["train", *common, "--output", str(one), "--batch-size", "8"]) == 0
     two = tmp_path / "two"
@@ -275,8 +414,9 @@ def test_two_processes_train_kto_as_one(toy, tmp_path):
         for key in set(x) - timing:
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
     uneven = tmp_path / "uneven"
-    proc = torchrun(["train", *common, "--output", str(uneven), "--batch-size", "2", "--grad-accum", "2"],
-                    tmp_path / "cache")
+    proc = torchrun(
+        ["train", *common, "--output", str(uneven), "--batch-size", "2", "--grad-accum", "2"], tmp_path / "cache"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (uneven / "final").is_dir()
 
@@ -290,13 +430,15 @@ def test_audit_of_unpaired_examples(tmp_path, tiny_tokenizer, capsys):
     from preftune.data.audit_examples import audit_examples, longer_probability
     from preftune.data.unpaired import iter_examples
 
-    rows = [{"prompt": "Q: a", "completion": "good", "label": True},
-            {"prompt": "Q: a", "completion": "good", "label": True},
-            {"prompt": "Q: b", "completion": "ok", "label": True},
-            {"prompt": "Q: b", "completion": "ok", "label": False},
-            {"prompt": "Q: c", "completion": " ", "label": False},
-            {"prompt": "Q: d", "completion": "bad\ufffd", "label": True},
-            {"prompt": "Q: e", "completion": "meh", "label": False}]
+    rows = [
+        {"prompt": "Q: a", "completion": "good", "label": True},
+        {"prompt": "Q: a", "completion": "good", "label": True},
+        {"prompt": "Q: b", "completion": "ok", "label": True},
+        {"prompt": "Q: b", "completion": "ok", "label": False},
+        {"prompt": "Q: c", "completion": " ", "label": False},
+        {"prompt": "Q: d", "completion": "bad\ufffd", "label": True},
+        {"prompt": "Q: e", "completion": "meh", "label": False},
+    ]
     data = write_jsonl(rows, tmp_path / "kto.jsonl")
     held = write_jsonl([{"prompt": "Q: e", "completion": "x", "label": True}], tmp_path / "eval.jsonl")
     report = audit_examples(list(iter_examples(str(data))), list(iter_examples(str(held))))
@@ -318,8 +460,9 @@ def test_audit_of_unpaired_examples(tmp_path, tiny_tokenizer, capsys):
     # Through the CLI, with a tokenizer: lengths in tokens, --json written.
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "audit.json"
-    assert main(["audit", str(data), "--tokenizer", str(tmp_path / "tok"), "--max-length", "4", "--json",
-                 str(out)]) == 0
+    assert (
+        main(["audit", str(data), "--tokenizer", str(tmp_path / "tok"), "--max-length", "4", "--json", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("audit of 7 unpaired examples: 4 desirable, 3 undesirable (57.1% desirable)")
     saved = json.loads(out.read_text())

@@ -38,9 +38,18 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -62,8 +71,9 @@ def counting_pairs(n: int, seed: int) -> list[dict[str, str]]:
         bad = good[:]
         while bad == good:
             bad = rng.sample(good, len(good)) if rng.random() < 0.5 else [str(int(w) + 1) for w in good[::-1]]
-        rows.append({"prompt": f"count from {start} :", "chosen": " " + " ".join(good),
-                     "rejected": " " + " ".join(bad)})
+        rows.append(
+            {"prompt": f"count from {start} :", "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad)}
+        )
     return rows
 
 
@@ -77,12 +87,16 @@ def counting_rows_with_rejected_lists(n: int, k: int, seed: int) -> list[dict]:
         bad = {" ".join(rng.sample(good, length)) for _ in range(8)} | {" ".join(str(int(w) + 1) for w in good[::-1])}
         bad = sorted(bad - {" ".join(good)})
         if len(bad) >= k:
-            rows.append({"prompt": f"count from {start} :", "chosen": " " + " ".join(good),
-                         "rejected": [" " + b for b in rng.sample(bad, k)]})
+            rows.append(
+                {
+                    "prompt": f"count from {start} :",
+                    "chosen": " " + " ".join(good),
+                    "rejected": [" " + b for b in rng.sample(bad, k)],
+                }
+            )
     return rows
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-

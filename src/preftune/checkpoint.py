@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from preftune import lora
 from preftune.files import fsync, fsync_tree, give_default_modes
-from preftune.rundir import CHECKPOINTS, complete_checkpoints
+from preftune.rundir import CHECKPOINTS, FINAL, FINAL_MERGED, complete_checkpoints
+
 
 def write_atomically(final: Path, fill) -> None:
     """Call `fill(tmp_dir)` to write a folder, then move it to `final` in one rename."""
@@ -75,9 +77,15 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, reference=None, 
             save_file({k: v.contiguous() for k, v in states[0].items()}, str(tmp / "model.safetensors"))
         if reference is not None:
             save_model(reference, str(tmp / REFERENCE))
-        torch.save({"optimizer": optimizer.state_dict() if states is None else states[1],
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "step": step}, tmp / "state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict() if states is None else states[1],
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "step": step,
+            },
+            tmp / "state.pt",
+        )
 
     final = run_dir / CHECKPOINTS / f"step-{step:08d}"
     write_atomically(final, fill)
@@ -120,6 +128,33 @@ def _load_trainable(model, file: Path) -> None:
     saved = load_file(file, device=str(next(model.parameters()).device))
     expected = set(_trainable(model))
     if set(saved) != expected:
-        raise ValueError(f"{file}: holds {len(saved)} tensors, the model trains {len(expected)} "
-                         f"(e.g. {sorted(set(saved) ^ expected)[:1]})")
+        raise ValueError(
+            f"{file}: holds {len(saved)} tensors, the model trains {len(expected)} "
+            f"(e.g. {sorted(set(saved) ^ expected)[:1]})"
+        )
     model.load_state_dict(saved, strict=False)
+
+
+def save_final(run_dir: Path, policy, tokenizer, cfg, state: dict | None = None) -> Path:
+    """final/: the model, or with LoRA the adapter (PeftModel.from_pretrained loads it onto its base); with
+    --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer in both.
+    `state`: the whole model's state dict, gathered from --fsdp's shards."""
+    final = run_dir / FINAL
+    adapter = lora.enabled(cfg)
+
+    def fill(tmp: Path) -> None:
+        if adapter:
+            lora.save_adapter(policy, tmp, cfg)
+        else:
+            policy.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+
+    write_atomically(final, fill)
+    if adapter and cfg.merge:  # after final/: merging changes the policy in place
+
+        def fill_merged(tmp: Path) -> None:
+            lora.merge(policy, cfg).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        write_atomically(run_dir / FINAL_MERGED, fill_merged)
+    return final

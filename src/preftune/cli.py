@@ -67,8 +67,9 @@ def _audit(args: dict) -> None:
         if args[flag] is not None:
             tokenizer = load_tokenizer(args[flag], trust_remote_code=args["trust_remote_code"], what=f"--{flag}")
     audit = audit_examples if unpaired else audit_pairs
-    report = audit(data, held_out, tokenizer=tokenizer, max_length=args["max_length"],
-                   max_prompt_length=args["max_prompt_length"])
+    report = audit(
+        data, held_out, tokenizer=tokenizer, max_length=args["max_length"], max_prompt_length=args["max_prompt_length"]
+    )
     print("\n".join(report.lines()))
     for warning in report.warnings():
         print(f"warning: {warning}")
@@ -108,31 +109,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="preftune", description="Align language models on preference pairs (DPO and family).")
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_arguments(_command(sub, "train", _train, help="train a model on preference pairs",
-                           description="Train a causal LM on preference pairs with DPO or a related loss."))
-    add_arguments(_command(sub, "precompute", _precompute,
-                           help="compute and cache reference log-probs ahead of training",
-                           description="Fill the reference log-prob cache that `preftune train` with the same "
-                                       "model, data, length and dtype options then reuses (--output is ignored)."))
-    demo = _command(sub, "demo", _demo, help="the whole pipeline on a built-in sentiment task, offline",
-                    description="The DPO paper's controlled-sentiment experiment in miniature: a review "
-                                "corpus, a tiny Llama trained on it from scratch (SFT), preference pairs "
-                                "labelled by a sentiment reward, DPO, evaluation and the run report.")
+    add_arguments(
+        _command(
+            sub,
+            "train",
+            _train,
+            help="train a model on preference pairs",
+            description="Train a causal LM on preference pairs with DPO or a related loss.",
+        )
+    )
+    add_arguments(
+        _command(
+            sub,
+            "precompute",
+            _precompute,
+            help="compute and cache reference log-probs ahead of training",
+            description="Fill the reference log-prob cache that `preftune train` with the same "
+            "model, data, length and dtype options then reuses (--output is ignored).",
+        )
+    )
+    demo = _command(
+        sub,
+        "demo",
+        _demo,
+        help="the whole pipeline on a built-in sentiment task, offline",
+        description="The DPO paper's controlled-sentiment experiment in miniature: a review "
+        "corpus, a tiny Llama trained on it from scratch (SFT), preference pairs "
+        "labelled by a sentiment reward, DPO, evaluation and the run report.",
+    )
     _add_demo_arguments(demo, "runs/demo", quick="smaller sizes: about 1 minute on 2 CPU cores instead of 1.5")
-    frontier = _command(sub, "frontier", _frontier, help="reward vs KL of DPO at several β and of best-of-N sampling",
-                        description="The demo's corpus, SFT model and pairs, one DPO run per β sharing one "
-                                    "reference cache, best-of-N sampling from the SFT model (N = 2 … 64), "
-                                    "and the reward-vs-KL frontier in frontier.png and frontier.json.")
+    frontier = _command(
+        sub,
+        "frontier",
+        _frontier,
+        help="reward vs KL of DPO at several β and of best-of-N sampling",
+        description="The demo's corpus, SFT model and pairs, one DPO run per β sharing one "
+        "reference cache, best-of-N sampling from the SFT model (N = 2 … 64), "
+        "and the reward-vs-KL frontier in frontier.png and frontier.json.",
+    )
     _add_demo_arguments(frontier, "runs/frontier", quick="the demo's --quick sizes")
     frontier.add_argument("--betas", default="0.05,0.1,0.3,1", help="comma-separated β values (default 0.05,0.1,0.3,1)")
-    add_eval_arguments(_command(sub, "eval", _eval, help="evaluate a trained model against its reference",
-                                description="Held-out pair metrics (--data), samples from policy and reference with "
-                                            "KL, length, diversity and reward win rate (--prompts, --reward), and "
-                                            "refusal rates (--refusal-prompts). Prints a table; --json writes it."))
-    audit = _command(sub, "audit", _audit, help="check a preference dataset before training",
-                     description="Count duplicates, identical, empty and contradictory pairs, train/eval "
-                                 "prompt leakage, truncation, length bias and encoding problems. Exits 0 "
-                                 "whatever it finds (it is a report).")
+    add_eval_arguments(
+        _command(
+            sub,
+            "eval",
+            _eval,
+            help="evaluate a trained model against its reference",
+            description="Held-out pair metrics (--data), samples from policy and reference with "
+            "KL, length, diversity and reward win rate (--prompts, --reward), and "
+            "refusal rates (--refusal-prompts). Prints a table; --json writes it.",
+        )
+    )
+    audit = _command(
+        sub,
+        "audit",
+        _audit,
+        help="check a preference dataset before training",
+        description="Count duplicates, identical, empty and contradictory pairs, train/eval "
+        "prompt leakage, truncation, length bias and encoding problems. Exits 0 "
+        "whatever it finds (it is a report).",
+    )
     audit.add_argument("data", help="data file (.jsonl, .json, .csv, .parquet) or hub dataset owner/name")
     audit.add_argument("--eval-data", help="eval data: prompts shared with DATA are reported as leakage")
     tokens = audit.add_mutually_exclusive_group()
@@ -143,10 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--columns", help="column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k")
     audit.add_argument("--json", metavar="OUT", help="also write the findings to this JSON file")
     audit.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code shipped with the model")
-    report = _command(sub, "report", _report, help="plots and an HTML report of a run folder",
-                      description="Draw the run's metrics into RUN_DIR/plots/*.png and write "
-                                  "RUN_DIR/report.html: summary, warnings, plots, config, audit and eval "
-                                  "results in one self-contained page.")
+    report = _command(
+        sub,
+        "report",
+        _report,
+        help="plots and an HTML report of a run folder",
+        description="Draw the run's metrics into RUN_DIR/plots/*.png and write "
+        "RUN_DIR/report.html: summary, warnings, plots, config, audit and eval "
+        "results in one self-contained page.",
+    )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `preftune train`")
     return parser
 
@@ -155,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="preftune: %(message)s", stream=sys.stderr, force=True)
     # Only preftune's own lines, and other libraries' errors: their notices (matplotlib building its font cache,
     # bitsandbytes failing to fetch optional kernels) would print as if they were ours.
-    logging.getLogger().handlers[0].addFilter(lambda r: r.name.split(".")[0] == "preftune" or r.levelno >= logging.ERROR)
+    logging.getLogger().handlers[0].addFilter(
+        lambda r: r.name.split(".")[0] == "preftune" or r.levelno >= logging.ERROR
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the weight-loading bar says nothing useful for small models

@@ -38,40 +38,65 @@ class TrainConfig:
     ref_model: str | None = _opt(None, "Reference model folder. Default: a frozen copy of --model as loaded.")
     tokenizer: str | None = _opt(None, "Tokenizer folder. Default: the one saved with --model.")
     columns: str | None = _opt(None, "Column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k.")
-    on_identical: str = _opt("skip", "Pairs whose chosen equals rejected: skip (counted) or error.",
-                             ("skip", "error"))
-    stream: bool = _opt(False, "Data larger than memory: read --data (and --eval-data) a row at a time into token ids "
-                        "memory-mapped from OUTPUT/tokens/; skips the data audit at the start (run `preftune audit`).")
+    on_identical: str = _opt("skip", "Pairs whose chosen equals rejected: skip (counted) or error.", ("skip", "error"))
+    stream: bool = _opt(
+        False,
+        "Data larger than memory: read --data (and --eval-data) a row at a time into token ids "
+        "memory-mapped from OUTPUT/tokens/; skips the data audit at the start (run `preftune audit`).",
+    )
     # The objective.
     loss: str = _opt("sigmoid", f"Loss or comma-separated losses (docs/losses.md): {', '.join(LOSSES)}.")
     loss_weights: str | None = _opt(None, "Comma-separated weights, one per loss (default: all 1).")
-    beta: float = _opt(0.1, "β: strength of the tie to the reference (IPO: the regulariser τ; SimPO, CPO: the "
-                       "reward scale; ORPO: λ, the weight of the odds-ratio term).")
-    label_smoothing: float = _opt(0.0, "ε: assumed share of flipped labels (sigmoid = cDPO, robust, aot, "
-                                  "aot_unpaired, simpo, cpo); EXO's ε (exo_pair, paper: 1e-3).")
+    beta: float = _opt(
+        0.1,
+        "β: strength of the tie to the reference (IPO: the regulariser τ; SimPO, CPO: the "
+        "reward scale; ORPO: λ, the weight of the odds-ratio term).",
+    )
+    label_smoothing: float = _opt(
+        0.0,
+        "ε: assumed share of flipped labels (sigmoid = cDPO, robust, aot, "
+        "aot_unpaired, simpo, cpo); EXO's ε (exo_pair, paper: 1e-3).",
+    )
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin γ (as TRL's simpo_gamma).")
     cpo_alpha: float = _opt(1.0, "CPO: weight of the chosen response's NLL term (as TRL's cpo_alpha).")
     dpop_lambda: float = _opt(50.0, "DPO-Positive's λ: penalty on the chosen log-ratio falling below zero.")
-    rdpo_alpha: float | None = _opt(None, "R-DPO's α: weight of the length difference, chosen minus rejected "
-                                    "tokens (required with --loss rdpo; the paper tunes it per dataset).")
+    rdpo_alpha: float | None = _opt(
+        None,
+        "R-DPO's α: weight of the length difference, chosen minus rejected "
+        "tokens (required with --loss rdpo; the paper tunes it per dataset).",
+    )
     discopop_tau: float = _opt(0.05, "DiscoPOP's temperature τ (the paper's value, TRL's default).")
-    f_divergence: str = _opt("reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is standard DPO).",
-                             tuple(F_DIVERGENCES))
-    f_alpha: float = _opt(0.5, "α of --f-divergence alpha_divergence (TRL's f_alpha_divergence_coef: 1 → reverse "
-                          "KL, 0 → forward KL).")
-    ld_alpha: float | None = _opt(None, "LD-DPO's α (TRL's ld_alpha): in policy and reference log-probs, response "
-                                  "tokens beyond the shorter response of the pair count α times, α in (0, 1].")
-    ref_update: str | None = _opt(None, "TR-DPO: update the reference from the policy every --ref-update-every steps: "
-                                  "soft (ref ← α·policy + (1−α)·ref) or hard (ref ← policy). Keeps a live reference.",
-                                  ("soft", "hard"))
+    f_divergence: str = _opt(
+        "reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is standard DPO).", tuple(F_DIVERGENCES)
+    )
+    f_alpha: float = _opt(
+        0.5, "α of --f-divergence alpha_divergence (TRL's f_alpha_divergence_coef: 1 → reverse KL, 0 → forward KL)."
+    )
+    ld_alpha: float | None = _opt(
+        None,
+        "LD-DPO's α (TRL's ld_alpha): in policy and reference log-probs, response "
+        "tokens beyond the shorter response of the pair count α times, α in (0, 1].",
+    )
+    ref_update: str | None = _opt(
+        None,
+        "TR-DPO: update the reference from the policy every --ref-update-every steps: "
+        "soft (ref ← α·policy + (1−α)·ref) or hard (ref ← policy). Keeps a live reference.",
+        ("soft", "hard"),
+    )
     ref_update_every: int = _opt(512, "TR-DPO's τ: steps between reference updates (TRL's ref_model_sync_steps).")
     ref_update_alpha: float = _opt(0.6, "TR-DPO's α of --ref-update soft (TRL's ref_model_mixup_alpha).")
-    wpo: bool = _opt(False, "WPO (TRL's use_weighting): weight each pair's loss by the policy's own length-normalised "
-                     "probability of both responses, as if sampled from it.")
-    desirable_weight: float = _opt(1.0, "KTO's λD: weight of the desirable examples' losses (kto, "
-                                   "apo_zero_unpaired; as TRL's desirable_weight).")
-    undesirable_weight: float = _opt(1.0, "KTO's λU: weight of the undesirable examples' losses (kto, "
-                                     "apo_zero_unpaired; as TRL's undesirable_weight).")
+    wpo: bool = _opt(
+        False,
+        "WPO (TRL's use_weighting): weight each pair's loss by the policy's own length-normalised "
+        "probability of both responses, as if sampled from it.",
+    )
+    desirable_weight: float = _opt(
+        1.0, "KTO's λD: weight of the desirable examples' losses (kto, apo_zero_unpaired; as TRL's desirable_weight)."
+    )
+    undesirable_weight: float = _opt(
+        1.0,
+        "KTO's λU: weight of the undesirable examples' losses (kto, apo_zero_unpaired; as TRL's undesirable_weight).",
+    )
     # Optimisation.
     learning_rate: float = _opt(1e-6, "Peak learning rate of AdamW.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
@@ -87,52 +112,83 @@ class TrainConfig:
     # Sequences.
     max_length: int | None = _opt(1024, "Longest prompt + response in tokens (pairs beyond it are cut or dropped).")
     max_prompt_length: int | None = _opt(None, "Longest prompt in tokens; longer prompts lose their beginning.")
-    on_overlength: str = _opt("truncate", "Pairs longer than --max-length: truncate (counted) or drop (counted).",
-                              ("truncate", "drop"))
+    on_overlength: str = _opt(
+        "truncate", "Pairs longer than --max-length: truncate (counted) or drop (counted).", ("truncate", "drop")
+    )
     # Speed (every choice gives the same losses and gradients).
-    layout: str = _opt("packed", "packed: each prompt encoded once, LM head on response tokens only; padded: the "
-                       "plain layout (the packed one falls back to it, with a notice, for models it does not fit).",
-                       ("packed", "padded"))
+    layout: str = _opt(
+        "packed",
+        "packed: each prompt encoded once, LM head on response tokens only; padded: the "
+        "plain layout (the packed one falls back to it, with a notice, for models it does not fit).",
+        ("packed", "padded"),
+    )
     pack_tokens: int = _opt(0, "Packed layout: put several pairs in one row of up to N tokens (0: a row per pair).")
     group_by_length: bool = _opt(False, "Batch pairs of similar length together (less padding; still seeded).")
-    ref_cache: str | None = _opt(None, "Folder for cached reference log-probs (default: $PREFTUNE_CACHE or "
-                                 "~/.cache/preftune/reference).")
+    ref_cache: str | None = _opt(
+        None, "Folder for cached reference log-probs (default: $PREFTUNE_CACHE or ~/.cache/preftune/reference)."
+    )
     no_ref_cache: bool = _opt(False, "Run the reference model at every step instead of caching its log-probs.")
     # Precision and device.
-    dtype: str = _opt("float32", "Compute dtype (weights and optimizer state stay float32).",
-                      ("float32", "bfloat16"))
+    dtype: str = _opt("float32", "Compute dtype (weights and optimizer state stay float32).", ("float32", "bfloat16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
-    fsdp: bool = _opt(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
-                      "(FSDP2) instead of a whole copy in each; one process: no effect.")
+    fsdp: bool = _opt(
+        False,
+        "Under torchrun: shard parameters, gradients and optimizer state over the processes "
+        "(FSDP2) instead of a whole copy in each; one process: no effect.",
+    )
     trust_remote_code: bool = _opt(False, "Allow model code shipped with the model folder to run.")
     allow_pickle_weights: bool = _opt(False, "Load pickle .bin/.pt weights (can run code: only for files you trust).")
     # LoRA.
-    lora_r: int = _opt(0, "LoRA rank: train a low-rank adapter on the frozen model instead of every weight; final/ "
-                       "then holds the adapter (0: off). A --model folder that holds an adapter trains it further.")
+    lora_r: int = _opt(
+        0,
+        "LoRA rank: train a low-rank adapter on the frozen model instead of every weight; final/ "
+        "then holds the adapter (0: off). A --model folder that holds an adapter trains it further.",
+    )
     lora_alpha: float | None = _opt(None, "LoRA α: the adapter's update is scaled by α / r. Default: 2 × --lora-r.")
     lora_dropout: float = _opt(0.0, "LoRA dropout on the adapter's input while training.")
-    lora_targets: str = _opt("all-linear", "Modules that get an adapter: comma-separated names (e.g. q_proj,v_proj) "
-                             "or all-linear (every linear layer but the output layer).")
-    merge: bool = _opt(False, "With LoRA: also write final-merged/, the model with the adapter merged into its weights.")
-    load_in_4bit: bool = _opt(False, "QLoRA: load the base model's linear layers in 4 bits (NF4, bitsandbytes); "
-                              "only the LoRA adapter trains, so it needs --lora-r.")
-    load_in_8bit: bool = _opt(False, "Load the base model's linear layers in 8 bits (LLM.int8(), bitsandbytes); "
-                              "only the LoRA adapter trains, so it needs --lora-r.")
+    lora_targets: str = _opt(
+        "all-linear",
+        "Modules that get an adapter: comma-separated names (e.g. q_proj,v_proj) "
+        "or all-linear (every linear layer but the output layer).",
+    )
+    merge: bool = _opt(
+        False, "With LoRA: also write final-merged/, the model with the adapter merged into its weights."
+    )
+    load_in_4bit: bool = _opt(
+        False,
+        "QLoRA: load the base model's linear layers in 4 bits (NF4, bitsandbytes); "
+        "only the LoRA adapter trains, so it needs --lora-r.",
+    )
+    load_in_8bit: bool = _opt(
+        False,
+        "Load the base model's linear layers in 8 bits (LLM.int8(), bitsandbytes); "
+        "only the LoRA adapter trains, so it needs --lora-r.",
+    )
     # Bookkeeping.
-    log_every: int = _opt(1, "Bring metrics to the host every N steps (one line per step either way; fewer "
-                          "device syncs).")
+    log_every: int = _opt(
+        1, "Bring metrics to the host every N steps (one line per step either way; fewer device syncs)."
+    )
     eval_every: int = _opt(0, "Evaluate (--eval-data, --eval-prompts) every N steps (0: only at the end).")
-    eval_prompts: str | None = _opt(None, "Prompts (rows with a 'prompt' field) sampled from policy and reference "
-                                    "at each evaluation: KL to the reference, length, diversity (see `preftune eval`).")
-    eval_reward: str | None = _opt(None, "Score the --eval-prompts samples: a sequence-classification model folder "
-                                   "or a Python module:function (mean rewards, win rate).")
+    eval_prompts: str | None = _opt(
+        None,
+        "Prompts (rows with a 'prompt' field) sampled from policy and reference "
+        "at each evaluation: KL to the reference, length, diversity (see `preftune eval`).",
+    )
+    eval_reward: str | None = _opt(
+        None,
+        "Score the --eval-prompts samples: a sequence-classification model folder "
+        "or a Python module:function (mean rewards, win rate).",
+    )
     eval_max_new_tokens: int = _opt(64, "Longest sampled response of --eval-prompts, in tokens.")
     no_report: bool = _opt(False, "Do not write report.html and plots/ at the end of the run.")
     save_every: int = _opt(0, "Checkpoint every N steps (0: no intermediate checkpoints).")
     keep_last: int = _opt(0, "Keep only the newest K checkpoints (0: keep all).")
-    skip_nonfinite: bool = _opt(False, "Skip (and count) a step whose loss or gradient is NaN/inf instead of "
-                                "stopping the run (costs one device sync per step).")
+    skip_nonfinite: bool = _opt(
+        False,
+        "Skip (and count) a step whose loss or gradient is NaN/inf instead of "
+        "stopping the run (costs one device sync per step).",
+    )
     resume: bool = _opt(False, "Continue from the newest checkpoint in --output.")
     config: str | None = _opt(None, "YAML file with any of these options (flags override it).")
 
@@ -220,8 +276,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' is given twice",
-                                                            key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key_node.value}' is given twice", key_node.start_mark
+                    )
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
@@ -284,8 +341,9 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         _check_output(cfg.output)
     _validate_losses(cfg, explicit)
     _positive(cfg, "beta", "learning_rate", "batch_size", "grad_accum", "log_every")
-    _non_negative(cfg, "label_smoothing", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every",
-                  "save_every", "keep_last")
+    _non_negative(
+        cfg, "label_smoothing", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every", "keep_last"
+    )
     if "keep_last" in explicit and not cfg.save_every:
         raise UserError("--keep-last has no effect without --save-every")
     if cfg.max_steps is not None and cfg.epochs is not None:
@@ -296,8 +354,10 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
     if cfg.max_prompt_length is not None:
         _positive(cfg, "max_prompt_length")
         if cfg.max_length is not None and cfg.max_prompt_length >= cfg.max_length:
-            raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length "
-                            f"({cfg.max_length}) to leave room for the response")
+            raise UserError(
+                f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length "
+                f"({cfg.max_length}) to leave room for the response"
+            )
     if "eval_every" in explicit and cfg.eval_every and not (cfg.eval_data or cfg.eval_prompts):
         raise UserError("--eval-every has no effect without --eval-data or --eval-prompts")
     for name in ("eval_reward", "eval_max_new_tokens"):
@@ -334,11 +394,12 @@ def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:
     if cfg.ref_cache:
         raise UserError("--ref-update and --ref-cache contradict each other: an updated reference cannot be cached")
     if cfg.ref_model:
-        raise UserError("--ref-update moves the reference towards the policy: it cannot start from another "
-                        "--ref-model")
+        raise UserError("--ref-update moves the reference towards the policy: it cannot start from another --ref-model")
     if cfg.lora_r or carries_adapter(cfg.model):
-        raise UserError("--ref-update is not supported with LoRA (as in TRL): the reference is the policy's own base, "
-                        "with no weights of its own to update")
+        raise UserError(
+            "--ref-update is not supported with LoRA (as in TRL): the reference is the policy's own base, "
+            "with no weights of its own to update"
+        )
     _positive(cfg, "ref_update_every")
     if not (0 < cfg.ref_update_alpha <= 1):
         raise UserError(f"--ref-update-alpha must be in (0, 1], got {cfg.ref_update_alpha}")
@@ -347,8 +408,10 @@ def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:
 def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
     given = [n for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets") if n in explicit]
     if carries_adapter(cfg.model) and given:
-        raise UserError(f"{flag(given[0])}: --model {cfg.model} already carries a LoRA adapter, which trains further "
-                        "with its own settings (its adapter_config.json)")
+        raise UserError(
+            f"{flag(given[0])}: --model {cfg.model} already carries a LoRA adapter, which trains further "
+            "with its own settings (its adapter_config.json)"
+        )
     if cfg.lora_r < 0:
         raise UserError(f"--lora-r must be zero or positive, got {cfg.lora_r}")
     if not cfg.lora_r and not carries_adapter(cfg.model):
@@ -370,8 +433,9 @@ def _validate_quantization(cfg: TrainConfig) -> None:
     if len(given) == 2:
         raise UserError("--load-in-4bit and --load-in-8bit contradict each other: give one")
     if not cfg.lora_r and not carries_adapter(cfg.model):
-        raise UserError(f"{flag(given[0])}: a quantized model trains only through a LoRA adapter; add --lora-r "
-                        "(e.g. --lora-r 16)")
+        raise UserError(
+            f"{flag(given[0])}: a quantized model trains only through a LoRA adapter; add --lora-r (e.g. --lora-r 16)"
+        )
     if cfg.fsdp:
         raise UserError(f"--fsdp: not supported with {flag(given[0])}")
     try:
@@ -420,14 +484,22 @@ def _validate_losses(cfg: TrainConfig, explicit: set[str]) -> None:
         # reference-free trainers (CPO, SimPO, ORPO) stay unweighted.
         free = [n for n in names if not LOSSES[n].needs_reference]
         if free:
-            raise UserError(f"--ld-alpha is not defined for --loss {free[0]} (only for losses with a reference, "
-                            "as TRL's DPOTrainer)")
+            raise UserError(
+                f"--ld-alpha is not defined for --loss {free[0]} (only for losses with a reference, "
+                "as TRL's DPOTrainer)"
+            )
     _validate_loss_rules(cfg)
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     _validate_unpaired(cfg)
-    _non_negative(cfg, *(o for o in ("simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha", "desirable_weight",
-                                     "undesirable_weight") if o in used))
+    _non_negative(
+        cfg,
+        *(
+            o
+            for o in ("simpo_gamma", "cpo_alpha", "dpop_lambda", "rdpo_alpha", "desirable_weight", "undesirable_weight")
+            if o in used
+        ),
+    )
     _positive(cfg, *(o for o in ("discopop_tau",) if o in used))
     if "f_alpha" in used and not math.isfinite(cfg.f_alpha):
         raise UserError(f"--f-alpha must be finite, got {cfg.f_alpha}")
@@ -443,8 +515,9 @@ def _validate_loss_rules(cfg: TrainConfig) -> None:
         spec = LOSSES[name]
         for option, allowed in spec.ranges.items():
             if getattr(cfg, option) not in allowed:
-                raise UserError(f"{flag(option)} must be in {allowed} for the {name} loss{allowed.note}, "
-                                f"got {getattr(cfg, option)}")
+                raise UserError(
+                    f"{flag(option)} must be in {allowed} for the {name} loss{allowed.note}, got {getattr(cfg, option)}"
+                )
         for option, why in spec.requires.items():
             if getattr(cfg, option) is None:
                 raise UserError(f"--loss {name} needs {flag(option)} ({why})")
@@ -463,12 +536,16 @@ def _validate_unpaired(cfg: TrainConfig) -> None:
     if not unpaired:
         named = [n for n in ("completion", "label") if n in parse_columns(cfg.columns)]
         if named:
-            raise UserError(f"--columns {named[0]}=...: unpaired examples train only with --loss kto or "
-                            f"apo_zero_unpaired, not --loss {cfg.loss}")
+            raise UserError(
+                f"--columns {named[0]}=...: unpaired examples train only with --loss kto or "
+                f"apo_zero_unpaired, not --loss {cfg.loss}"
+            )
         return
     if len(cfg.losses) > 1:
-        raise UserError(f"--loss {unpaired[0]} trains on unpaired examples and cannot be combined with other losses "
-                        f"(--loss {cfg.loss})")
+        raise UserError(
+            f"--loss {unpaired[0]} trains on unpaired examples and cannot be combined with other losses "
+            f"(--loss {cfg.loss})"
+        )
     for name, active in (("--wpo", cfg.wpo), ("--ld-alpha", cfg.ld_alpha is not None)):
         if active:
             raise UserError(f"{name} is defined for pairs and has no effect with --loss {unpaired[0]}")
@@ -486,8 +563,10 @@ def _validate_f_divergence(cfg: TrainConfig, explicit: set[str]) -> None:
     supported = [n for n in LOSSES if "f_divergence" in loss_params(n)]
     unsupported = [n for n in cfg.losses if LOSSES[n].reward is not None and n not in supported]
     if unsupported:
-        raise UserError(f"--f-divergence {cfg.f_divergence} is not defined for --loss {unsupported[0]} (only for "
-                        f"{', '.join(supported)})")
+        raise UserError(
+            f"--f-divergence {cfg.f_divergence} is not defined for --loss {unsupported[0]} (only for "
+            f"{', '.join(supported)})"
+        )
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

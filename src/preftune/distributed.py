@@ -132,13 +132,16 @@ def local_device(device: torch.device) -> torch.device:
     if me.size == 1 or device.type != "cuda":
         return device
     if device.index is not None:
-        raise UserError(f"--device {device}: with {me.size} processes each one uses cuda:LOCAL_RANK; "
-                        "pass --device cuda (or auto)")
+        raise UserError(
+            f"--device {device}: with {me.size} processes each one uses cuda:LOCAL_RANK; pass --device cuda (or auto)"
+        )
     # Every process of a machine sees the same counts: all of them stop here together, or none does.
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", me.size))
     if per_machine > torch.cuda.device_count():
-        raise UserError(f"--device cuda: {per_machine} processes on this machine but only "
-                        f"{torch.cuda.device_count()} CUDA devices; start one process per GPU")
+        raise UserError(
+            f"--device cuda: {per_machine} processes on this machine but only "
+            f"{torch.cuda.device_count()} CUDA devices; start one process per GPU"
+        )
     return torch.device("cuda", me.local_rank)
 
 
@@ -153,7 +156,7 @@ def share(items: list[T], rank: int, size: int, unit: int = 1) -> list[T]:
     share([a, b, c, d, e, f], r, 2, unit=2) → [a, b, c, d] for r = 0, [e, f] for r = 1."""
     base, extra = divmod(len(items) // unit, size)
     start = rank * base + min(rank, extra)
-    return items[start * unit:(start + base + (rank < extra)) * unit]
+    return items[start * unit : (start + base + (rank < extra)) * unit]
 
 
 def missing_rounds(num_items: int, batch_size: int, done: int) -> int:

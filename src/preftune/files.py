@@ -63,8 +63,9 @@ def write_json(path: str | Path, obj: Any) -> None:
     a reader never sees half a file, and a failed write leaves the old one. The `--json` and run-folder files
     (eval.json, audit.json) are written here."""
     try:
-        write_file_atomically(Path(path), json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False)
-                              + "\n")
+        write_file_atomically(
+            Path(path), json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        )
     except OSError as e:
         raise UserError(f"--json {path}: cannot write ({e.strerror})") from None
 

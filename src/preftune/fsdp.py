@@ -40,15 +40,19 @@ def check_supported(cfg) -> None:
     Refused with one process too, where --fsdp does nothing: a config then behaves alike under torchrun."""
     if not cfg.fsdp:
         return
-    refused = [(lora.enabled(cfg), "LoRA (--lora-r, or a --model that holds an adapter): train adapters without it"),
-               (cfg.ref_update, "--ref-update (the live reference would be updated from sharded weights)"),
-               (cfg.eval_prompts, "--eval-prompts (sampling on rank 0 alone would wait for the other processes)")]
+    refused = [
+        (lora.enabled(cfg), "LoRA (--lora-r, or a --model that holds an adapter): train adapters without it"),
+        (cfg.ref_update, "--ref-update (the live reference would be updated from sharded weights)"),
+        (cfg.eval_prompts, "--eval-prompts (sampling on rank 0 alone would wait for the other processes)"),
+    ]
     for given, what in refused:
         if given:
             raise UserError(f"--fsdp: not supported with {what}")
     if cfg.needs_kl:
-        raise UserError(f"--fsdp: not supported with --loss {cfg.loss} (its KL estimate is exchanged between "
-                        "processes in the middle of each micro-batch)")
+        raise UserError(
+            f"--fsdp: not supported with --loss {cfg.loss} (its KL estimate is exchanged between "
+            "processes in the middle of each micro-batch)"
+        )
 
 
 SHARDED_PACKED = logps.FSDP_PACKED  # the packed pass, as a method of the sharded model (see `logps._packed`)
@@ -93,8 +97,9 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def run_empty_rounds(model: torch.nn.Module, batch, rounds: int, backward: bool, dtype: str,
-                     ld_alpha: float | None) -> None:
+def run_empty_rounds(
+    model: torch.nn.Module, batch, rounds: int, backward: bool, dtype: str, ld_alpha: float | None
+) -> None:
     """Run `rounds` micro-batches that this process lacks in a step (`distributed.missing_rounds`) on `batch` (any
     pair), with the loss multiplied by zero: the gathers and reduce-scatters of every process then match, and the
     gradients and metrics are unchanged."""
@@ -155,8 +160,10 @@ def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     if not distributed.world().is_main:
         return {}
     number = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
-    return {"state": {number[name]: value for name, value in state["state"].items()},
-            "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {number[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def load_full_states(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
@@ -173,6 +180,8 @@ def load_full_states(model: torch.nn.Module, optimizer, model_state: dict, optim
     set_model_state_dict(model, model_state, options=_options())
     # The names of the parameters in `param_groups` order; a sharded (not full) state dict needs no exchange.
     names = [n for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for n in g["params"]]
-    state = {"state": {names[i]: value for i, value in optimizer_state["state"].items()},
-             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
+    state = {
+        "state": {names[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+    }
     set_optimizer_state_dict(model, optimizer, state, options=_options())

@@ -45,8 +45,10 @@ def _check_weights(path: str, what: str, allow_pickle: bool = False) -> None:
         log.warning("%s %s: loading pickle weights (%s) as --allow-pickle-weights asks", what, path, pickles[0])
         return
     if pickles:
-        raise UserError(f"{what} {path}: holds only pickle weights ({pickles[0]}), which can run code when loaded; "
-                        "convert them to safetensors (or pass --allow-pickle-weights if you trust the files)")
+        raise UserError(
+            f"{what} {path}: holds only pickle weights ({pickles[0]}), which can run code when loaded; "
+            "convert them to safetensors (or pass --allow-pickle-weights if you trust the files)"
+        )
     raise UserError(f"{what} {path}: no weights (*.safetensors) in the folder")
 
 
@@ -78,8 +80,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "-
     return tokenizer
 
 
-def causal_lm_config(path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
-                     what: str = "--model"):
+def causal_lm_config(
+    path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False, what: str = "--model"
+):
     """The model's config, after checking that `path` holds a causal LM with safe weights (cheap: no weights read).
 
     allow_pickle_weights: accept a folder whose only weights are pickle files (.bin, .pt, ...)."""
@@ -91,23 +94,31 @@ def causal_lm_config(path: str, *, trust_remote_code: bool = False, allow_pickle
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise UserError(f"{what} {path}: the model needs its own code to run; pass --trust-remote-code "
-                            "if you trust its author") from None
+            raise UserError(
+                f"{what} {path}: the model needs its own code to run; pass --trust-remote-code if you trust its author"
+            ) from None
         raise UserError(f"{what} {path}: unreadable config ({_first_line(e)})") from None
     except OSError as e:
         raise UserError(f"{what} {path}: cannot load ({_first_line(e)})") from None
     remote = bool(getattr(config, "auto_map", None))
     if remote and not trust_remote_code:
         # For a model type it knows, transformers would quietly load its own code instead: maybe another model.
-        native = (f", or delete auto_map from config.json to use transformers' own '{config.model_type}' code"
-                  if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "")
-        raise UserError(f"{what} {path}: the model ships its own code (auto_map in config.json); pass "
-                        f"--trust-remote-code if you trust its author{native}")
+        native = (
+            f", or delete auto_map from config.json to use transformers' own '{config.model_type}' code"
+            if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            else ""
+        )
+        raise UserError(
+            f"{what} {path}: the model ships its own code (auto_map in config.json); pass "
+            f"--trust-remote-code if you trust its author{native}"
+        )
     if not remote and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{what} {path}: model type '{config.model_type}' is not a causal language model")
     if not remote and _is_bidirectional_encoder(config):
-        raise UserError(f"{what} {path}: model type '{config.model_type}' is a bidirectional encoder (config.json "
-                        "does not set is_decoder: true), not a causal language model")
+        raise UserError(
+            f"{what} {path}: model type '{config.model_type}' is a bidirectional encoder (config.json "
+            "does not set is_decoder: true), not a causal language model"
+        )
     _check_weights(path, what, allow_pickle_weights)
     return config
 
@@ -118,13 +129,23 @@ def _is_bidirectional_encoder(config) -> bool:
     loaded as their causal decoder."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
-            and not getattr(config, "is_decoder", False))
+    return (
+        config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_encoder_decoder", False)
+        and not getattr(config, "is_decoder", False)
+    )
 
 
-def load_causal_lm(path: str, *, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
-                   what: str = "--model", bits: int | None = None, compute_dtype: str = "float32",
-                   device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_causal_lm(
+    path: str,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
+    what: str = "--model",
+    bits: int | None = None,
+    compute_dtype: str = "float32",
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
     """A float32 causal LM in eval mode on the CPU. Raises UserError when `path` is not one.
 
     bits: 4 or 8 loads its linear layers (all but the output layer) quantized by bitsandbytes, straight onto
@@ -134,15 +155,23 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, allow_pickle_w
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    config = causal_lm_config(path, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights,
-                              what=what)
-    quantized = {} if bits is None else {"quantization_config": bnb_config(bits, compute_dtype),
-                                         "device_map": {"": str(device)}}
+    config = causal_lm_config(
+        path, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights, what=what
+    )
+    quantized = (
+        {}
+        if bits is None
+        else {"quantization_config": bnb_config(bits, compute_dtype), "device_map": {"": str(device)}}
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            path,
+            config=config,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
             # None: safetensors when the folder has them, pickle only when it has nothing else.
-            use_safetensors=None if allow_pickle_weights else True, **quantized,
+            use_safetensors=None if allow_pickle_weights else True,
+            **quantized,
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{what} {path}: cannot load the weights ({_first_line(e)})") from None
@@ -170,8 +199,12 @@ def bnb_config(bits: int, compute_dtype: str):
         # call: a warning per layer per step that says nothing new (the README says it once).
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
 
 
 def _first_line(e: Exception) -> str:
@@ -203,9 +236,15 @@ def read_adapter_config(folder: str) -> dict:
         raise UserError(f"--model {folder}: {ADAPTER_CONFIG} field 'peft_type' must be LORA, got {kind!r}")
     if not Path(folder, ADAPTER_WEIGHTS).is_file():
         pickled = Path(folder, "adapter_model.bin").is_file()
-        raise UserError(f"--model {folder}: " + ("holds only pickle adapter weights (adapter_model.bin), which can "
-                                                 "run code when loaded; convert them to safetensors" if pickled
-                                                 else f"no adapter weights ({ADAPTER_WEIGHTS})"))
+        raise UserError(
+            f"--model {folder}: "
+            + (
+                "holds only pickle adapter weights (adapter_model.bin), which can "
+                "run code when loaded; convert them to safetensors"
+                if pickled
+                else f"no adapter weights ({ADAPTER_WEIGHTS})"
+            )
+        )
     return config
 
 
@@ -216,13 +255,26 @@ def base_model_path(model: str) -> str:
         return model
     base = read_adapter_config(model).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise UserError(f"--model {model}: {ADAPTER_CONFIG} field 'base_model_name_or_path' must name the base "
-                        f"model, got {base!r}")
+        raise UserError(
+            f"--model {model}: {ADAPTER_CONFIG} field 'base_model_name_or_path' must name the base model, got {base!r}"
+        )
     looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
     if looks_local and not Path(base).expanduser().is_dir():
-        raise UserError(f"--model {model}: {ADAPTER_CONFIG} field 'base_model_name_or_path' names {base!r}, which "
-                        "is not a folder here")
+        raise UserError(
+            f"--model {model}: {ADAPTER_CONFIG} field 'base_model_name_or_path' names {base!r}, which "
+            "is not a folder here"
+        )
     return str(Path(base).expanduser()) if looks_local else base
+
+
+def load_run_tokenizer(model: str, base: str, tokenizer: str | None, trust_remote_code: bool = False):
+    """--tokenizer if given, else the one saved with --model (for a folder holding only an adapter: see
+    `load_adapter_tokenizer`; `base`: `base_model_path(model)`)."""
+    if tokenizer or base == model:
+        return load_tokenizer(
+            tokenizer or model, trust_remote_code=trust_remote_code, what="--tokenizer" if tokenizer else "--model"
+        )
+    return load_adapter_tokenizer(model, base, trust_remote_code=trust_remote_code)
 
 
 def load_adapter_tokenizer(folder: str, base: str, trust_remote_code: bool = False):

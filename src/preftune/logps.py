@@ -56,8 +56,9 @@ def _token_logps(logits: Tensor, targets: LongTensor) -> Tensor:
     return torch.stack(rows)
 
 
-def sequence_logps(logits: Tensor, input_ids: LongTensor, response_mask: LongTensor,
-                   token_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sequence_logps(
+    logits: Tensor, input_ids: LongTensor, response_mask: LongTensor, token_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Sum of log p(token_t | tokens_<t) over response tokens, per row.
 
     logits [N, T, V], input_ids [N, T], response_mask [N, T] (1 on response tokens) → (logps [N] float32,
@@ -75,8 +76,7 @@ def sequence_logps(logits: Tensor, input_ids: LongTensor, response_mask: LongTen
     return token_logps.sum(-1), mask.sum(-1)
 
 
-def padded_logps(model: torch.nn.Module, batch: PaddedBatch,
-                 ld_alpha: float | None = None) -> SequenceLogps:
+def padded_logps(model: torch.nn.Module, batch: PaddedBatch, ld_alpha: float | None = None) -> SequenceLogps:
     """Run `model` on a `PaddedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
 
     With `ld_alpha`, the log-probs are LD-DPO's (see `_ld_weights`)."""
@@ -126,10 +126,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk):
-            logits = _chunk_logits(hidden[start:start + chunk], weight, bias, dtype)
-            picked = logits.gather(-1, targets[start:start + chunk, None]).squeeze(-1)
-            lse[start:start + chunk] = _logsumexp_(logits)
-            out[start:start + chunk] = picked - lse[start:start + chunk]
+            logits = _chunk_logits(hidden[start : start + chunk], weight, bias, dtype)
+            picked = logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
+            lse[start : start + chunk] = _logsumexp_(logits)
+            out[start : start + chunk] = picked - lse[start : start + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
@@ -139,7 +139,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        )
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = start + ctx.chunk
             h = hidden[start:end]
@@ -178,19 +180,26 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: to
 CHUNK_ELEMENTS = 2**25
 
 
-def token_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chunk: int | None = None,
-                dtype: torch.dtype | None = None) -> Tensor:
+def token_logps(
+    hidden: Tensor,
+    head: torch.nn.Linear,
+    targets: LongTensor,
+    chunk: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """Per-position log p(targets) [N] float32 from hidden states [N, H] through the LM head `head`.
 
     `chunk` rows of logits exist at a time (default: CHUNK_ELEMENTS // vocabulary)."""
     chunk = chunk or max(16, CHUNK_ELEMENTS // head.weight.shape[0])
-    dtype = dtype or (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
-                      else hidden.dtype)
+    dtype = dtype or (
+        torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    )
     return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
 
 
-def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int | None = None,
-                 ld_alpha: float | None = None) -> SequenceLogps:
+def packed_logps(
+    model: torch.nn.Module, batch: PackedBatch, chunk: int | None = None, ld_alpha: float | None = None
+) -> SequenceLogps:
     """Run `model` on a `PackedBatch` → (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths), each [B].
 
     The decoder runs once over the packed rows; hidden states are gathered at the N positions that predict
@@ -203,26 +212,31 @@ def packed_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int | None =
 FSDP_PACKED = "preftune_sharded_packed"
 
 
-def _packed(model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool,
-            ld_alpha: float | None) -> tuple[Tensor, ...]:
+def _packed(
+    model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool, ld_alpha: float | None
+) -> tuple[Tensor, ...]:
     """`packed_logps`, plus the chosen and rejected WPO log-weights ([B] each) when `wpo`."""
     sharded = getattr(model, FSDP_PACKED, None)  # reads head.weight outside forward: FSDP must gather it first
     return (sharded or functools.partial(packed_run, model))(batch, chunk, wpo, ld_alpha)
 
 
-def packed_run(model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool,
-               ld_alpha: float | None) -> tuple[Tensor, ...]:
+def packed_run(
+    model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool, ld_alpha: float | None
+) -> tuple[Tensor, ...]:
     """`_packed` on a model whose weights are all present here."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     sdpa = model.config._attn_implementation == "sdpa"
     mask = batch.attention_mask(None if sdpa else next(model.parameters()).dtype)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                     use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
     per_token = token_logps(picked, head, batch.target_ids, chunk)
     sequences = 2 * batch.num_pairs
     weighted = per_token if ld_alpha is None else per_token * _packed_ld_weights(batch, ld_alpha)
-    logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(0, batch.target_seq, weighted)
+    logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(
+        0, batch.target_seq, weighted
+    )
     out = (*logps.chunk(2), *batch.lengths.chunk(2))
     if not wpo:
         return out
@@ -241,8 +255,9 @@ def _packed_ld_weights(batch: PackedBatch, ld_alpha: float) -> Tensor:
     return _ld_weights(rank, _shared_lengths(batch.lengths)[batch.target_seq], ld_alpha)
 
 
-def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
-                  ld_alpha: float | None = None) -> SequenceLogps:
+def compute_logps(
+    model: torch.nn.Module, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None
+) -> SequenceLogps:
     """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) for either layout; LD-DPO's log-probs
     with `ld_alpha` (None: plain sums)."""
     if isinstance(batch, PackedBatch):
@@ -256,8 +271,9 @@ def compute_logps(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
 # that of a token the policy would sample (Σ_v p(v)² = E_v~p[p(v)]). As in TRL, the weights carry no gradient.
 
 
-def compute_logps_wpo(model: torch.nn.Module, batch: PackedBatch | PaddedBatch,
-                      ld_alpha: float | None = None) -> WeightedLogps:
+def compute_logps_wpo(
+    model: torch.nn.Module, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None
+) -> WeightedLogps:
     """`compute_logps` plus the WPO log-weights of the chosen and rejected responses: (chosen_logps,
     rejected_logps, chosen_lengths, rejected_lengths, chosen_log_weights, rejected_log_weights), each [B].
 
@@ -280,12 +296,20 @@ def _aligned_logps(logits: Tensor, targets: LongTensor) -> Tensor:
 def _chunked_aligned_logps(hidden: Tensor, head: torch.nn.Linear, targets: LongTensor, chunk: int | None) -> Tensor:
     """`_aligned_logps` [N] of the hidden states [N, H] through the LM head, chunk rows of logits at a time."""
     chunk = chunk or max(16, CHUNK_ELEMENTS // head.weight.shape[0])
-    dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
-             else hidden.dtype)
+    dtype = (
+        torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    )
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat([_aligned_logps(_chunk_logits(hidden[start:start + chunk], head.weight, head.bias, dtype),
-                                     targets[start:start + chunk]) for start in range(0, hidden.shape[0], chunk)])
+    return torch.cat(
+        [
+            _aligned_logps(
+                _chunk_logits(hidden[start : start + chunk], head.weight, head.bias, dtype),
+                targets[start : start + chunk],
+            )
+            for start in range(0, hidden.shape[0], chunk)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -322,7 +346,6 @@ def choose_layout(requested: str, policy, pairs: list[TokenizedPair], pad_id: in
     probe = [TokenizedPair(p.prompt_ids[-16:], p.chosen_ids[:8], p.rejected_ids[:8], p.where) for p in pairs[:2]]
     problem = packed_layout_works(policy, probe, pad_id)
     if problem:
-        log.warning("packed layout does not fit %s (%s): using the plain padded layout",
-                    type(policy).__name__, problem)
+        log.warning("packed layout does not fit %s (%s): using the plain padded layout", type(policy).__name__, problem)
         return "padded"
     return "packed"

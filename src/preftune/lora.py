@@ -31,7 +31,7 @@ import torch
 
 from preftune import refcache
 from preftune.errors import UserError
-from preftune.loading import base_model_path, carries_adapter, read_adapter_config
+from preftune.loading import base_model_path, carries_adapter, load_causal_lm, read_adapter_config
 from preftune.reference import PolicyReference
 
 if TYPE_CHECKING:
@@ -54,6 +54,22 @@ def enabled(cfg: TrainConfig) -> bool:
 # ---------------------------------------------------------------------------------------------------- wrapping
 
 
+def load_policy(base: str, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The policy of a run: the model at `base` (quantized with --load-in-4bit/8bit) with its adapter if any, on
+    `device`. Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any
+    device (a quantized base is loaded onto the device directly; peft still draws the adapter's weights on the
+    CPU)."""
+    model = load_causal_lm(
+        base,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle_weights=cfg.allow_pickle_weights,
+        bits=bits(cfg),
+        compute_dtype=cfg.dtype,
+        device=device,
+    )
+    return wrap(model, cfg).to(device)
+
+
 def wrap(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """The policy to train: `model` itself without LoRA, else a PeftModel whose adapter alone is trainable.
 
@@ -64,8 +80,9 @@ def wrap(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     try:
         import peft  # noqa: F401
     except ImportError:  # not a dependency of preftune itself
-        raise UserError("LoRA (--lora-r, or a --model folder holding an adapter) needs the peft package: "
-                        "pip install peft") from None
+        raise UserError(
+            "LoRA (--lora-r, or a --model folder holding an adapter) needs the peft package: pip install peft"
+        ) from None
     return _load_adapter(model, cfg.model) if carries_adapter(cfg.model) else _add_adapter(model, cfg)
 
 
@@ -83,8 +100,13 @@ def alpha(cfg: TrainConfig) -> float:
 def _add_adapter(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=alpha(cfg), lora_dropout=cfg.lora_dropout,
-                        target_modules=_targets(model, cfg.lora_targets), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=alpha(cfg),
+        lora_dropout=cfg.lora_dropout,
+        target_modules=_targets(model, cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
     with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(cfg.seed)  # A's init: reproducible, and the run's own RNG stream is left untouched
         policy = get_peft_model(model, config)
@@ -117,13 +139,16 @@ def _targets(model: torch.nn.Module, spec: str) -> str | list[str]:
         matched = [m for key, m in modules.items() if key == name or key.endswith("." + name)]
         if not name or not matched:
             known = sorted({key.rsplit(".", 1)[-1] for key, m in modules.items() if m is not head})
-            raise UserError(f"--lora-targets: no linear or embedding module named {name!r} in the model "
-                            f"(its modules: {', '.join(known)}; or all-linear)")
+            raise UserError(
+                f"--lora-targets: no linear or embedding module named {name!r} in the model "
+                f"(its modules: {', '.join(known)}; or all-linear)"
+            )
         if any(m is head for m in matched):
             # The packed layout runs the LM head in its own chunked kernel on head.weight: an adapter there
             # would be skipped without a word.
-            raise UserError(f"--lora-targets: {name} is the output layer, which cannot take an adapter here; "
-                            "leave it out")
+            raise UserError(
+                f"--lora-targets: {name} is the output layer, which cannot take an adapter here; leave it out"
+            )
     return names
 
 
@@ -139,8 +164,10 @@ def _load_adapter(model: torch.nn.Module, folder: str) -> torch.nn.Module:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {folder}: the adapter does not fit its base model ({first})") from None
     if isinstance(policy.get_output_embeddings(), BaseTunerLayer):
-        raise UserError(f"--model {folder}: the adapter adapts the output layer, which preftune runs in its own "
-                        "kernel; merge it into the model first")
+        raise UserError(
+            f"--model {folder}: the adapter adapts the output layer, which preftune runs in its own "
+            "kernel; merge it into the model first"
+        )
     policy.peft_config[TRAINED].base_model_name_or_path = _portable(model.name_or_path)
     return policy
 
@@ -228,8 +255,9 @@ def save_adapter(policy: torch.nn.Module, folder: Path, cfg: TrainConfig) -> Non
     # With an embedding among the targets peft would also save the whole (frozen, unchanged) embedding matrix, in
     # case the vocabulary was resized: never so for a fresh adapter; a loaded adapter keeps peft's own choice.
     embeddings = "auto" if carries_adapter(cfg.model) else False
-    policy.save_pretrained(folder, selected_adapters=[TRAINED], safe_serialization=True,
-                           save_embedding_layers=embeddings)
+    policy.save_pretrained(
+        folder, selected_adapters=[TRAINED], safe_serialization=True, save_embedding_layers=embeddings
+    )
 
 
 def merge(policy: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -245,12 +273,13 @@ def merge(policy: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         return policy.merge_and_unload(adapter_names=[TRAINED])
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from preftune.loading import load_causal_lm
-
     adapter = get_peft_model_state_dict(policy, adapter_name=TRAINED)
     config = policy.peft_config[TRAINED]
-    full = load_causal_lm(base_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code,
-                          allow_pickle_weights=cfg.allow_pickle_weights)
+    full = load_causal_lm(
+        base_model_path(cfg.model),
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle_weights=cfg.allow_pickle_weights,
+    )
     with _quiet():
         merged = PeftModel(full, config, adapter_name=TRAINED)
     loaded = set_peft_model_state_dict(merged, adapter, adapter_name=TRAINED)

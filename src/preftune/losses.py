@@ -65,14 +65,17 @@ def _ranged(**ranges: Range):
         def checked(*args, **kwargs):
             for option, allowed in ranges.items():
                 if kwargs[option] not in allowed:
-                    raise UserError(f"--{option.replace('_', '-')} must lie in {allowed} for the '{fn.__name__}' "
-                                    f"loss{allowed.note}, got {kwargs[option]}")
+                    raise UserError(
+                        f"--{option.replace('_', '-')} must lie in {allowed} for the '{fn.__name__}' "
+                        f"loss{allowed.note}, got {kwargs[option]}"
+                    )
             return fn(*args, **kwargs)
 
         checked.ranges = ranges
         return checked
 
     return decorate
+
 
 # ---------------------------------------------------------------------------------------------------- f-divergences
 # f-DPO (Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
@@ -109,9 +112,12 @@ F_DIVERGENCES: dict[str, FDivergence] = {
     "reverse_kl": FDivergence(_reverse_kl, "log t (standard DPO)"),
     "forward_kl": FDivergence(_forward_kl, "1 − 1/t"),
     "js_divergence": FDivergence(_js_divergence, "log(2t / (1 + t))"),
-    "alpha_divergence": FDivergence(_alpha_divergence, "(t^(α−1) − 1) / (α − 1), α = `--f-alpha` (TRL's "
-                                    "`f_alpha_divergence_coef`: α → 1 is reverse KL, α = 0 forward KL; the "
-                                    "paper's α-divergence with parameter a is α = 1 − a)"),
+    "alpha_divergence": FDivergence(
+        _alpha_divergence,
+        "(t^(α−1) − 1) / (α − 1), α = `--f-alpha` (TRL's "
+        "`f_alpha_divergence_coef`: α → 1 is reverse KL, α = 0 forward KL; the "
+        "paper's α-divergence with parameter a is α = 1 − a)",
+    ),
 }
 
 
@@ -120,11 +126,18 @@ def _scores(policy_logps: Tensor, ref_logps: Tensor, f_divergence: str, f_alpha:
     return F_DIVERGENCES[f_divergence].score(policy_logps - ref_logps, f_alpha)
 
 
-def _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def _margin(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """h = hw − hl, [B] (with an f-divergence: f'(tw) − f'(tl))."""
-    return (_scores(policy_chosen_logps, ref_chosen_logps, f_divergence, f_alpha)
-            - _scores(policy_rejected_logps, ref_rejected_logps, f_divergence, f_alpha))
+    return _scores(policy_chosen_logps, ref_chosen_logps, f_divergence, f_alpha) - _scores(
+        policy_rejected_logps, ref_rejected_logps, f_divergence, f_alpha
+    )
 
 
 def _smoothed_logistic(x: Tensor, label_smoothing: float) -> Tensor:
@@ -135,24 +148,42 @@ def _smoothed_logistic(x: Tensor, label_smoothing: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- DPO and kin
 
 
-def sigmoid(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-            beta: float, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
-            f_alpha: float = 0.5) -> Tensor:
+def sigmoid(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """DPO, Eq. 7 of Rafailov et al. 2023: −log σ(β·h), [B].
 
     With label_smoothing ε > 0 this is conservative DPO (cDPO): the preference label is assumed flipped with
     probability ε, giving −(1−ε)·log σ(β·h) − ε·log σ(−β·h). ε = 0 is exactly TRL's "sigmoid".
     """
-    scaled = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                            f_divergence, f_alpha)
+    scaled = beta * _margin(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha
+    )
     if label_smoothing == 0.0:  # skip the second term so ε = 0 is bit-identical to plain DPO
         return -F.logsigmoid(scaled)
     return -(1 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
 
 
-def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor, f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5) -> Tensor:
+def ipo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """IPO, Eq. 17 of Azar et al. 2023, length-normalised: (hw/|yw| − hl/|yl| − 1/(2β))², [B], β = the paper's τ.
 
     The log-ratios are divided by the response lengths (clamped to ≥ 1). The paper does not spell this
@@ -161,60 +192,104 @@ def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     paper's formula as written.
     """
     chosen_avg = _scores(policy_chosen_logps, ref_chosen_logps, f_divergence, f_alpha) / chosen_lengths.clamp(min=1)
-    rejected_avg = (_scores(policy_rejected_logps, ref_rejected_logps, f_divergence, f_alpha)
-                    / rejected_lengths.clamp(min=1))
+    rejected_avg = _scores(policy_rejected_logps, ref_rejected_logps, f_divergence, f_alpha) / rejected_lengths.clamp(
+        min=1
+    )
     return (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
 
 
-def ipo_sum(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-            beta: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def ipo_sum(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """IPO, Eq. 17 of Azar et al. 2023 as written, on summed log-probs: (h − 1/(2β))², [B], β = the paper's τ.
 
     The regression target 1/(2β) does not grow with the responses while h does: β is tied to response length.
     """
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                f_divergence, f_alpha)
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
     return (h - 1 / (2 * beta)) ** 2
 
 
-def sigmoid_norm(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                 beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor, f_divergence: str = "reverse_kl",
-                 f_alpha: float = 0.5) -> Tensor:
+def sigmoid_norm(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """Length-normalised DPO (Tülu 3, Lambert et al. 2024): −log σ(β·(hw/|yw| − hl/|yl|)), [B], as TRL."""
     chosen_avg = _scores(policy_chosen_logps, ref_chosen_logps, f_divergence, f_alpha) / chosen_lengths.clamp(min=1)
-    rejected_avg = (_scores(policy_rejected_logps, ref_rejected_logps, f_divergence, f_alpha)
-                    / rejected_lengths.clamp(min=1))
+    rejected_avg = _scores(policy_rejected_logps, ref_rejected_logps, f_divergence, f_alpha) / rejected_lengths.clamp(
+        min=1
+    )
     return -F.logsigmoid(beta * (chosen_avg - rejected_avg))
 
 
-def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-          beta: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def hinge(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """SLiC's hinge (Zhao et al. 2023) on the reference-relative margin, RSO's hinge-norm (Liu et al. 2023),
     as in TRL: max(0, 1 − β·h), [B]; 1/β is the margin."""
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                f_divergence, f_alpha)
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
     return torch.relu(1 - beta * h)
 
 
 @_ranged(label_smoothing=Range(0.0, 0.5, "[)"))
-def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-           beta: float, label_smoothing: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def robust(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    label_smoothing: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """Robust DPO (Chowdhury et al. 2024), as in TRL, [B]:
 
         ((1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))) / (1 − 2ε)
 
     an unbiased estimate of the DPO loss when labels are flipped with probability ε. Needs 0 ≤ ε < 0.5.
     """
-    scaled = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                            f_divergence, f_alpha)
+    scaled = beta * _margin(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha
+    )
     clean = -(1 - label_smoothing) * F.logsigmoid(scaled)
     flipped = -label_smoothing * F.logsigmoid(-scaled)
     return (clean - flipped) / (1 - 2 * label_smoothing)
 
 
 @_ranged(label_smoothing=Range(0.0, 1.0, "()", " (the EXO paper uses 1e-3)"))
-def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float, label_smoothing: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def exo_pair(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    label_smoothing: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """EXO-pref for two responses, Eq. 16 of Ji et al. 2024: KL(q ‖ p) with q = (σ(β·h), σ(−β·h)) the policy's
     and p = (1−ε, ε) the smoothed label's preference distribution, [B]:
 
@@ -222,25 +297,38 @@ def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
     Needs 0 < ε < 1 (log ε); the paper uses ε = 1e-3.
     """
-    scaled = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                            f_divergence, f_alpha)
+    scaled = beta * _margin(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha
+    )
     chosen_term = torch.sigmoid(scaled) * (F.logsigmoid(scaled) - math.log1p(-label_smoothing))
     rejected_term = torch.sigmoid(-scaled) * (F.logsigmoid(-scaled) - math.log(label_smoothing))
     return chosen_term + rejected_term
 
 
-def discopop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float, discopop_tau: float, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def discopop(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    discopop_tau: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """DiscoPOP's log-ratio modulated loss, Eq. 5 of Lu et al. 2024, as in TRL, [B]: with x = β·h and
     m = σ(x/τ), (1 − m)·(−log σ(x)) + m·exp(−x): logistic for pairs it gets wrong, exponential for the others."""
-    logits = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                     f_divergence, f_alpha) * beta
+    logits = (
+        _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+        * beta
+    )
     modulation = torch.sigmoid(logits / discopop_tau)
     return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
-def dpop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-         beta: float, dpop_lambda: float) -> Tensor:
+def dpop(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float, dpop_lambda: float
+) -> Tensor:
     """DPO-Positive, Eq. 3 of Pal et al. 2024 (Smaug): −log σ(β·(h − λ·max(0, rw − πw))), [B].
 
     The penalty is active only while the policy's chosen log-prob is below the reference's: DPO alone can lower
@@ -252,8 +340,17 @@ def dpop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
     return -F.logsigmoid(beta * (h - dpop_lambda * penalty))
 
 
-def rdpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-         beta: float, rdpo_alpha: float, chosen_lengths: Tensor, rejected_lengths: Tensor) -> Tensor:
+def rdpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    rdpo_alpha: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+) -> Tensor:
     """Length-regularised DPO (R-DPO) of Park et al. 2024: −log σ(β·h + α·(|yw| − |yl|)), [B].
 
     A longer chosen response already explains part of the preference, so the policy is pushed less to raise
@@ -266,8 +363,9 @@ def rdpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
 # ---------------------------------------------------------------------------------------------------- one reward each
 
 
-def nca_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float) -> Tensor:
+def nca_pair(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
+) -> Tensor:
     """NCA for a pair (Chen et al. 2024, Noise Contrastive Alignment), as in TRL, [B]: with rewards
     cw = β·hw and cl = β·hl, −log σ(cw) − ½·log σ(−cw) − ½·log σ(−cl). It moves each response's likelihood,
     not only their difference."""
@@ -276,8 +374,9 @@ def nca_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
 
 
-def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float) -> Tensor:
+def bco_pair(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
+) -> Tensor:
     """BCO on pairs (Jung et al. 2024), as TRL's bco_pair (no reward shift δ), [B]: a binary classifier with
     logit β·hw for a chosen response (label 1) and β·hl for a rejected one (label 0): −log σ(β·hw) − log σ(−β·hl)."""
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
@@ -285,8 +384,9 @@ def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
 
 
-def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-              beta: float) -> Tensor:
+def sppo_hard(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
+) -> Tensor:
     """SPPO with hard win probabilities (Wu et al. 2024, Eq. 4.7 with P = 1 for the winner, 0 for the loser), as
     in TRL, [B]: (hw − 1/(2β))² + (hl + 1/(2β))²: each log-ratio regressed to ±1/(2β)."""
     chosen_error = (policy_chosen_logps - ref_chosen_logps - 0.5 / beta) ** 2
@@ -294,16 +394,21 @@ def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     return chosen_error + rejected_error
 
 
-def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float) -> Tensor:
+def apo_zero(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
+) -> Tensor:
     """APO-zero, Eq. 7 of D'Oosterlinck et al. 2024, [B]: (1 − σ(β·hw)) + σ(β·hl). Raises the chosen and lowers
     the rejected likelihood: for chosen responses better than the model's own."""
-    return (1 - torch.sigmoid(beta * (policy_chosen_logps - ref_chosen_logps))
-            + torch.sigmoid(beta * (policy_rejected_logps - ref_rejected_logps)))
+    return (
+        1
+        - torch.sigmoid(beta * (policy_chosen_logps - ref_chosen_logps))
+        + torch.sigmoid(beta * (policy_rejected_logps - ref_rejected_logps))
+    )
 
 
-def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float) -> Tensor:
+def apo_down(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
+) -> Tensor:
     """APO-down, Eq. 8 of D'Oosterlinck et al. 2024, [B]: σ(β·hw) + (1 − σ(β·(hw − hl))). Lowers both
     likelihoods, the rejected one more: for chosen responses worse than the model's own."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
@@ -317,8 +422,17 @@ def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # passes k as `group_size`.
 
 
-def plackett_luce(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                  beta: float, group_size: int, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+def plackett_luce(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    group_size: int,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> Tensor:
     """DPO under the Plackett–Luce model (Rafailov et al. 2023, Appendix A.3) for one chosen response over the
     k = `group_size` rejected responses of its group: −log of the probability that the chosen one ranks first,
 
@@ -329,8 +443,7 @@ def plackett_luce(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     multiple of k); each carries its group's loss, so the mean over pairs is the mean over groups. k = 1 is DPO;
     at π = π_ref the loss is ln(k + 1).
     """
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                f_divergence, f_alpha)
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
     if h.numel() % group_size:
         raise ValueError(f"{h.numel()} pairs do not make whole groups of {group_size}")
     scaled = (-beta * h).view(-1, group_size)
@@ -341,8 +454,15 @@ def plackett_luce(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
 # ---------------------------------------------------------------------------------------------------- batch-sorted
 
 
-def aot(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float, label_smoothing: float = 0.0) -> Tensor:
+def aot(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """AOT for paired data (Melnyk et al. 2024, Distributional Preference Alignment via Optimal Transport), as in
     TRL, [B]: the policy's margins πw − πl and the reference's rw − rl are each sorted over the micro-batch, and
     d_i = sorted_i − sorted_ref_i goes through the smoothed logistic loss −(1−ε)·log σ(β·d) − ε·log σ(−β·d).
@@ -355,8 +475,15 @@ def aot(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     return _smoothed_logistic(beta * (logratios - ref_logratios), label_smoothing)
 
 
-def aot_unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                 beta: float, label_smoothing: float = 0.0) -> Tensor:
+def aot_unpaired(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """AOT for unpaired data (Melnyk et al. 2024), as in TRL, [B]: the chosen log-ratios hw and the rejected ones hl
     are sorted separately over the micro-batch and d = sorted(hw) − sorted(hl) goes through the smoothed logistic
     loss: the chosen rewards' distribution should dominate the rejected ones'. Micro-batch dependent, as `aot`."""
@@ -368,9 +495,18 @@ def aot_unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
 # ---------------------------------------------------------------------------------------------------- reference-free
 
 
-def simpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-          beta: float, simpo_gamma: float, chosen_lengths: Tensor, rejected_lengths: Tensor,
-          label_smoothing: float = 0.0) -> Tensor:
+def simpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    simpo_gamma: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """SimPO, Eq. 6 of Meng et al. 2024: −log σ(β·(πw/|yw| − πl/|yl|) − γ), [B]; no reference.
 
     As TRL's CPOTrainer(loss_type="simpo"): written β·(Δ − γ/β), with label smoothing ε as in cDPO. TRL's
@@ -382,8 +518,15 @@ def simpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     return _smoothed_logistic(beta * logits, label_smoothing)
 
 
-def cpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float, label_smoothing: float = 0.0) -> Tensor:
+def cpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """CPO's preference term, Eq. 3 of Xu et al. 2024: −log σ(β·(πw − πl)), [B]; no reference.
 
     As TRL's CPOTrainer(loss_type="sigmoid"), with label smoothing ε as in cDPO. The registry adds CPO's
@@ -397,8 +540,16 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-         beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor) -> Tensor:
+def orpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+) -> Tensor:
     """ORPO's odds-ratio term, Eqs. 4, 6 and 7 of Hong et al. 2024, times λ = β, [B]; no reference:
 
         −β·log σ(log odds(yw) − log odds(yl)),   odds(y) = p̄/(1 − p̄),   p̄ = exp(π/|y|)
@@ -438,8 +589,18 @@ def kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     return torch.stack([logratios.sum(), logratios.new_tensor(float(logratios.numel()))])
 
 
-def kto(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float, labels: Tensor, kl: Tensor, desirable_weight: float, undesirable_weight: float) -> Tensor:
+def kto(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    labels: Tensor,
+    kl: Tensor,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> Tensor:
     """KTO (Ethayarajh et al. 2024, Eq. 7 of arXiv 2402.01306 v2), as TRL's KTOTrainer, [B]: with h = π − r the log-ratio of an example's
     completion and z = `kl` the reference point (see `kl_estimate`),
 
@@ -454,8 +615,17 @@ def kto(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     return torch.where(labels.bool(), desirable, undesirable)
 
 
-def apo_zero_unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                      beta: float, labels: Tensor, desirable_weight: float, undesirable_weight: float) -> Tensor:
+def apo_zero_unpaired(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float,
+    labels: Tensor,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> Tensor:
     """APO-zero for unpaired data (D'Oosterlinck et al. 2024), as TRL's KTOTrainer(loss_type="apo_zero_unpaired"),
     [B]: λD·(1 − σ(β·h)) for a desirable example, λU·σ(β·h) for an undesirable one; no KL term."""
     logratios = policy_chosen_logps - ref_chosen_logps
@@ -501,111 +671,225 @@ class LossSpec:
 
 
 _SORTS_PAIRS = {"wpo": "--wpo cannot weight --loss {name}: it sorts the pairs of a batch"}
-_SINGLE_PAIRS = {option: f"--{option.replace('_', '-')} works on single pairs and cannot be used with --loss {{name}}, "
-                 "which trains the pairs of a row as one group" for option in ("wpo", "ld_alpha", "group_by_length")}
+_SINGLE_PAIRS = {
+    option: f"--{option.replace('_', '-')} works on single pairs and cannot be used with --loss {{name}}, "
+    "which trains the pairs of a row as one group"
+    for option in ("wpo", "ld_alpha", "group_by_length")
+}
 
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(
-        sigmoid, True, "−log σ(βh); with ε > 0 (cDPO): −(1−ε) log σ(βh) − ε log σ(−βh)",
+        sigmoid,
+        True,
+        "−log σ(βh); with ε > 0 (cDPO): −(1−ε) log σ(βh) − ε log σ(−βh)",
         "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
         "(arXiv 2305.18290), Eq. 7; cDPO: Mitchell 2023, A note on DPO with noisy preferences & relationship to IPO "
-        "(ericmitchell.ai/cdpo.pdf), Eq. 3", beta="0.1", lr="1e-6"),
+        "(ericmitchell.ai/cdpo.pdf), Eq. 3",
+        beta="0.1",
+        lr="1e-6",
+    ),
     "ipo": LossSpec(
-        ipo, True, "(hw/|yw| − hl/|yl| − 1/(2β))²",
+        ipo,
+        True,
+        "(hw/|yw| − hl/|yl| − 1/(2β))²",
         "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
-        "(arXiv 2310.12036 v2), Eq. 17, length-normalised as TRL and the IPO authors", reward="logratio_per_token"),
+        "(arXiv 2310.12036 v2), Eq. 17, length-normalised as TRL and the IPO authors",
+        reward="logratio_per_token",
+    ),
     "ipo_sum": LossSpec(
-        ipo_sum, True, "(h − 1/(2β))²",
-        "Azar et al. 2023 (arXiv 2310.12036), Eq. 17 as written (summed log-probs)"),
+        ipo_sum, True, "(h − 1/(2β))²", "Azar et al. 2023 (arXiv 2310.12036), Eq. 17 as written (summed log-probs)"
+    ),
     "sigmoid_norm": LossSpec(
-        sigmoid_norm, True, "−log σ(β(hw/|yw| − hl/|yl|))",
+        sigmoid_norm,
+        True,
+        "−log σ(β(hw/|yw| − hl/|yl|))",
         "Lambert et al. 2024, Tülu 3: Pushing Frontiers in Open Language Model Post-Training (arXiv 2411.15124), "
-        "length-normalised DPO", reward="logratio_per_token", beta="5", lr="5e-7 (8B), 2e-7 (70B)"),
+        "length-normalised DPO",
+        reward="logratio_per_token",
+        beta="5",
+        lr="5e-7 (8B), 2e-7 (70B)",
+    ),
     "hinge": LossSpec(
-        hinge, True, "max(0, 1 − βh)",
+        hinge,
+        True,
+        "max(0, 1 − βh)",
         "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (arXiv 2305.10425); Liu et "
         "al. 2023, Statistical Rejection Sampling Improves Preference Optimization (RSO, arXiv 2309.06657), "
-        "hinge-norm loss"),
+        "hinge-norm loss",
+    ),
     "robust": LossSpec(
-        robust, True, "[−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε), ε < 0.5",
+        robust,
+        True,
+        "[−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε), ε < 0.5",
         "Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy Feedback (arXiv 2403.00409)",
-        beta="0.01 †", lr="1e-3 †"),
+        beta="0.01 †",
+        lr="1e-3 †",
+    ),
     "exo_pair": LossSpec(
-        exo_pair, True, "q log(q/(1−ε)) + (1−q) log((1−q)/ε), q = σ(βh), 0 < ε",
+        exo_pair,
+        True,
+        "q log(q/(1−ε)) + (1−q) log((1−q)/ε), q = σ(βh), 0 < ε",
         "Ji et al. 2024, Towards Efficient and Exact Optimization of Language Model Alignment (arXiv 2402.00856), "
-        "Eq. 16", beta="0.1 (0.5 on HH)", lr="1e-6"),
+        "Eq. 16",
+        beta="0.1 (0.5 on HH)",
+        lr="1e-6",
+    ),
     "nca_pair": LossSpec(
-        nca_pair, True, "−log σ(βhw) − ½ log σ(−βhw) − ½ log σ(−βhl)",
+        nca_pair,
+        True,
+        "−log σ(βhw) − ½ log σ(−βhw) − ½ log σ(−βhl)",
         "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards "
-        "(arXiv 2402.05369), NCA for K = 2", beta="0.01", lr="5e-6 (QLoRA)"),
+        "(arXiv 2402.05369), NCA for K = 2",
+        beta="0.01",
+        lr="5e-6 (QLoRA)",
+    ),
     "bco_pair": LossSpec(
-        bco_pair, True, "−log σ(βhw) − log σ(−βhl)",
+        bco_pair,
+        True,
+        "−log σ(βhw) − log σ(−βhl)",
         "Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (arXiv 2404.04656), "
-        "without the reward shift δ", beta="0.01 †", lr="5e-7 †"),
+        "without the reward shift δ",
+        beta="0.01 †",
+        lr="5e-7 †",
+    ),
     "sppo_hard": LossSpec(
-        sppo_hard, True, "(hw − 1/(2β))² + (hl + 1/(2β))²",
+        sppo_hard,
+        True,
+        "(hw − 1/(2β))² + (hl + 1/(2β))²",
         "Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment (arXiv 2405.00675), "
-        "Eq. 4.7 (Algorithm 1) with hard probabilities", lr="5e-7"),
+        "Eq. 4.7 (Algorithm 1) with hard probabilities",
+        lr="5e-7",
+    ),
     "aot": LossSpec(
-        aot, True, "−(1−ε) log σ(βd) − ε log σ(−βd), d = sort(πw − πl) − sort(rw − rl) over the micro-batch",
+        aot,
+        True,
+        "−(1−ε) log σ(βd) − ε log σ(−βd), d = sort(πw − πl) − sort(rw − rl) over the micro-batch",
         "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
-        "(arXiv 2406.05882), paired", refuses=_SORTS_PAIRS),
+        "(arXiv 2406.05882), paired",
+        refuses=_SORTS_PAIRS,
+    ),
     "aot_unpaired": LossSpec(
-        aot_unpaired, True, "as aot with d = sort(hw) − sort(hl) over the micro-batch",
-        "Melnyk et al. 2024 (arXiv 2406.05882), unpaired", refuses=_SORTS_PAIRS),
+        aot_unpaired,
+        True,
+        "as aot with d = sort(hw) − sort(hl) over the micro-batch",
+        "Melnyk et al. 2024 (arXiv 2406.05882), unpaired",
+        refuses=_SORTS_PAIRS,
+    ),
     "apo_zero": LossSpec(
-        apo_zero, True, "1 − σ(βhw) + σ(βhl)",
+        apo_zero,
+        True,
+        "1 − σ(βhw) + σ(βhl)",
         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions: Addressing "
-        "Underspecification in Alignment (arXiv 2408.06266), Eq. 7", beta="0.1 †", lr="2e-7 †"),
+        "Underspecification in Alignment (arXiv 2408.06266), Eq. 7",
+        beta="0.1 †",
+        lr="2e-7 †",
+    ),
     "apo_down": LossSpec(
-        apo_down, True, "σ(βhw) + 1 − σ(βh)",
-        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8", beta="0.1 †", lr="2e-7 †"),
+        apo_down,
+        True,
+        "σ(βhw) + 1 − σ(βh)",
+        "D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8",
+        beta="0.1 †",
+        lr="2e-7 †",
+    ),
     "discopop": LossSpec(
-        discopop, True, "(1 − m)(−log σ(βh)) + m e^(−βh), m = σ(βh/τ)",
+        discopop,
+        True,
+        "(1 − m)(−log σ(βh)) + m e^(−βh), m = σ(βh/τ)",
         "Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large Language Models "
-        "(arXiv 2406.08414), Eq. 5 (τ = 0.05)", beta="0.05", lr="5e-7"),
+        "(arXiv 2406.08414), Eq. 5 (τ = 0.05)",
+        beta="0.05",
+        lr="5e-7",
+    ),
     "dpop": LossSpec(
-        dpop, True, "−log σ(β(h − λ max(0, −hw)))",
+        dpop,
+        True,
+        "−log σ(β(h − λ max(0, −hw)))",
         "Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive "
-        "(arXiv 2402.13228), Eq. 3"),
+        "(arXiv 2402.13228), Eq. 3",
+    ),
     "rdpo": LossSpec(
-        rdpo, True, "−log σ(βh + α(|yw| − |yl|))",
+        rdpo,
+        True,
+        "−log σ(βh + α(|yw| − |yl|))",
         "Park et al. 2024, Disentangling Length from Quality in Direct Preference Optimization "
         "(arXiv 2403.19159), R-DPO",
-        requires={"rdpo_alpha": "the weight of the length difference; no default fits all datasets"}),
+        requires={"rdpo_alpha": "the weight of the length difference; no default fits all datasets"},
+    ),
     "plackett_luce": LossSpec(
-        plackett_luce, True, "log(1 + Σ_j exp(−βh_j)) over the k rejected responses j of a row, h_j = hw − hl_j "
+        plackett_luce,
+        True,
+        "log(1 + Σ_j exp(−βh_j)) over the k rejected responses j of a row, h_j = hw − hl_j "
         "(a row's loss, carried by each of its k pairs)",
         "Rafailov et al. 2023 (arXiv 2305.18290), Appendix A.3, Eq. 18 with the chosen response ranked first and "
-        "the rejected ones in any order (the paper runs no experiment with it)", refuses=_SINGLE_PAIRS),
+        "the rejected ones in any order (the paper runs no experiment with it)",
+        refuses=_SINGLE_PAIRS,
+    ),
     "simpo": LossSpec(
-        simpo, False, "−log σ(β(πw/|yw| − πl/|yl|) − γ)",
+        simpo,
+        False,
+        "−log σ(β(πw/|yw| − πl/|yl|) − γ)",
         "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
-        "(arXiv 2405.14734), Eq. 6", reward="logp_per_token", beta="2.0–2.5", lr="3e-7–1e-6"),
+        "(arXiv 2405.14734), Eq. 6",
+        reward="logp_per_token",
+        beta="2.0–2.5",
+        lr="3e-7–1e-6",
+    ),
     "cpo": LossSpec(
-        cpo, False, "−log σ(β(πw − πl)) + α NLL(yw)",
+        cpo,
+        False,
+        "−log σ(β(πw − πl)) + α NLL(yw)",
         "Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine "
-        "Translation (arXiv 2401.08417), Eq. 3 + NLL term", reward="logp", nll="cpo_alpha", beta="0.1",
-        lr="1e-4 (LoRA)"),
+        "Translation (arXiv 2401.08417), Eq. 3 + NLL term",
+        reward="logp",
+        nll="cpo_alpha",
+        beta="0.1",
+        lr="1e-4 (LoRA)",
+    ),
     "orpo": LossSpec(
-        orpo, False, "NLL(yw) − β log σ(log odds(yw) − log odds(yl)), odds = p̄/(1−p̄), p̄ = e^(π/|y|)",
+        orpo,
+        False,
+        "NLL(yw) − β log σ(log odds(yw) − log odds(yl)), odds = p̄/(1−p̄), p̄ = e^(π/|y|)",
         "Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model "
-        "(arXiv 2403.07691), Eqs. 3, 4, 6, 7 (β = λ)", reward="logp_per_token", nll=1.0, beta="0.1", lr="5e-6"),
+        "(arXiv 2403.07691), Eqs. 3, 4, 6, 7 (β = λ)",
+        reward="logp_per_token",
+        nll=1.0,
+        beta="0.1",
+        lr="5e-6",
+    ),
     "kto": LossSpec(
-        kto, True, "λD(1 − σ(β(h − z))) if desirable, λU(1 − σ(β(z − h))) if not; h = π − r of the completion, "
+        kto,
+        True,
+        "λD(1 − σ(β(h − z))) if desirable, λU(1 − σ(β(z − h))) if not; h = π − r of the completion, "
         "z = max(0, mean of π − r over mismatched completions), no gradient",
-        "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306 v2), "
-        "Eq. 7", unpaired=True, beta="0.1", lr="5e-6",
-        min_batch_size=(2, "its KL estimate comes from the other examples of the micro-batch (with one it would be "
-                           "the example's own reward)")),
+        "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306 v2), Eq. 7",
+        unpaired=True,
+        beta="0.1",
+        lr="5e-6",
+        min_batch_size=(
+            2,
+            "its KL estimate comes from the other examples of the micro-batch (with one it would be "
+            "the example's own reward)",
+        ),
+    ),
     "apo_zero_unpaired": LossSpec(
-        apo_zero_unpaired, True, "λD(1 − σ(βh)) if desirable, λU σ(βh) if not; h = π − r of the completion",
+        apo_zero_unpaired,
+        True,
+        "λD(1 − σ(βh)) if desirable, λU σ(βh) if not; h = π − r of the completion",
         "D'Oosterlinck et al. 2024 (arXiv 2408.06266), unpaired variant of Eq. 7 (APO-zero), as TRL's KTOTrainer",
-        unpaired=True, beta="0.1 †", lr="2e-7 †"),
+        unpaired=True,
+        beta="0.1 †",
+        lr="2e-7 †",
+    ),
     "sft": LossSpec(
-        sft, False, "NLL(yw) = −πw, averaged over the step's chosen tokens",
+        sft,
+        False,
+        "NLL(yw) = −πw, averaged over the step's chosen tokens",
         "negative log-likelihood of the chosen response (RPO: Pang et al. 2024, Iterative Reasoning Preference "
-        "Optimization, arXiv 2404.19733)", reward=None, normalize="chosen_tokens"),
+        "Optimization, arXiv 2404.19733)",
+        reward=None,
+        normalize="chosen_tokens",
+    ),
 }
 
 _POSITIONAL = 4  # the four log-prob tensors every loss takes first
@@ -632,11 +916,24 @@ def reward_kind(names: list[str]) -> str:
     return next((LOSSES[n].reward for n in names if LOSSES[n].reward is not None), "logratio")
 
 
-def combined_loss(names: list[str], weights: list[float], *, policy_chosen_logps: Tensor,
-                  policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None,
-                  chosen_lengths: Tensor, rejected_lengths: Tensor, num_pairs: int, num_chosen_tokens: int,
-                  pair_weights: Tensor | None = None, labels: Tensor | None = None, kl: Tensor | None = None,
-                  group_size: int = 1, **options) -> Tensor:
+def combined_loss(
+    names: list[str],
+    weights: list[float],
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    num_pairs: int,
+    num_chosen_tokens: int,
+    pair_weights: Tensor | None = None,
+    labels: Tensor | None = None,
+    kl: Tensor | None = None,
+    group_size: int = 1,
+    **options,
+) -> Tensor:
     """Σ_k w_k · sum(losses_k) / N_k, a scalar, with N_k = num_pairs or num_chosen_tokens (LossSpec.normalize).
 
     `options` are the loss options by name (beta=0.1, label_smoothing=0.0, ...; a loss's own default applies to
@@ -650,9 +947,14 @@ def combined_loss(names: list[str], weights: list[float], *, policy_chosen_logps
     reference point; for it a "pair" is one example, so num_pairs counts examples. `group_size`: the pairs of one
     group of a grouped loss (`plackett_luce`), next to each other in the batch.
     """
-    available = {**options, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths,
-                 "group_size": group_size,
-                 **({} if labels is None else {"labels": labels}), **({} if kl is None else {"kl": kl})}
+    available = {
+        **options,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "group_size": group_size,
+        **({} if labels is None else {"labels": labels}),
+        **({} if kl is None else {"kl": kl}),
+    }
     denominators = {"pairs": num_pairs, "chosen_tokens": num_chosen_tokens}
     total = policy_chosen_logps.new_zeros(())
     for name, weight in zip(names, weights, strict=True):
@@ -680,8 +982,12 @@ REWARDS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
 }
 
 
-REWARD_FORMULAS = {"logratio": "β hw", "logratio_per_token": "β hw/|yw|", "logp": "β πw",
-                   "logp_per_token": "β πw/|yw|"}  # of a chosen response, for docs/losses.md
+REWARD_FORMULAS = {
+    "logratio": "β hw",
+    "logratio_per_token": "β hw/|yw|",
+    "logp": "β πw",
+    "logp_per_token": "β πw/|yw|",
+}  # of a chosen response, for docs/losses.md
 
 
 # A pair whose reward margin lies within the rounding of its log-probs is a tie, not a win. With cached reference
@@ -694,9 +1000,17 @@ REWARD_FORMULAS = {"logratio": "β hw", "logratio_per_token": "β hw/|yw|", "log
 TIE_RTOL = {"float32": 1e-5, "bfloat16": 2e-3}
 
 
-def tie_band(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float, reward: str = "logratio", chosen_lengths: Tensor | None = None,
-             rejected_lengths: Tensor | None = None, rtol: float = TIE_RTOL["float32"]) -> Tensor:
+def tie_band(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    reward: str = "logratio",
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    rtol: float = TIE_RTOL["float32"],
+) -> Tensor:
     """[B]: the largest reward margin of each pair that is still a tie: β·rtol·(|πw| + |rw| + |πl| + |rl|), each
     response's share taken through the reward's own normalisation (a per-token reward divides it by |y|)."""
     chosen = REWARDS[reward](policy_chosen_logps.abs(), -ref_chosen_logps.abs(), chosen_lengths)
@@ -704,16 +1018,24 @@ def tie_band(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return beta * rtol * (chosen + rejected)
 
 
-def rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float, kind: str = "logratio",
-            lengths: Tensor | None = None) -> Tensor:
+def rewards(
+    policy_logps: Tensor, ref_logps: Tensor, beta: float, kind: str = "logratio", lengths: Tensor | None = None
+) -> Tensor:
     """Implicit reward β·(log π(y|x) − log π_ref(y|x)), or the `kind` of REWARDS, [B]. Not detached."""
     return beta * REWARDS[kind](policy_logps, ref_logps, lengths)
 
 
-def pair_metrics(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-                 ref_rejected_logps: Tensor, beta: float, reward: str = "logratio",
-                 chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                 tie_rtol: float = TIE_RTOL["float32"]) -> dict[str, Tensor]:
+def pair_metrics(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    reward: str = "logratio",
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    tie_rtol: float = TIE_RTOL["float32"],
+) -> dict[str, Tensor]:
     """Per-pair (not reduced) detached metrics, each [B], named as in TRL, torchtune and the DPO authors' code.
 
     Rewards (and so margins and accuracies) are of the kind `reward` (see `reward_kind`): a length-normalised loss
@@ -722,8 +1044,17 @@ def pair_metrics(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
     """
     chosen_rewards = rewards(policy_chosen_logps, ref_chosen_logps, beta, reward, chosen_lengths).detach()
     rejected_rewards = rewards(policy_rejected_logps, ref_rejected_logps, beta, reward, rejected_lengths).detach()
-    band = tie_band(policy_chosen_logps.detach(), policy_rejected_logps.detach(), ref_chosen_logps, ref_rejected_logps,
-                    beta, reward, chosen_lengths, rejected_lengths, tie_rtol)
+    band = tie_band(
+        policy_chosen_logps.detach(),
+        policy_rejected_logps.detach(),
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta,
+        reward,
+        chosen_lengths,
+        rejected_lengths,
+        tie_rtol,
+    )
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
@@ -736,12 +1067,17 @@ def pair_metrics(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
 
 # Metrics of unpaired examples are means over the desirable or the undesirable ones only: `example_metrics` gives
 # each example's value masked by its label, and the trainer divides the step's sum by the step's count (these keys).
-MASKED_MEANS = {"rewards/chosen": "count/desirable", "logps/chosen": "count/desirable",
-                "rewards/rejected": "count/undesirable", "logps/rejected": "count/undesirable"}
+MASKED_MEANS = {
+    "rewards/chosen": "count/desirable",
+    "logps/chosen": "count/desirable",
+    "rewards/rejected": "count/undesirable",
+    "logps/rejected": "count/undesirable",
+}
 
 
-def example_metrics(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, beta: float,
-                    kl: Tensor | None = None) -> dict[str, Tensor]:
+def example_metrics(
+    policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, beta: float, kl: Tensor | None = None
+) -> dict[str, Tensor]:
     """Per-example detached metrics of an unpaired loss, each [B], for the means TRL's KTOTrainer logs: rewards and
     log-probs of the desirable examples ("chosen") and of the undesirable ones ("rejected"), each masked by the
     label (see MASKED_MEANS), the label counts, and KTO's reference point `kl` of the micro-batch."""
@@ -749,9 +1085,14 @@ def example_metrics(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, bet
     undesirable = 1 - desirable
     reward = beta * (policy_logps - ref_logps).detach()
     policy_logps = policy_logps.detach()
-    metrics = {"rewards/chosen": reward * desirable, "rewards/rejected": reward * undesirable,
-               "logps/chosen": policy_logps * desirable, "logps/rejected": policy_logps * undesirable,
-               "count/desirable": desirable, "count/undesirable": undesirable}
+    metrics = {
+        "rewards/chosen": reward * desirable,
+        "rewards/rejected": reward * undesirable,
+        "logps/chosen": policy_logps * desirable,
+        "logps/rejected": policy_logps * undesirable,
+        "count/desirable": desirable,
+        "count/undesirable": undesirable,
+    }
     if kl is not None:
         metrics["kl"] = kl.detach().expand_as(desirable)
     return metrics
@@ -773,17 +1114,37 @@ def _flag(option: str) -> str:
 
 def losses_table_markdown() -> str:
     """The tables of docs/losses.md (between DOCS_BEGIN and DOCS_END), generated from the registry."""
-    lines = ["| loss | per pair | paper | reference | β in the paper | lr in the paper | logged reward | options |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loss | per pair | paper | reference | β in the paper | lr in the paper | logged reward | options |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, spec in LOSSES.items():
         options = sorted(loss_params(name) - PER_PAIR, key=lambda o: (o != "beta", o))
         reward = REWARD_FORMULAS[spec.reward] if spec.reward else "— (see notes)"
-        lines.append("| " + " | ".join([
-            f"`{name}`", _cell(spec.formula), _cell(spec.paper), "yes" if spec.needs_reference else "no",
-            spec.beta, spec.lr, _cell(reward), ", ".join(_flag(o) for o in options) or "—"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{name}`",
+                    _cell(spec.formula),
+                    _cell(spec.paper),
+                    "yes" if spec.needs_reference else "no",
+                    spec.beta,
+                    spec.lr,
+                    _cell(reward),
+                    ", ".join(_flag(o) for o in options) or "—",
+                ]
+            )
+            + " |"
+        )
     with_f = [f"`{name}`" for name in LOSSES if "f_divergence" in loss_params(name)]
-    lines += ["", f"`--f-divergence` (with {', '.join(with_f)}) replaces each log-ratio log t, t = π/π_ref, by f'(t):",
-              "", "| `--f-divergence` | f'(t) |", "|---|---|"]
+    lines += [
+        "",
+        f"`--f-divergence` (with {', '.join(with_f)}) replaces each log-ratio log t, t = π/π_ref, by f'(t):",
+        "",
+        "| `--f-divergence` | f'(t) |",
+        "|---|---|",
+    ]
     lines += [f"| `{name}` | {_cell(f.formula)} |" for name, f in F_DIVERGENCES.items()]
     return "\n".join(lines) + "\n"
 
@@ -795,8 +1156,7 @@ def update_docs(path: str | Path) -> None:
     pattern = re.compile(re.escape(DOCS_BEGIN) + r"\n.*?" + re.escape(DOCS_END), re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"{path}: no generated section ({DOCS_BEGIN} ... {DOCS_END})")
-    path.write_text(pattern.sub(lambda _: f"{DOCS_BEGIN}\n{losses_table_markdown()}{DOCS_END}", text),
-                    encoding="utf-8")
+    path.write_text(pattern.sub(lambda _: f"{DOCS_BEGIN}\n{losses_table_markdown()}{DOCS_END}", text), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def without_empty_means(metrics: dict[str, float]) -> dict[str, float]:
 def check_finite(record: dict[str, float], step: int) -> None:
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record[k])]
     if bad and not record.get("skipped"):
-        raise UserError(f"step {step}: {bad[0]} is {record[bad[0]]}; stopping before a broken model is saved "
-                        "(try a lower --learning-rate or --dtype float32)")
+        raise UserError(
+            f"step {step}: {bad[0]} is {record[bad[0]]}; stopping before a broken model is saved "
+            "(try a lower --learning-rate or --dtype float32)"
+        )
 
 
 @dataclass
@@ -77,8 +79,14 @@ def to_records(pending: list[StepMetrics], elapsed: float) -> list[dict[str, flo
     per_step = elapsed / len(pending)  # steps of an interval are timed together: timing one would sync
     records = []
     for p, row in zip(pending, rows):
-        record = {"step": p.step, **without_empty_means(dict(zip(p.keys, row))), "lr": p.lr,
-                  "pairs_per_s": p.pairs / per_step, "tokens_per_s": p.tokens / per_step, "step_time_s": per_step}
+        record = {
+            "step": p.step,
+            **without_empty_means(dict(zip(p.keys, row))),
+            "lr": p.lr,
+            "pairs_per_s": p.pairs / per_step,
+            "tokens_per_s": p.tokens / per_step,
+            "step_time_s": per_step,
+        }
         check_finite(record, p.step)
         records.append(record)
     return records

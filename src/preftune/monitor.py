@@ -61,15 +61,15 @@ class TrainingMonitor:
     given so far, in order.
     """
 
-    def __init__(self, total_steps: int, loss_names: Iterable[str] | str,
-                 loss_weights: Iterable[float] | None = None):
+    def __init__(self, total_steps: int, loss_names: Iterable[str] | str, loss_weights: Iterable[float] | None = None):
         self.total_steps = total_steps
         names = [n.strip() for n in loss_names.split(",")] if isinstance(loss_names, str) else list(loss_names)
         weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
         # The ln 2 rule needs a known starting value: only losses that all start at ln 2.
         self.start_loss = LN2 * sum(weights) if names and set(names) <= AT_LN2 else None
         self.history: dict[str, deque[tuple[float, float]]] = {
-            key: deque(maxlen=DISPLACEMENT_WINDOW) for key in _TRACKED}
+            key: deque(maxlen=DISPLACEMENT_WINDOW) for key in _TRACKED
+        }
         self.given: set[str] = set()
         self.warnings: list[str] = []
         self._count = 0
@@ -80,10 +80,12 @@ class TrainingMonitor:
         step = record.get("step", self._count)
         for key in _TRACKED:
             self.history[key].append((float(step), _number(record.get(key))))
-        checks = {"non_finite": lambda: self._non_finite(step, record),
-                  "displacement": lambda: self._displacement(step),
-                  "accuracy": lambda: self._accuracy(step),
-                  "ln2": lambda: self._stuck_at_ln2(step, record)}
+        checks = {
+            "non_finite": lambda: self._non_finite(step, record),
+            "displacement": lambda: self._displacement(step),
+            "accuracy": lambda: self._accuracy(step),
+            "ln2": lambda: self._stuck_at_ln2(step, record),
+        }
         new = []
         for kind, check in checks.items():
             if kind in self.given:
@@ -103,13 +105,18 @@ class TrainingMonitor:
         return points
 
     def _non_finite(self, step, record: dict) -> str | None:
-        bad = [f"{key} is {value}" for key, value in record.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value)]
+        bad = [
+            f"{key} is {value}"
+            for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value)
+        ]
         if not bad:
             return None
-        return (f"step {step}: {', '.join(bad)}: a non-finite value means something overflowed or a response "
-                "has no tokens; try a lower learning rate, --dtype float32 or gradient clipping (--max-grad-norm), "
-                "and check the data with `preftune audit`")
+        return (
+            f"step {step}: {', '.join(bad)}: a non-finite value means something overflowed or a response "
+            "has no tokens; try a lower learning rate, --dtype float32 or gradient clipping (--max-grad-norm), "
+            "and check the data with `preftune audit`"
+        )
 
     def _displacement(self, step) -> str | None:
         rewards = self._window("rewards/chosen", DISPLACEMENT_WINDOW)
@@ -118,14 +125,20 @@ class TrainingMonitor:
         if rewards is None or logps is None or margins is None:
             return None
         t = slope_and_t(rewards)[1]
-        second_half = [v for _, v in rewards[DISPLACEMENT_WINDOW // 2:]]
+        second_half = [v for _, v in rewards[DISPLACEMENT_WINDOW // 2 :]]
         drop = slope_and_t(logps)[0] * (logps[-1][0] - logps[0][0])
-        if not (t <= DISPLACEMENT_T and sum(second_half) / len(second_half) < 0
-                and drop <= -DISPLACEMENT_MIN_DROP and slope_and_t(margins)[0] > 0):
+        if not (
+            t <= DISPLACEMENT_T
+            and sum(second_half) / len(second_half) < 0
+            and drop <= -DISPLACEMENT_MIN_DROP
+            and slope_and_t(margins)[0] > 0
+        ):
             return None
-        return (f"step {step}: chosen log-probs have fallen for {DISPLACEMENT_WINDOW} steps ({_signed(drop)} nats) "
-                "while margins grow: likelihood displacement — the model is lowering both responses; consider a "
-                "smaller learning rate, adding 'sft' (RPO: --loss sigmoid,sft) or dpop")
+        return (
+            f"step {step}: chosen log-probs have fallen for {DISPLACEMENT_WINDOW} steps ({_signed(drop)} nats) "
+            "while margins grow: likelihood displacement — the model is lowering both responses; consider a "
+            "smaller learning rate, adding 'sft' (RPO: --loss sigmoid,sft) or dpop"
+        )
 
     def _accuracy(self, step) -> str | None:
         points = self._window("rewards/accuracies", ACCURACY_WINDOW)
@@ -134,11 +147,13 @@ class TrainingMonitor:
         mean = sum(v for _, v in points) / len(points)
         if mean < ACCURACY_LEVEL:
             return None
-        return (f"step {step}: reward accuracy is {mean:.2f} over the last {ACCURACY_WINDOW} steps, only "
-                f"{100 * step / self.total_steps:.0f}% into the run: the pairs may be too easy to tell apart (e.g. "
-                "by length or format: see `preftune audit`) or the learning rate too high; the remaining steps "
-                "mostly grow margins and may overfit — watch eval accuracy, consider fewer steps or a smaller "
-                "learning rate")
+        return (
+            f"step {step}: reward accuracy is {mean:.2f} over the last {ACCURACY_WINDOW} steps, only "
+            f"{100 * step / self.total_steps:.0f}% into the run: the pairs may be too easy to tell apart (e.g. "
+            "by length or format: see `preftune audit`) or the learning rate too high; the remaining steps "
+            "mostly grow margins and may overfit — watch eval accuracy, consider fewer steps or a smaller "
+            "learning rate"
+        )
 
     def _stuck_at_ln2(self, step, record: dict) -> str | None:
         points = self._window("loss", LN2_WINDOW)
@@ -151,9 +166,11 @@ class TrainingMonitor:
         name = "ln 2" if abs(level - LN2) < 1e-12 else f"{level / LN2:g} × ln 2"
         lr = _number(record.get("lr"))
         at_lr = f" (learning rate now {lr:.3g})" if math.isfinite(lr) else ""
-        return (f"step {step}: the loss has stayed at {name} ≈ {level:.4f} for {LN2_WINDOW} steps (mean distance "
-                f"{deviation:.4f}): the policy is not moving away from the reference — the learning rate may be "
-                f"too small to matter{at_lr}, β too small, or chosen and rejected too alike")
+        return (
+            f"step {step}: the loss has stayed at {name} ≈ {level:.4f} for {LN2_WINDOW} steps (mean distance "
+            f"{deviation:.4f}): the policy is not moving away from the reference — the learning rate may be "
+            f"too small to matter{at_lr}, β too small, or chosen and rejected too alike"
+        )
 
 
 def slope_and_t(points: list[tuple[float, float]]) -> tuple[float, float]:

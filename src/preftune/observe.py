@@ -72,10 +72,18 @@ class GenerationEval:
 
     def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, live_reference=None):
         self.cfg = cfg
-        self.options = EvalOptions(model=cfg.output, ref=cfg.ref_model or cfg.model, prompts=cfg.eval_prompts,
-                                   reward=cfg.eval_reward, max_new_tokens=cfg.eval_max_new_tokens,
-                                   max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size,
-                                   seed=cfg.seed, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        self.options = EvalOptions(
+            model=cfg.output,
+            ref=cfg.ref_model or cfg.model,
+            prompts=cfg.eval_prompts,
+            reward=cfg.eval_reward,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            max_prompt_length=cfg.max_prompt_length,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            device=str(device),
+            trust_remote_code=cfg.trust_remote_code,
+        )
         self.inputs = load_inputs(self.options, tokenizer)  # every input error before the first step
         self.tokenizer = tokenizer
         self.device = device
@@ -85,9 +93,12 @@ class GenerationEval:
         if self.reference is None:
             from preftune.loading import load_causal_lm
 
-            self.reference = load_causal_lm(self.options.ref, trust_remote_code=self.cfg.trust_remote_code,
-                                            allow_pickle_weights=self.cfg.allow_pickle_weights,
-                                            what="--ref-model" if self.cfg.ref_model else "--model").to(self.device)
+            self.reference = load_causal_lm(
+                self.options.ref,
+                trust_remote_code=self.cfg.trust_remote_code,
+                allow_pickle_weights=self.cfg.allow_pickle_weights,
+                what="--ref-model" if self.cfg.ref_model else "--model",
+            ).to(self.device)
         return self.reference
 
     def __call__(self, policy, step: int, run_dir: Path | None) -> dict[str, float]:
@@ -106,8 +117,10 @@ class GenerationEval:
 
 def check_generation_options(cfg: TrainConfig) -> None:
     if cfg.eval_prompts and carries_adapter(cfg.model):
-        raise UserError("--eval-prompts: sampling the reference of a model that carries a LoRA adapter is not "
-                        "supported yet; evaluate final/ afterwards with `preftune eval`")
+        raise UserError(
+            "--eval-prompts: sampling the reference of a model that carries a LoRA adapter is not "
+            "supported yet; evaluate final/ afterwards with `preftune eval`"
+        )
 
 
 def kept_records(path: Path) -> list[dict]:

@@ -29,9 +29,9 @@ from torch import LongTensor, Tensor
 from tqdm.auto import tqdm
 
 from preftune import distributed
+from preftune.data.tokenize import TokenizedPair
 from preftune.device import autocast
 from preftune.files import fsync
-from preftune.data.tokenize import TokenizedPair
 
 log = logging.getLogger("preftune")
 
@@ -133,6 +133,7 @@ class RefLogps:
 def sorted_order(pairs: list[TokenizedPair]) -> list[int]:
     """Dataset positions, longest padded row first: similar lengths share a batch (less padding), and an
     out-of-memory error shows up in the first batch rather than near the end."""
+
     def row_length(i: int) -> int:
         return len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
 
@@ -144,7 +145,7 @@ def _fill(array: np.ndarray, model, pairs, order, *, batch_size, logps_fn, colla
     """Write the [N, 2] rows of `array` batch by batch, at their dataset positions."""
     with tqdm(total=len(pairs), desc="reference", unit="pair", disable=not progress) as bar, autocast(device, dtype):
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             batch = collate_fn([pairs[i] for i in chunk], chunk).to(device)
             chosen, rejected = logps_fn(model, batch)[:2]
             rows = torch.stack([chosen, rejected], dim=1).float().cpu().numpy()  # [B, 2]
@@ -156,9 +157,18 @@ def _fill(array: np.ndarray, model, pairs, order, *, batch_size, logps_fn, colla
             bar.update(len(chunk))
 
 
-def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, batch_size: int,
-            logps_fn: Callable, collate_fn: Callable, device: torch.device | str, dtype: str, out: Path,
-            progress: bool = True) -> RefLogps:
+def compute(
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    *,
+    batch_size: int,
+    logps_fn: Callable,
+    collate_fn: Callable,
+    device: torch.device | str,
+    dtype: str,
+    out: Path,
+    progress: bool = True,
+) -> RefLogps:
     """One no-grad, eval-mode pass of `model` over `pairs` → RefLogps at `out`, row i = pairs[i].
 
     logps_fn(model, batch) → (chosen [B], rejected [B], chosen_lengths [B], rejected_lengths [B]) as
@@ -175,8 +185,18 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, batch_size: i
     model.eval()
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pairs), 2))
-        _fill(array, model, pairs, sorted_order(pairs), batch_size=batch_size, logps_fn=logps_fn,
-              collate_fn=collate_fn, device=device, dtype=dtype, progress=progress)
+        _fill(
+            array,
+            model,
+            pairs,
+            sorted_order(pairs),
+            batch_size=batch_size,
+            logps_fn=logps_fn,
+            collate_fn=collate_fn,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
         array.flush()
         del array
         fsync(tmp)
@@ -189,8 +209,9 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, batch_size: i
     return RefLogps(out, len(pairs))
 
 
-def load_or_compute(cache_dir: Path, key: str, compute_fn: Callable[[Path], RefLogps],
-                    num_pairs: int | None = None) -> tuple[RefLogps, bool]:
+def load_or_compute(
+    cache_dir: Path, key: str, compute_fn: Callable[[Path], RefLogps], num_pairs: int | None = None
+) -> tuple[RefLogps, bool]:
     """(RefLogps of cache_dir/<key>.npy, True) if that file is complete and valid, else
     (compute_fn(that path), False). A damaged file is logged and recomputed, never used."""
     cache_dir = Path(cache_dir)
@@ -220,9 +241,9 @@ def load_or_compute_sharded(path: Path, pairs: list[TokenizedPair], batch_size: 
         return found, True
     me = distributed.world()
     order = sorted_order(pairs)  # the one-process pass's batches, longest first
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # Still longest first, so `compute`, which sorts its pairs the same (stable) way, forms exactly these batches.
-    mine = [i for batch in batches[me.rank::me.size] for i in batch]
+    mine = [i for batch in batches[me.rank :: me.size] for i in batch]
     rows = torch.zeros(len(pairs), 2)
     if mine:
         with tempfile.TemporaryDirectory(prefix="preftune-ref-") as tmp:

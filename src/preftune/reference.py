@@ -20,8 +20,9 @@ from preftune.refcache import RefLogps
 
 
 class Reference(Protocol):
-    def logps(self, batch: PackedBatch | PaddedBatch,
-              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
 
 
@@ -33,8 +34,9 @@ class ReferenceModel:
         self.dtype = dtype
 
     @torch.no_grad()
-    def logps(self, batch: PackedBatch | PaddedBatch,
-              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
         with autocast(next(self.model.parameters()).device, self.dtype):
             result = compute_logps(self.model, batch, ld_alpha=ld_alpha)
@@ -64,8 +66,9 @@ class PolicyReference:
         self.dtype = dtype
 
     @torch.no_grad()
-    def logps(self, batch: PackedBatch | PaddedBatch,
-              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs [B] of the chosen and rejected rows of `batch` (LD-DPO's with `ld_alpha`)."""
         was_training = self.model.training
         self.model.eval()
@@ -83,7 +86,8 @@ class CachedReference:
     def __init__(self, logps: RefLogps):
         self.cached = logps
 
-    def logps(self, batch: PackedBatch | PaddedBatch,
-              ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached rows; `ld_alpha` is part of the cache key, so they were computed with it."""
         return self.cached.lookup(batch.index, batch.input_ids.device)

@@ -24,8 +24,9 @@ from preftune.reference import CachedReference, Reference, ReferenceModel
 log = logging.getLogger("preftune")
 
 
-def build_references(cfg: TrainConfig, policy: torch.nn.Module, layout: str, train_pairs, eval_pairs, pad_id: int,
-                     device: torch.device) -> tuple[Reference, Reference | None, str]:
+def build_references(
+    cfg: TrainConfig, policy: torch.nn.Module, layout: str, train_pairs, eval_pairs, pad_id: int, device: torch.device
+) -> tuple[Reference, Reference | None, str]:
     """(the reference of the training pairs, that of the eval pairs or None, the layout both models fit).
 
     The default reference is the policy as loaded (never re-read from disk). With the cache, the policy itself
@@ -33,15 +34,25 @@ def build_references(cfg: TrainConfig, policy: torch.nn.Module, layout: str, tra
     every step. A LoRA policy is its own reference, with or without the cache: its base with the adapter
     disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made.
     """
-    loaded = (load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
-                             allow_pickle_weights=cfg.allow_pickle_weights, what="--ref-model").to(device)
-              if cfg.ref_model else None)
+    loaded = (
+        load_causal_lm(
+            cfg.ref_model,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle_weights=cfg.allow_pickle_weights,
+            what="--ref-model",
+        ).to(device)
+        if cfg.ref_model
+        else None
+    )
     if loaded is not None and layout == "packed":  # both models must fit the layout their batches share
         layout = choose_layout(cfg.layout, loaded, train_pairs, pad_id)
     adapter = loaded is None and lora.enabled(cfg)
     if cfg.no_ref_cache or cfg.ref_update:  # TR-DPO's reference changes: a cache of it would be stale
-        live = (lora.live_reference(policy, cfg) if adapter else
-                ReferenceModel(loaded or copy.deepcopy(policy), dtype=cfg.dtype))
+        live = (
+            lora.live_reference(policy, cfg)
+            if adapter
+            else ReferenceModel(loaded or copy.deepcopy(policy), dtype=cfg.dtype)
+        )
         return live, live, layout
     model = loaded or policy
     digest = lora.reference_digest(model, cfg) if adapter else refcache.weights_digest(model)
@@ -57,8 +68,16 @@ def build_references(cfg: TrainConfig, policy: torch.nn.Module, layout: str, tra
     return reference, eval_reference, layout  # a --ref-model is freed here: only its log-probs are kept
 
 
-def _cached_logps(cfg: TrainConfig, model, digest: str, pairs: list[TokenizedPair], cache_dir: Path, what: str,
-                  collate_fn, device: torch.device) -> RefLogps:
+def _cached_logps(
+    cfg: TrainConfig,
+    model,
+    digest: str,
+    pairs: list[TokenizedPair],
+    cache_dir: Path,
+    what: str,
+    collate_fn,
+    device: torch.device,
+) -> RefLogps:
     # Options outside the weights that change log-probs (rope scaling, soft-capping...) live in the config.
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     extra = {"config": config}
@@ -70,10 +89,17 @@ def _cached_logps(cfg: TrainConfig, model, digest: str, pairs: list[TokenizedPai
     batch_size = cfg.batch_size * (4 if device.type == "cuda" else 1)
 
     def compute(some: list[TokenizedPair], out: Path, progress: bool = True):
-        return refcache.compute(model, some, batch_size=batch_size,
-                                logps_fn=lambda m, batch: compute_logps(m, batch, ld_alpha=cfg.ld_alpha),
-                                collate_fn=collate_fn, device=device, dtype=cfg.dtype,
-                                out=out, progress=progress)
+        return refcache.compute(
+            model,
+            some,
+            batch_size=batch_size,
+            logps_fn=lambda m, batch: compute_logps(m, batch, ld_alpha=cfg.ld_alpha),
+            collate_fn=collate_fn,
+            device=device,
+            dtype=cfg.dtype,
+            out=out,
+            progress=progress,
+        )
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +110,10 @@ def _cached_logps(cfg: TrainConfig, model, digest: str, pairs: list[TokenizedPai
         logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
     else:
         logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute)
-    log.info("%s reference log-probs: %s %s", what, "reused" if hit else
-             f"computed in {time.perf_counter() - start:.1f} s,", logps.path)
+    log.info(
+        "%s reference log-probs: %s %s",
+        what,
+        "reused" if hit else f"computed in {time.perf_counter() - start:.1f} s,",
+        logps.path,
+    )
     return logps

@@ -20,6 +20,7 @@ from preftune.errors import UserError
 from preftune.files import write_file_atomically
 from preftune.monitor import TrainingMonitor
 from preftune.rundir import AUDIT, CONFIG, EVAL, FINAL, METRICS, PLOTS, REPORT
+
 MAX_SAMPLES = 20  # sample continuations shown; the page says how many there were
 FIGSIZE = (6.0, 3.5)  # inches, at 100 dpi: 600 × 350 px
 DPI = 100
@@ -63,10 +64,10 @@ def read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"],
-                                                                                                  bool):
-            raise UserError(f"{path} line {number}: expected a JSON object with an integer field 'step', "
-                            f"got {_short(line)}")
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+            raise UserError(
+                f"{path} line {number}: expected a JSON object with an integer field 'step', got {_short(line)}"
+            )
         records.append(record)
     if not records:
         raise UserError(f"{path}: empty; the run has not logged a step yet")
@@ -133,20 +134,44 @@ class Plot:
 
 PLOT_GROUPS = [
     Plot("loss", "Loss", "loss", [("loss", "train"), ("eval/loss", "eval")]),
-    Plot("accuracy", "Reward accuracy (chosen reward > rejected)", "accuracy",
-         [("rewards/accuracies", "train"), ("eval/rewards/accuracies", "eval")]),
-    Plot("margins", "Implicit rewards and their margin (chosen − rejected)", "reward",
-         [("rewards/margins", "margin, train"), ("eval/rewards/margins", "margin, eval"),
-          ("rewards/chosen", "chosen, train"), ("rewards/rejected", "rejected, train")]),
-    Plot("logps", "Policy log-probabilities of the responses (summed over tokens)", "log-prob (nats)",
-         [("logps/chosen", "chosen, train"), ("logps/rejected", "rejected, train"),
-          ("eval/logps/chosen", "chosen, eval"), ("eval/logps/rejected", "rejected, eval")]),
-    Plot("kl", "KL(policy ‖ reference) on sampled responses, ±1 SE", "KL (nats)", [("eval/kl", "eval")],
-         band={"eval/kl": "eval/kl_se"}),
+    Plot(
+        "accuracy",
+        "Reward accuracy (chosen reward > rejected)",
+        "accuracy",
+        [("rewards/accuracies", "train"), ("eval/rewards/accuracies", "eval")],
+    ),
+    Plot(
+        "margins",
+        "Implicit rewards and their margin (chosen − rejected)",
+        "reward",
+        [
+            ("rewards/margins", "margin, train"),
+            ("eval/rewards/margins", "margin, eval"),
+            ("rewards/chosen", "chosen, train"),
+            ("rewards/rejected", "rejected, train"),
+        ],
+    ),
+    Plot(
+        "logps",
+        "Policy log-probabilities of the responses (summed over tokens)",
+        "log-prob (nats)",
+        [
+            ("logps/chosen", "chosen, train"),
+            ("logps/rejected", "rejected, train"),
+            ("eval/logps/chosen", "chosen, eval"),
+            ("eval/logps/rejected", "rejected, eval"),
+        ],
+    ),
+    Plot(
+        "kl",
+        "KL(policy ‖ reference) on sampled responses, ±1 SE",
+        "KL (nats)",
+        [("eval/kl", "eval")],
+        band={"eval/kl": "eval/kl_se"},
+    ),
     Plot("grad_norm", "Gradient norm (before clipping)", "norm", [("grad_norm", "train")]),
     Plot("lr", "Learning rate", "learning rate", [("lr", "train")]),
-    Plot("throughput", "Throughput", "pairs / s", [("pairs_per_s", "pairs/s")],
-         right=[("tokens_per_s", "tokens/s")]),
+    Plot("throughput", "Throughput", "pairs / s", [("pairs_per_s", "pairs/s")], right=[("tokens_per_s", "tokens/s")]),
 ]
 # Shown in the summary instead of a plot.
 NOT_PLOTTED = {"step", "step_time_s"}
@@ -221,8 +246,9 @@ def _draw_lines(ax, lines, plot: Plot, records: list[dict], colour_offset: int) 
         elif len(values) >= 20:  # per-step values are noisy: faint raw line, solid rolling mean
             window = max(5, len(values) // 25)
             ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
-            handles += ax.plot(steps, rolling_mean(values, window), color=colour,
-                               label=f"{label} (mean of {window} steps)")
+            handles += ax.plot(
+                steps, rolling_mean(values, window), color=colour, label=f"{label} (mean of {window} steps)"
+            )
         else:
             handles += ax.plot(steps, values, ".-", color=colour, label=label)
         if key in plot.band:
@@ -231,8 +257,14 @@ def _draw_lines(ax, lines, plot: Plot, records: list[dict], colour_offset: int) 
             kept = [(s, v, by_step[s]) for s, v in zip(steps, values) if s in by_step]
             if kept:
                 xs, ys, ses = zip(*kept)
-                ax.fill_between(xs, [y - e for y, e in zip(ys, ses)], [y + e for y, e in zip(ys, ses)],
-                                color=colour, alpha=0.2, label="±1 SE")
+                ax.fill_between(
+                    xs,
+                    [y - e for y, e in zip(ys, ses)],
+                    [y + e for y, e in zip(ys, ses)],
+                    color=colour,
+                    alpha=0.2,
+                    label="±1 SE",
+                )
     return handles
 
 
@@ -313,8 +345,9 @@ def replay_warnings(run: Run) -> list[str]:
     try:
         parsed = [float(w) for w in str(weights).split(",")] if weights is not None else None
     except ValueError:
-        raise UserError(f"{run.path / 'config.yaml'}: field 'loss_weights' must be comma-separated numbers, "
-                        f"got {weights!r}") from None
+        raise UserError(
+            f"{run.path / 'config.yaml'}: field 'loss_weights' must be comma-separated numbers, got {weights!r}"
+        ) from None
     monitor = TrainingMonitor(total_steps(run), [n for n in names.split(",") if n.strip()], parsed)
     for record in run.records:
         monitor.observe(record)
@@ -327,11 +360,17 @@ def summary_section(run: Run) -> str:
     config = run.config or {}
     train_keys = ("loss", "rewards/accuracies", "rewards/margins")
     tail = records[-10:]
-    rows = [("run folder", str(run.path.resolve())),
-            ("status", "finished (final/ holds the model)" if (run.path / FINAL).is_dir()
-             else "no final/ folder: the run is unfinished or was interrupted"),
-            ("loss", f"{config.get('loss', '?')} (β = {config.get('beta', '?')})"),
-            ("steps logged", f"{len(records)} (steps {records[0]['step']}–{last['step']} of {total_steps(run)})")]
+    rows = [
+        ("run folder", str(run.path.resolve())),
+        (
+            "status",
+            "finished (final/ holds the model)"
+            if (run.path / FINAL).is_dir()
+            else "no final/ folder: the run is unfinished or was interrupted",
+        ),
+        ("loss", f"{config.get('loss', '?')} (β = {config.get('beta', '?')})"),
+        ("steps logged", f"{len(records)} (steps {records[0]['step']}–{last['step']} of {total_steps(run)})"),
+    ]
     for key in train_keys:
         _, values = series(tail, key)
         finite = [v for v in values if math.isfinite(v)]
@@ -347,14 +386,14 @@ def summary_section(run: Run) -> str:
         finite = [v for v in values if math.isfinite(v)]
         if finite:
             rows.append((f"mean {key}", sum(finite) / len(finite)))
-    out = f"<section id=\"summary\">\n<h2>Summary</h2>\n{table(rows, ('', 'value'))}"
+    out = f'<section id="summary">\n<h2>Summary</h2>\n{table(rows, ("", "value"))}'
     evaluated = [r for r in records if any(k.startswith("eval/") for k in r)]
     if evaluated:
         latest = evaluated[-1]
         eval_rows = [(k, v) for k, v in latest.items() if k.startswith("eval/")]
         out += f"<h3>Latest evaluation (step {latest['step']})</h3>\n{table(eval_rows, ('metric', 'value'))}"
     if run.config is None:
-        out += "<p class=\"note\">No config.yaml in this folder: options unknown, the ln 2 check is off.</p>\n"
+        out += '<p class="note">No config.yaml in this folder: options unknown, the ln 2 check is off.</p>\n'
     return out + "</section>\n"
 
 
@@ -370,8 +409,8 @@ def warnings_section(warnings: list[str]) -> str:
     if not warnings:
         body = "<p>None: no likelihood displacement, early saturation, loss stuck at ln 2 or non-finite value.</p>\n"
     else:
-        body = "<ul class=\"warnings\">\n" + "".join(f"<li>{esc(w)}</li>\n" for w in warnings) + "</ul>\n"
-    return f"<section id=\"warnings\">\n<h2>Warnings</h2>\n{body}</section>\n"
+        body = '<ul class="warnings">\n' + "".join(f"<li>{esc(w)}</li>\n" for w in warnings) + "</ul>\n"
+    return f'<section id="warnings">\n<h2>Warnings</h2>\n{body}</section>\n'
 
 
 def plots_section(run: Run, pngs: dict[str, bytes]) -> str:
@@ -379,8 +418,10 @@ def plots_section(run: Run, pngs: dict[str, bytes]) -> str:
     for plot in PLOT_GROUPS:
         if plot.name in pngs:
             data = base64.b64encode(pngs[plot.name]).decode("ascii")
-            figures.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{esc(plot.title)}\">"
-                           f"<figcaption>{esc(plot.title)}</figcaption></figure>\n")
+            figures.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{esc(plot.title)}">'
+                f"<figcaption>{esc(plot.title)}</figcaption></figure>\n"
+            )
     notes = []
     missing = [p.name for p in PLOT_GROUPS if p.name not in pngs]
     if missing:
@@ -389,16 +430,16 @@ def plots_section(run: Run, pngs: dict[str, bytes]) -> str:
     others = sorted({k for r in run.records for k in r if not k.startswith("eval/")} - drawn - NOT_PLOTTED)
     if others:
         notes.append(f"Logged but not plotted: {', '.join(others)}.")
-    body = "".join(figures) + "".join(f"<p class=\"note\">{esc(n)}</p>\n" for n in notes)
-    return f"<section id=\"plots\">\n<h2>Plots</h2>\n{body}</section>\n"
+    body = "".join(figures) + "".join(f'<p class="note">{esc(n)}</p>\n' for n in notes)
+    return f'<section id="plots">\n<h2>Plots</h2>\n{body}</section>\n'
 
 
 def config_section(run: Run) -> str:
     if run.config is None:
-        body = "<p class=\"note\">No config.yaml in this run folder.</p>\n"
+        body = '<p class="note">No config.yaml in this run folder.</p>\n'
     else:
         body = table(list(run.config.items()), ("option", "value"))
-    return f"<section id=\"config\">\n<h2>Configuration</h2>\n{body}</section>\n"
+    return f'<section id="config">\n<h2>Configuration</h2>\n{body}</section>\n'
 
 
 def flatten(value, prefix: str = "") -> list[tuple[str, object]]:
@@ -412,15 +453,18 @@ def flatten(value, prefix: str = "") -> list[tuple[str, object]]:
 
 def audit_section(run: Run) -> str:
     if run.audit is None:
-        body = "<p class=\"note\">No audit.json in this run folder.</p>\n"
+        body = '<p class="note">No audit.json in this run folder.</p>\n'
     else:
-        findings = [(name, f["count"], f.get("share", ""), ", ".join(map(str, f.get("examples") or [])))
-                    for name, f in run.audit.items() if isinstance(f, dict) and "count" in f]
+        findings = [
+            (name, f["count"], f.get("share", ""), ", ".join(map(str, f.get("examples") or [])))
+            for name, f in run.audit.items()
+            if isinstance(f, dict) and "count" in f
+        ]
         rest = {name: v for name, v in run.audit.items() if not (isinstance(v, dict) and "count" in v)}
         body = table(findings, ("finding", "count", "share", "examples")) if findings else ""
         if rest:
             body += table(flatten(rest), ("measure", "value"))
-    return f"<section id=\"audit\">\n<h2>Data audit</h2>\n{body}</section>\n"
+    return f'<section id="audit">\n<h2>Data audit</h2>\n{body}</section>\n'
 
 
 def find_samples(value, path: str = "") -> tuple[str, list[dict]] | None:
@@ -438,15 +482,17 @@ def find_samples(value, path: str = "") -> tuple[str, list[dict]] | None:
 
 def eval_section(run: Run) -> str:
     if run.evaluation is None:
-        return ("<section id=\"eval\">\n<h2>Evaluation</h2>\n"
-                "<p class=\"note\">No eval.json in this run folder.</p>\n</section>\n")
+        return (
+            '<section id="eval">\n<h2>Evaluation</h2>\n'
+            '<p class="note">No eval.json in this run folder.</p>\n</section>\n'
+        )
     found = find_samples(run.evaluation)
     samples_path = found[0] if found else None
     rows = [(k, v) for k, v in flatten(run.evaluation) if not (samples_path and k.startswith(samples_path + "/"))]
     body = table(rows, ("result", "value")) if rows else ""
     if found:
         body += samples_table(*found)
-    return f"<section id=\"eval\">\n<h2>Evaluation</h2>\n{body}</section>\n"
+    return f'<section id="eval">\n<h2>Evaluation</h2>\n{body}</section>\n'
 
 
 def samples_table(path: str, samples: list[dict]) -> str:
@@ -455,18 +501,26 @@ def samples_table(path: str, samples: list[dict]) -> str:
     columns = list(dict.fromkeys(columns))
     shown = samples[:MAX_SAMPLES]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    rows = "".join("<tr>" + "".join(f"<td><pre>{esc(fmt(s.get(c, '')))}</pre></td>" for c in columns) + "</tr>\n"
-                   for s in shown)
+    rows = "".join(
+        "<tr>" + "".join(f"<td><pre>{esc(fmt(s.get(c, '')))}</pre></td>" for c in columns) + "</tr>\n" for s in shown
+    )
     note = f"{len(shown)} of {len(samples)} samples ({path})"
-    return f"<h3>Sample continuations</h3>\n<p class=\"note\">{esc(note)}</p>\n<table>\n<tr>{head}</tr>\n{rows}</table>\n"
+    return f'<h3>Sample continuations</h3>\n<p class="note">{esc(note)}</p>\n<table>\n<tr>{head}</tr>\n{rows}</table>\n'
 
 
 def render(run: Run, pngs: dict[str, bytes], warnings: list[str]) -> str:
     title = f"preftune report: {run.path.resolve().name}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
-            + summary_section(run) + warnings_section(warnings) + plots_section(run, pngs) + config_section(run)
-            + audit_section(run) + eval_section(run) + "</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
+        + summary_section(run)
+        + warnings_section(warnings)
+        + plots_section(run, pngs)
+        + config_section(run)
+        + audit_section(run)
+        + eval_section(run)
+        + "</body>\n</html>\n"
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:

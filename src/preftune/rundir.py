@@ -81,8 +81,9 @@ def prepare_run_dir(cfg: TrainConfig, processes: int = 1) -> Path:
         saved = (run_dir / CONFIG).read_text(encoding="utf-8") if (run_dir / CONFIG).exists() else ""
         check_same_config(cfg, saved, run_dir, processes)
     elif run_dir.exists() and any(p.name != TOKENS for p in run_dir.iterdir()):  # tokens/: a start killed early
-        raise UserError(f"--output {cfg.output}: folder is not empty; pass --resume to continue it, "
-                        "or choose a new folder")
+        raise UserError(
+            f"--output {cfg.output}: folder is not empty; pass --resume to continue it, or choose a new folder"
+        )
     return run_dir
 
 
@@ -94,16 +95,20 @@ def check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path, processe
     per_process = ("batch_size", "grad_accum", "fsdp")  # --fsdp too: its checkpoints hold the whole model
     for key, value in saved.items():
         if key not in ("resume", *per_process) and now.get(key) != value:
-            raise UserError(f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
-                            "an exact resume needs the same options")
+            raise UserError(
+                f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
+                "an exact resume needs the same options"
+            )
     if not saved:
         return
     last = _last_launch(run_dir, saved)
     before = (last["batch_size"], last["grad_accum"], last["processes"])
     after = (cfg.batch_size, cfg.grad_accum, processes)
     if math.prod(before) != math.prod(after):
-        raise UserError(f"--resume: the run in {run_dir} took {batch_text(*before)} pairs per optimizer step, now "
-                        f"{batch_text(*after)}; an exact resume needs the same global batch")
+        raise UserError(
+            f"--resume: the run in {run_dir} took {batch_text(*before)} pairs per optimizer step, now "
+            f"{batch_text(*after)}; an exact resume needs the same global batch"
+        )
 
 
 LAUNCH = "launch.json"  # how the run was last started or resumed: processes and per-process batch
@@ -132,3 +137,13 @@ def truncate_metrics(path: Path, step: int) -> None:
         lines.pop()
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def writing(run_dir: Path, what: str, write):
+    """Run `write`; a full disk or a permission error becomes one line that says what is still intact."""
+    try:
+        return write()
+    except OSError as e:
+        previous = latest_checkpoint(run_dir)
+        kept = f"the newest checkpoint {previous} is intact" if previous else "no checkpoint was written yet"
+        raise UserError(f"--output {run_dir}: cannot write {what} ({e.strerror or e}); {kept}") from None

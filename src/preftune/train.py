@@ -21,20 +21,26 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from preftune import checkpoint, distributed, fsdp, lora, observe, rundir
-from preftune.data.audit import AuditReport
 from preftune.config import TrainConfig, write_yaml
+from preftune.data.audit import AuditReport
 from preftune.data.batching import PackedBatch, PaddedBatch, collate
-from preftune.data.load import check_one_step, epoch_order, global_batch, load_data, load_streamed, \
-    pairs_per_group
+from preftune.data.load import check_one_step, epoch_order, global_batch, load_data, load_streamed, pairs_per_group
 from preftune.data.store import TokenStore
 from preftune.data.tokenize import TokenizedPair
 from preftune.device import autocast, resolve_device
 from preftune.errors import UserError
-from preftune.loading import base_model_path, causal_lm_config, load_adapter_tokenizer, load_causal_lm, load_tokenizer
+from preftune.loading import base_model_path, causal_lm_config, load_run_tokenizer
 from preftune.logps import choose_layout, compute_logps, compute_logps_wpo
 from preftune.losses import OPTIONS, TIE_RTOL, combined_loss, example_metrics, kl_estimate, pair_metrics, reward_kind
-from preftune.metrics import StepMetrics, add_sums, per_pair, progress_fields, step_counts, to_records, \
-    without_empty_means
+from preftune.metrics import (
+    StepMetrics,
+    add_sums,
+    per_pair,
+    progress_fields,
+    step_counts,
+    to_records,
+    without_empty_means,
+)
 from preftune.reference import Reference
 from preftune.refsetup import build_references
 
@@ -53,8 +59,6 @@ class Setup:
     policy: torch.nn.Module
     train_pairs: Pairs
     eval_pairs: Pairs | list
-    steps_per_epoch: int
-    total_steps: int
     layout: str  # "packed" or "padded" (logps.choose_layout)
     reference: Reference | None = None  # None: a reference-free loss
     eval_reference: Reference | None = None
@@ -63,6 +67,17 @@ class Setup:
     generation: observe.GenerationEval | None = None  # sampling-based evaluation on --eval-prompts
     token_dir: Path | None = None  # --stream: the folder of the token stores
     group_size: int = 1  # a grouped loss: the pairs of one row, trained as one group (data/groups.py)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_pairs) / global_batch(self.cfg))
+
+    @property
+    def total_steps(self) -> int:
+        """--max-steps, else --epochs (default 1) passes over the data."""
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return math.ceil((self.cfg.epochs or 1) * self.steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -74,30 +89,35 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     run_dir = rundir.prepare_run_dir(cfg, distributed.world().size) if training else Path(cfg.output)
     device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK with several processes
     base = base_model_path(cfg.model)  # cfg.model itself, unless that folder holds only a LoRA adapter
-    causal_lm_config(base, trust_remote_code=cfg.trust_remote_code, allow_pickle_weights=cfg.allow_pickle_weights)
-    if cfg.ref_model:
-        causal_lm_config(cfg.ref_model, trust_remote_code=cfg.trust_remote_code,
-                         allow_pickle_weights=cfg.allow_pickle_weights, what="--ref-model")
-    if cfg.tokenizer or base == cfg.model:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                   what="--tokenizer" if cfg.tokenizer else "--model")
-    else:
-        tokenizer = load_adapter_tokenizer(cfg.model, base, trust_remote_code=cfg.trust_remote_code)
+    for folder, what in ((base, "--model"), (cfg.ref_model, "--ref-model")):
+        if folder:  # checked before any data is read: a wrong folder is the quickest mistake to report
+            causal_lm_config(
+                folder,
+                trust_remote_code=cfg.trust_remote_code,
+                allow_pickle_weights=cfg.allow_pickle_weights,
+                what=what,
+            )
+    tokenizer = load_run_tokenizer(cfg.model, base, cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     me = distributed.world()
     tokens = rundir.token_dir(run_dir, training, me.rank, me.size) if cfg.stream else None
     train_pairs, eval_pairs, group, audit = load_pairs(cfg, tokenizer, tokens)
     observe.check_generation_options(cfg)
 
-    # Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any device.
-    # (A quantized base is loaded onto the device directly; peft still draws the adapter's weights on the CPU.)
-    policy = lora.wrap(load_causal_lm(base, trust_remote_code=cfg.trust_remote_code,
-                                      allow_pickle_weights=cfg.allow_pickle_weights, bits=lora.bits(cfg),
-                                      compute_dtype=cfg.dtype, device=device), cfg).to(device)
+    policy = lora.load_policy(base, cfg, device)
     layout = choose_layout(cfg.layout, policy, train_pairs, tokenizer.pad_token_id)
-    steps_per_epoch = math.ceil(len(train_pairs) / global_batch(cfg))
-    total = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1) * steps_per_epoch)
-    s = Setup(cfg, run_dir, device, tokenizer, policy, train_pairs, eval_pairs, steps_per_epoch, total, layout,
-              audit=audit, token_dir=tokens, group_size=group)
+    s = Setup(
+        cfg,
+        run_dir,
+        device,
+        tokenizer,
+        policy,
+        train_pairs,
+        eval_pairs,
+        layout,
+        audit=audit,
+        token_dir=tokens,
+        group_size=group,
+    )
     if cfg.needs_reference:
         attach_reference(s)
     if cfg.eval_prompts:
@@ -127,8 +147,9 @@ def load_pairs(cfg: TrainConfig, tokenizer, tokens: Path | None) -> tuple[Pairs,
 def attach_reference(s: Setup) -> None:
     """The reference (`refsetup`): cached log-probs by default, else a live model; a --ref-model may change the
     layout both models share."""
-    s.reference, s.eval_reference, s.layout = build_references(s.cfg, s.policy, s.layout, s.train_pairs, s.eval_pairs,
-                                                               s.tokenizer.pad_token_id, s.device)
+    s.reference, s.eval_reference, s.layout = build_references(
+        s.cfg, s.policy, s.layout, s.train_pairs, s.eval_pairs, s.tokenizer.pad_token_id, s.device
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- data order
@@ -146,22 +167,25 @@ def step_pairs(s: Setup, step: int) -> list[int]:
     if epoch not in s.orders:
         s.orders = {epoch: epoch_order(s.train_pairs, s.cfg, epoch, s.group_size)}
     size = global_batch(s.cfg)
-    chunk = s.orders[epoch][k * size:(k + 1) * size]
+    chunk = s.orders[epoch][k * size : (k + 1) * size]
     return chunk.tolist() if isinstance(chunk, np.ndarray) else chunk
 
 
 def micro_batches(s: Setup, pairs: list[TokenizedPair], indices: list[int]) -> list[PackedBatch | PaddedBatch]:
     size = s.cfg.batch_size
-    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
-    return [collate(s.layout, [pairs[i] for i in c], c, s.tokenizer.pad_token_id, s.cfg.pack_tokens or None).to(s.device)
-            for c in chunks]
+    chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+    return [
+        collate(s.layout, [pairs[i] for i in c], c, s.tokenizer.pad_token_id, s.cfg.pack_tokens or None).to(s.device)
+        for c in chunks
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- one step
 
 
-def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference: Reference | None, num_pairs: int,
-               num_chosen_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def batch_loss(
+    s: Setup, batch: PackedBatch | PaddedBatch, reference: Reference | None, num_pairs: int, num_chosen_tokens: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch, normalised by the whole step's counts, and its per-pair metrics.
 
     What each loss needs (lengths, labels, KTO's reference point, groups) is passed by name; `combined_loss` hands
@@ -178,17 +202,36 @@ def batch_loss(s: Setup, batch: PackedBatch | PaddedBatch, reference: Reference 
     else:  # reference-free losses: no reference exists; the losses ignore these zeros
         ref_chosen, ref_rejected = torch.zeros_like(policy.chosen), torch.zeros_like(policy.rejected)
     kl = reference_point(policy.rejected, ref_rejected) if cfg.needs_kl else None
-    loss = combined_loss(cfg.losses, cfg.weights, policy_chosen_logps=policy.chosen,
-                         policy_rejected_logps=policy.rejected, ref_chosen_logps=ref_chosen,
-                         ref_rejected_logps=ref_rejected, chosen_lengths=policy.chosen_lengths,
-                         rejected_lengths=policy.rejected_lengths, num_pairs=num_pairs,
-                         num_chosen_tokens=num_chosen_tokens, pair_weights=pair_weights, labels=batch.labels, kl=kl,
-                         group_size=s.group_size, **{option: getattr(cfg, option) for option in OPTIONS})
+    loss = combined_loss(
+        cfg.losses,
+        cfg.weights,
+        policy_chosen_logps=policy.chosen,
+        policy_rejected_logps=policy.rejected,
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
+        num_pairs=num_pairs,
+        num_chosen_tokens=num_chosen_tokens,
+        pair_weights=pair_weights,
+        labels=batch.labels,
+        kl=kl,
+        group_size=s.group_size,
+        **{option: getattr(cfg, option) for option in OPTIONS},
+    )
     if cfg.unpaired:  # examples, not pairs: the desirable and undesirable ones are averaged apart
         return loss, example_metrics(policy.chosen, ref_chosen, batch.labels, cfg.beta, kl)
-    metrics = pair_metrics(policy.chosen.detach(), policy.rejected.detach(), ref_chosen, ref_rejected, cfg.beta,
-                           reward=reward_kind(cfg.losses), chosen_lengths=policy.chosen_lengths,
-                           rejected_lengths=policy.rejected_lengths, tie_rtol=TIE_RTOL[cfg.dtype])
+    metrics = pair_metrics(
+        policy.chosen.detach(),
+        policy.rejected.detach(),
+        ref_chosen,
+        ref_rejected,
+        cfg.beta,
+        reward=reward_kind(cfg.losses),
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
+        tie_rtol=TIE_RTOL[cfg.dtype],
+    )
     if pair_weights is not None:
         metrics["wpo/weights"] = pair_weights
     return loss, metrics
@@ -216,8 +259,9 @@ def pad_rounds(s: Setup, pairs: Pairs, done: int, num_items: int, backward: bool
             distributed.all_reduce_sum(torch.zeros(2, device=s.device))
 
 
-def run_pairs(s: Setup, batches: list[PackedBatch | PaddedBatch], reference, backward: bool,
-              counts: tuple[int, int]) -> dict[str, torch.Tensor]:
+def run_pairs(
+    s: Setup, batches: list[PackedBatch | PaddedBatch], reference, backward: bool, counts: tuple[int, int]
+) -> dict[str, torch.Tensor]:
     """Forward (and backward) over this process's micro-batches of one step; returns device sums of the metrics.
 
     `counts` = `step_counts` of the whole step: each micro-batch's loss is divided by them, so the gradients summed
@@ -289,11 +333,14 @@ def start_or_resume(s: Setup, optimizer, scheduler) -> int:
         distributed.on_main(start)
         torch.manual_seed(cfg.seed)
         return 0
-    sharded = (lambda model_state, optimizer_state: fsdp.load_full_states(s.policy, optimizer, model_state,
-                                                                          optimizer_state)) \
-        if fsdp.enabled(s.policy) else None
-    step = checkpoint.load(path, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step=None),
-                           load_states=sharded)
+    sharded = (
+        (lambda model_state, optimizer_state: fsdp.load_full_states(s.policy, optimizer, model_state, optimizer_state))
+        if fsdp.enabled(s.policy)
+        else None
+    )
+    step = checkpoint.load(
+        path, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step=None), load_states=sharded
+    )
     distributed.on_main(rundir.truncate_metrics, s.run_dir / rundir.METRICS, step)
     distributed.on_main(rundir.write_launch, cfg, s.run_dir, distributed.world().size)
     log.info("resumed from %s (step %d of %d)", path, step, s.total_steps)
@@ -328,33 +375,15 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     if cfg.ref_update and (step + 1) % cfg.ref_update_every == 0:  # TR-DPO, after the update as TRL's callback
         s.reference.update(s.policy, 1.0 if cfg.ref_update == "hard" else cfg.ref_update_alpha)
     # Tokens as `num_tokens` of the batches counts them (both prompts), over all processes.
-    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                 for p in (s.train_pairs[i] for i in indices))
+    tokens = sum(
+        2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in (s.train_pairs[i] for i in indices)
+    )
     return StepMetrics(step + 1, lr, len(indices), tokens, list(metrics), torch.stack(list(metrics.values())))
 
 
 def save_final(s: Setup, state: dict | None = None) -> Path:
-    """final/: the model, or with LoRA the adapter (PeftModel.from_pretrained loads it onto its base); with
-    --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer in both."""
-    final = s.run_dir / rundir.FINAL
-    adapter = lora.enabled(s.cfg)
-
-    def fill(tmp: Path) -> None:
-        if adapter:
-            lora.save_adapter(s.policy, tmp, s.cfg)
-        else:
-            s.policy.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # state: gathered by --fsdp
-        s.tokenizer.save_pretrained(tmp)
-
-    checkpoint.write_atomically(final, fill)
-    if adapter and s.cfg.merge:  # after final/: merging changes the policy in place
-
-        def fill_merged(tmp: Path) -> None:
-            lora.merge(s.policy, s.cfg).save_pretrained(tmp, safe_serialization=True)
-            s.tokenizer.save_pretrained(tmp)
-
-        checkpoint.write_atomically(s.run_dir / rundir.FINAL_MERGED, fill_merged)
-    return final
+    """final/ (and final-merged/), see `checkpoint.save_final`; `state`: the whole model gathered by --fsdp."""
+    return checkpoint.save_final(s.run_dir, s.policy, s.tokenizer, s.cfg, state)
 
 
 @distributed.launched  # under torchrun: join the other processes first (a no-op for one process)
@@ -364,10 +393,7 @@ def train(cfg: TrainConfig) -> Path:
     first = start_or_resume(s, optimizer, scheduler)
     s.policy.train()
     main = distributed.world().is_main  # only rank 0 writes files and shows progress
-    unit = "examples" if cfg.unpaired else "pairs"
-    log.info("training %d steps of %d %s (%d %s, %d steps per epoch) on %s%s", s.total_steps, global_batch(cfg), unit,
-             len(s.train_pairs), unit, s.steps_per_epoch, s.device,
-             f" × {distributed.world().size} processes" if distributed.world().size > 1 else "")
+    log.info("training %s", describe(s))
     has_eval = bool(s.eval_pairs) or s.generation is not None
     watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / rundir.METRICS) if main else [])
     if s.audit is not None:  # None with --stream
@@ -376,9 +402,12 @@ def train(cfg: TrainConfig) -> Path:
     skipped = 0
     clock = time.perf_counter()
     # The bar closes before an error propagates, so the error stays the last line the user sees.
-    with (tqdm(total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True,
-               disable=not main) as bar,
-          open(s.run_dir / rundir.METRICS if main else os.devnull, "a", encoding="utf-8") as metrics_file):
+    with (
+        tqdm(
+            total=s.total_steps, initial=first, desc="train", unit="step", dynamic_ncols=True, disable=not main
+        ) as bar,
+        open(s.run_dir / rundir.METRICS if main else os.devnull, "a", encoding="utf-8") as metrics_file,
+    ):
         for step in range(first, s.total_steps):
             pending.append(train_step(s, step, optimizer, scheduler))
             done = step + 1
@@ -391,8 +420,8 @@ def train(cfg: TrainConfig) -> Path:
                     records[-1].update(evaluate(s, done))
                 if main:
                     watcher.observe(records)
-                distributed.on_main(writing, s, rundir.METRICS, lambda records=records: (
-                    metrics_file.write("".join(json.dumps(r) + "\n" for r in records)), metrics_file.flush()))
+                write = lambda records=records: append_records(metrics_file, records)  # noqa: E731
+                distributed.on_main(rundir.writing, s.run_dir, rundir.METRICS, write)  # every rank learns of a failure
                 skipped += sum(int(r.get("skipped", 0)) for r in records)
                 bar.set_postfix(progress_fields(records[-1]), refresh=False)
                 bar.update(len(records))
@@ -403,16 +432,32 @@ def train(cfg: TrainConfig) -> Path:
                 clock = time.perf_counter()
             after_step(done)
     if skipped:
-        log.warning("skipped %d step%s with a non-finite loss or gradient (--skip-nonfinite)", skipped,
-                    "s" * (skipped != 1))
+        log.warning(
+            "skipped %d step%s with a non-finite loss or gradient (--skip-nonfinite)", skipped, "s" * (skipped != 1)
+        )
     whole = fsdp.full_model_state(s.policy, drop_tied=False) if fsdp.enabled(s.policy) else None  # all gather
-    final = distributed.on_main(writing, s, "the final model",
-                                lambda: save_final(s) if whole is None else save_final(s, whole),
-                                default=s.run_dir / rundir.FINAL)
+    save = lambda: save_final(s) if whole is None else save_final(s, whole)  # noqa: E731
+    final = distributed.on_main(rundir.writing, s.run_dir, "the final model", save, default=s.run_dir / rundir.FINAL)
     if not cfg.no_report:
         distributed.on_main(observe.write_report, s.run_dir)
     log.info("done: %s", final)
     return final
+
+
+def describe(s: Setup) -> str:
+    """'4 steps of 8 pairs (25 pairs, 4 steps per epoch) on cpu × 2 processes'."""
+    unit, processes = "examples" if s.cfg.unpaired else "pairs", distributed.world().size
+    many = f" × {processes} processes" if processes > 1 else ""
+    return (
+        f"{s.total_steps} steps of {global_batch(s.cfg)} {unit} ({len(s.train_pairs)} {unit}, {s.steps_per_epoch} "
+        f"steps per epoch) on {s.device}{many}"
+    )
+
+
+def append_records(metrics_file, records: list[dict]) -> None:
+    """metrics.jsonl: one JSON line per step, flushed so a kill loses at most the line being written."""
+    metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
+    metrics_file.flush()
 
 
 def _drifted_reference(s: Setup, step: int | None) -> torch.nn.Module | None:
@@ -425,28 +470,25 @@ def _drifted_reference(s: Setup, step: int | None) -> torch.nn.Module | None:
 
 def save_checkpoint(s: Setup, step: int, optimizer, scheduler, states: tuple[dict, dict] | None = None) -> None:
     """`states`: the whole model and optimizer state gathered from --fsdp's shards (`fsdp.full_states`)."""
-    writing(s, f"checkpoint step {step}", lambda: checkpoint.save(s.run_dir, step, s.policy, optimizer, scheduler,
-                                                                  reference=_drifted_reference(s, step), states=states))
+    rundir.writing(
+        s.run_dir,
+        f"checkpoint step {step}",
+        lambda: checkpoint.save(
+            s.run_dir, step, s.policy, optimizer, scheduler, reference=_drifted_reference(s, step), states=states
+        ),
+    )
     if s.cfg.keep_last:
         checkpoint.prune(s.run_dir, s.cfg.keep_last)
-
-
-def writing(s: Setup, what: str, write):
-    """Run `write`; a full disk or a permission error becomes one line that says what is still intact."""
-    try:
-        return write()
-    except OSError as e:
-        previous = rundir.latest_checkpoint(s.run_dir)
-        kept = f"the newest checkpoint {previous} is intact" if previous else "no checkpoint was written yet"
-        raise UserError(f"--output {s.run_dir}: cannot write {what} ({e.strerror or e}); {kept}") from None
 
 
 def precompute(cfg: TrainConfig) -> None:
     """Fill the reference cache for --data (and --eval-data) so that `train` with the same options skips it."""
     if not cfg.needs_reference or cfg.no_ref_cache or cfg.ref_update:
         live = "--no-ref-cache" if cfg.no_ref_cache else "--ref-update"
-        raise UserError(f"precompute: nothing to do with --loss {cfg.loss}" +
-                        (f" and {live}" if cfg.no_ref_cache or cfg.ref_update else ": it uses no reference"))
+        raise UserError(
+            f"precompute: nothing to do with --loss {cfg.loss}"
+            + (f" and {live}" if cfg.no_ref_cache or cfg.ref_update else ": it uses no reference")
+        )
     s = setup(cfg, training=False)
     if s.token_dir is not None:  # --stream: the ids served the reference pass only
         shutil.rmtree(s.token_dir, ignore_errors=True)

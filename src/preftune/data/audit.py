@@ -93,8 +93,11 @@ class Truncation(Finding):
     @property
     def limits(self) -> str:
         """The limits given, as flags: "--max-length 512 / --max-prompt-length 128"."""
-        limits = [f"{flag} {value}" for flag, value in (("--max-length", self.max_length),
-                                                         ("--max-prompt-length", self.max_prompt_length)) if value]
+        limits = [
+            f"{flag} {value}"
+            for flag, value in (("--max-length", self.max_length), ("--max-prompt-length", self.max_prompt_length))
+            if value
+        ]
         return " / ".join(limits)
 
 
@@ -141,16 +144,27 @@ def _duplicates(pairs: list[PreferencePair], keys: list[tuple]) -> list[str]:
 
 def _conflicts(pairs: list[PreferencePair], keys: list[tuple]) -> list[str]:
     present = set(keys)
-    return [pair.where for pair, (prompt, chosen, rejected) in zip(pairs, keys)
-            if chosen != rejected and (prompt, rejected, chosen) in present]
+    return [
+        pair.where
+        for pair, (prompt, chosen, rejected) in zip(pairs, keys)
+        if chosen != rejected and (prompt, rejected, chosen) in present
+    ]
 
 
 def _leakage(pairs: list[PreferencePair], keys: list[tuple], eval_pairs: list[PreferencePair]) -> Leakage:
     eval_prompts = {_canonical(p.prompt) for p in eval_pairs if not _blank_prompt(p.prompt)}
-    leaked = [(pair.where, key[0]) for pair, key in zip(pairs, keys)
-              if key[0] in eval_prompts and not _blank_prompt(pair.prompt)]
-    return _finding([where for where, _ in leaked], len(pairs), Leakage, eval_rows=len(eval_pairs),
-                    prompts=len({prompt for _, prompt in leaked}))
+    leaked = [
+        (pair.where, key[0])
+        for pair, key in zip(pairs, keys)
+        if key[0] in eval_prompts and not _blank_prompt(pair.prompt)
+    ]
+    return _finding(
+        [where for where, _ in leaked],
+        len(pairs),
+        Leakage,
+        eval_rows=len(eval_pairs),
+        prompts=len({prompt for _, prompt in leaked}),
+    )
 
 
 def _blank_prompt(prompt: str | list) -> bool:
@@ -193,16 +207,21 @@ def _encoding(pairs: list[PreferencePair], kinds: list[set[str]]) -> dict[str, F
 
 def _measurable(pair: PreferencePair, kinds: set[str]) -> bool:
     """A pair training can use: not identical, no empty response, encodable (a lone surrogate is not)."""
-    return (pair.chosen != pair.rejected and not _is_blank(pair.chosen) and not _is_blank(pair.rejected)
-            and "lone_surrogates" not in kinds)
+    return (
+        pair.chosen != pair.rejected
+        and not _is_blank(pair.chosen)
+        and not _is_blank(pair.rejected)
+        and "lone_surrogates" not in kinds
+    )
 
 
 def _chars(value: str | list) -> int:
     return len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
 
 
-def measure(measured: list[PreferencePair], tokenizer: Any, max_length: int | None,
-            max_prompt_length: int | None) -> tuple[list[tuple[int, int, int]], Truncation | None]:
+def measure(
+    measured: list[PreferencePair], tokenizer: Any, max_length: int | None, max_prompt_length: int | None
+) -> tuple[list[tuple[int, int, int]], Truncation | None]:
     """(prompt, chosen, rejected) lengths of each measured pair, and what truncation would cut. Lengths are in
     characters without a tokenizer, else in tokens before truncation; the truncation finding needs tokens and a max
     length (None otherwise). Unpaired examples (rejected = chosen, audit_examples.py) are measured the same way."""
@@ -213,16 +232,23 @@ def measure(measured: list[PreferencePair], tokenizer: Any, max_length: int | No
     return lengths, _truncation(tokenized, max_length, max_prompt_length)
 
 
-def _truncation(tokenized: list[TokenizedPair], max_length: int | None,
-                max_prompt_length: int | None) -> Truncation | None:
+def _truncation(
+    tokenized: list[TokenizedPair], max_length: int | None, max_prompt_length: int | None
+) -> Truncation | None:
     """The pairs training would cut (None when no max length is given), split by what is cut."""
     if max_length is None and max_prompt_length is None:
         return None
     # The rules training applies, so the audit counts exactly the pairs training would cut.
     cuts = [truncate(tp, max_length=max_length, max_prompt_length=max_prompt_length)[1:] for tp in tokenized]
-    return _finding([tp.where for tp, cut in zip(tokenized, cuts) if any(cut)], len(tokenized), Truncation,
-                    max_length=max_length, max_prompt_length=max_prompt_length,
-                    prompts_cut=sum(prompt for prompt, _ in cuts), responses_cut=sum(response for _, response in cuts))
+    return _finding(
+        [tp.where for tp, cut in zip(tokenized, cuts) if any(cut)],
+        len(tokenized),
+        Truncation,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        prompts_cut=sum(prompt for prompt, _ in cuts),
+        responses_cut=sum(response for _, response in cuts),
+    )
 
 
 def _distribution(values: list[int]) -> dict[str, float] | None:
@@ -234,8 +260,13 @@ def _distribution(values: list[int]) -> dict[str, float] | None:
     def rank(q: float) -> int:
         return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
 
-    return {"min": ordered[0], "median": rank(0.5), "p90": rank(0.9), "max": ordered[-1],
-            "mean": sum(ordered) / len(ordered)}
+    return {
+        "min": ordered[0],
+        "median": rank(0.5),
+        "p90": rank(0.9),
+        "max": ordered[-1],
+        "mean": sum(ordered) / len(ordered),
+    }
 
 
 def _length_bias(lengths: list[tuple[int, int, int]]) -> tuple[float | None, float | None, int]:
@@ -278,20 +309,31 @@ class AuditReport:
 
     def warnings(self) -> list[str]:
         """Plain-language one-liners for the findings that can mislead training or evaluation."""
-        return finding_warnings("pairs", [
-            (self.duplicates, "repeat an earlier pair exactly and count more than once in training"),
-            (self.conflicting_pairs, "contradict another pair (A over B and B over A for the same prompt)"),
-            (self.eval_leakage, "have a prompt that is also in the eval data ({f.prompts} distinct): eval results "
-                                "will look better than they are"),
-            (self.truncated, "are longer than {f.limits} and will be truncated (prompt cut in {f.prompts_cut}, "
-                             "a response cut in {f.responses_cut})"),
-        ]) + length_bias_warning(self.length_only_accuracy, "picking the longer response scores {score:.1%} (chosen "
-                                 "is longer in {chosen:.1%} of pairs)", chosen=self.chosen_longer_share)
+        return finding_warnings(
+            "pairs",
+            [
+                (self.duplicates, "repeat an earlier pair exactly and count more than once in training"),
+                (self.conflicting_pairs, "contradict another pair (A over B and B over A for the same prompt)"),
+                (
+                    self.eval_leakage,
+                    "have a prompt that is also in the eval data ({f.prompts} distinct): eval results "
+                    "will look better than they are",
+                ),
+                (
+                    self.truncated,
+                    "are longer than {f.limits} and will be truncated (prompt cut in {f.prompts_cut}, "
+                    "a response cut in {f.responses_cut})",
+                ),
+            ],
+        ) + length_bias_warning(
+            self.length_only_accuracy,
+            "picking the longer response scores {score:.1%} (chosen is longer in {chosen:.1%} of pairs)",
+            chosen=self.chosen_longer_share,
+        )
 
     def lines(self) -> list[str]:
         """A terminal table: one row per finding, then length bias and length distributions."""
-        out = [f"audit of {self.rows} pairs",
-               f"{'finding':<22}{'pairs':>7}{'share':>8}  first rows"]
+        out = [f"audit of {self.rows} pairs", f"{'finding':<22}{'pairs':>7}{'share':>8}  first rows"]
         for name in ("duplicates", "identical_pairs", "empty_responses", "conflicting_pairs"):
             out.append(_finding_line(name, getattr(self, name)))
         leak, cut = self.eval_leakage, self.truncated
@@ -303,8 +345,10 @@ class AuditReport:
         if cut is None:
             out.append(f"{'truncated':<22}  not checked (needs --model or --tokenizer, and --max-length)")
         else:
-            note = (f"of {self.lengths['pairs']} measured pairs at {cut.limits}: prompt cut in {cut.prompts_cut}, "
-                    f"a response cut in {cut.responses_cut}")
+            note = (
+                f"of {self.lengths['pairs']} measured pairs at {cut.limits}: prompt cut in {cut.prompts_cut}, "
+                f"a response cut in {cut.responses_cut}"
+            )
             out.append(_finding_line("truncated", cut, note))
         problems = {kind: f for kind, f in self.encoding.items() if f.count}
         out.append("encoding" + ("" if problems else ": no problems found"))
@@ -314,14 +358,17 @@ class AuditReport:
 
     def _length_lines(self) -> list[str]:
         lengths = self.lengths
-        head = (f"lengths in {lengths['unit']} ({lengths['pairs']} pairs measured, {lengths['excluded']} excluded: "
-                f"identical, empty or unencodable)")
+        head = (
+            f"lengths in {lengths['unit']} ({lengths['pairs']} pairs measured, {lengths['excluded']} excluded: "
+            f"identical, empty or unencodable)"
+        )
         if self.length_only_accuracy is None:
             return [head, "  no pair to measure"]
-        bias = (f"  chosen longer in {self.chosen_longer_share:.1%} of pairs ({lengths['ties']} ties); "
-                f"a length-only model scores {self.length_only_accuracy:.1%} (ties count half)")
-        out = [head, bias,
-               f"  {'':<10}{'min':>8}{'median':>8}{'p90':>8}{'max':>8}{'mean':>10}"]
+        bias = (
+            f"  chosen longer in {self.chosen_longer_share:.1%} of pairs ({lengths['ties']} ties); "
+            f"a length-only model scores {self.length_only_accuracy:.1%} (ties count half)"
+        )
+        out = [head, bias, f"  {'':<10}{'min':>8}{'median':>8}{'p90':>8}{'max':>8}{'mean':>10}"]
         for part in ("prompt", "chosen", "rejected"):
             d = lengths[part]
             out.append(f"  {part:<10}{d['min']:>8}{d['median']:>8}{d['p90']:>8}{d['max']:>8}{d['mean']:>10.1f}")
@@ -329,7 +376,7 @@ class AuditReport:
 
 
 def _short(where: str) -> str:
-    """"data/prefs.jsonl line 4" → "line 4": the table names rows, the source is the same for all."""
+    """ "data/prefs.jsonl line 4" → "line 4": the table names rows, the source is the same for all."""
     return " ".join(where.rsplit(" ", 2)[-2:])
 
 
@@ -351,8 +398,10 @@ def finding_warnings(rows: str, checks: list[tuple[Finding | None, str]]) -> lis
     for finding, says in checks:
         measured, above = ("measured ", TRUNCATED_WARN_SHARE) if isinstance(finding, Truncation) else ("", 0.0)
         if finding is not None and finding.count and finding.share > above:
-            out.append(f"{finding.share:.1%} of {measured}{rows} ({finding.count}) {says.format(f=finding)}, "
-                       f"e.g. {finding.examples[0]}")
+            out.append(
+                f"{finding.share:.1%} of {measured}{rows} ({finding.count}) {says.format(f=finding)}, "
+                f"e.g. {finding.examples[0]}"
+            )
     return out
 
 
@@ -368,9 +417,14 @@ def length_bias_warning(score: float | None, says: str, **values: Any) -> list[s
 # ----------------------------------------------------------------------------------------------------- entry
 
 
-def audit_pairs(pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None, *,
-                tokenizer: Any = None, max_length: int | None = None,
-                max_prompt_length: int | None = None) -> AuditReport:
+def audit_pairs(
+    pairs: list[PreferencePair],
+    eval_pairs: list[PreferencePair] | None = None,
+    *,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> AuditReport:
     """Check `pairs` (every row, identical ones included: see `formats.iter_pairs`). Pure: reads nothing.
 
     With a tokenizer, lengths are in tokens, and max_length / max_prompt_length give the `truncated` finding.
@@ -382,21 +436,27 @@ def audit_pairs(pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | 
     measured = [pair for pair, pair_kinds in zip(pairs, kinds) if _measurable(pair, pair_kinds)]
     lengths, truncation = measure(measured, tokenizer, max_length, max_prompt_length)
     chosen_longer, accuracy, ties = _length_bias(lengths)
-    distributions = {part: _distribution([length[i] for length in lengths])
-                     for i, part in enumerate(("prompt", "chosen", "rejected"))}
+    distributions = {
+        part: _distribution([length[i] for length in lengths])
+        for i, part in enumerate(("prompt", "chosen", "rejected"))
+    }
     return AuditReport(
         rows=len(pairs),
         duplicates=_finding(_duplicates(pairs, keys), len(pairs)),
         identical_pairs=_finding([p.where for p in pairs if p.chosen == p.rejected], len(pairs)),
-        empty_responses=_finding([p.where for p in pairs if _is_blank(p.chosen) or _is_blank(p.rejected)],
-                                 len(pairs)),
+        empty_responses=_finding([p.where for p in pairs if _is_blank(p.chosen) or _is_blank(p.rejected)], len(pairs)),
         conflicting_pairs=_finding(_conflicts(pairs, keys), len(pairs)),
         eval_leakage=None if eval_pairs is None else _leakage(pairs, keys, eval_pairs),
         truncated=truncation,
         chosen_longer_share=chosen_longer,
         length_only_accuracy=accuracy,
-        lengths={"unit": "characters" if tokenizer is None else "tokens", "pairs": len(measured),
-                 "excluded": len(pairs) - len(measured), "ties": ties, **distributions},
+        lengths={
+            "unit": "characters" if tokenizer is None else "tokens",
+            "pairs": len(measured),
+            "excluded": len(pairs) - len(measured),
+            "ties": ties,
+            **distributions,
+        },
         encoding=_encoding(pairs, kinds),
     )
 

@@ -71,34 +71,58 @@ class ExampleAuditReport:
         out = []
         if not self.desirable or not self.undesirable:
             out.append(f"no {'desirable' if not self.desirable else 'undesirable'} example: KTO needs both kinds")
-        return out + finding_warnings("examples", [
-            (self.duplicates, "repeat an earlier one exactly and count more than once in training"),
-            (self.conflicting_labels, "have the same prompt and completion as an example with the other label"),
-            (self.eval_leakage, "have a prompt that is also in the eval data ({f.prompts} distinct)"),
-            (self.truncated, "are longer than {f.limits} and will be truncated"),
-        ]) + length_bias_warning(self.desirable_longer_probability, "a desirable completion is longer than an "
-                                 "undesirable one with probability {score:.1%}")
+        return (
+            out
+            + finding_warnings(
+                "examples",
+                [
+                    (self.duplicates, "repeat an earlier one exactly and count more than once in training"),
+                    (self.conflicting_labels, "have the same prompt and completion as an example with the other label"),
+                    (self.eval_leakage, "have a prompt that is also in the eval data ({f.prompts} distinct)"),
+                    (self.truncated, "are longer than {f.limits} and will be truncated"),
+                ],
+            )
+            + length_bias_warning(
+                self.desirable_longer_probability,
+                "a desirable completion is longer than an undesirable one with probability {score:.1%}",
+            )
+        )
 
     def lines(self) -> list[str]:
-        out = [(f"audit of {self.rows} unpaired examples: {self.desirable} desirable, {self.undesirable} "
-                f"undesirable ({self.desirable_share:.1%} desirable)"),
-               f"{'finding':<22}{'rows':>7}{'share':>8}  first rows"]
+        out = [
+            (
+                f"audit of {self.rows} unpaired examples: {self.desirable} desirable, {self.undesirable} "
+                f"undesirable ({self.desirable_share:.1%} desirable)"
+            ),
+            f"{'finding':<22}{'rows':>7}{'share':>8}  first rows",
+        ]
         for name in ("duplicates", "empty_completions", "conflicting_labels"):
             out.append(_finding_line(name, getattr(self, name)))
         leak, cut = self.eval_leakage, self.truncated
-        out.append(f"{'eval_leakage':<22}  not checked (no --eval-data)" if leak is None else
-                   _finding_line("eval_leakage", leak, f"distinct prompts: {leak.prompts}, eval rows: {leak.eval_rows}"))
-        out.append(f"{'truncated':<22}  not checked (needs --model or --tokenizer, and --max-length)" if cut is None
-                   else _finding_line("truncated", cut, f"at {cut.limits}"))
+        out.append(
+            f"{'eval_leakage':<22}  not checked (no --eval-data)"
+            if leak is None
+            else _finding_line("eval_leakage", leak, f"distinct prompts: {leak.prompts}, eval rows: {leak.eval_rows}")
+        )
+        out.append(
+            f"{'truncated':<22}  not checked (needs --model or --tokenizer, and --max-length)"
+            if cut is None
+            else _finding_line("truncated", cut, f"at {cut.limits}")
+        )
         problems = {kind: f for kind, f in self.encoding.items() if f.count}
         out.append("encoding" + ("" if problems else ": no problems found"))
         out += [_finding_line(f"  {kind}", finding) for kind, finding in problems.items()]
         lengths = self.lengths
-        out.append(f"lengths in {lengths['unit']} ({lengths['examples']} examples measured, {lengths['excluded']} "
-                   f"excluded: empty or unencodable)")
+        out.append(
+            f"lengths in {lengths['unit']} ({lengths['examples']} examples measured, {lengths['excluded']} "
+            f"excluded: empty or unencodable)"
+        )
         p = self.desirable_longer_probability
-        out.append("  length bias: not measurable (needs both kinds)" if p is None else
-                   f"  a desirable completion is the longer one with probability {p:.1%} (ties count half)")
+        out.append(
+            "  length bias: not measurable (needs both kinds)"
+            if p is None
+            else f"  a desirable completion is the longer one with probability {p:.1%} (ties count half)"
+        )
         out.append(f"  {'':<12}{'min':>8}{'median':>8}{'p90':>8}{'max':>8}{'mean':>10}")
         for part in ("prompt", "desirable", "undesirable"):
             d = lengths[part]
@@ -131,10 +155,18 @@ def _conflicts(examples: list[PreferencePair]) -> list[str]:
 
 def _leakage(examples: list[PreferencePair], eval_examples: list[PreferencePair]) -> Leakage:
     eval_prompts = {_canonical(e.prompt) for e in eval_examples if not _blank_prompt(e.prompt)}
-    leaked = [(e.where, _canonical(e.prompt)) for e in examples
-              if not _blank_prompt(e.prompt) and _canonical(e.prompt) in eval_prompts]
-    return _finding([where for where, _ in leaked], len(examples), Leakage, eval_rows=len(eval_examples),
-                    prompts=len({prompt for _, prompt in leaked}))
+    leaked = [
+        (e.where, _canonical(e.prompt))
+        for e in examples
+        if not _blank_prompt(e.prompt) and _canonical(e.prompt) in eval_prompts
+    ]
+    return _finding(
+        [where for where, _ in leaked],
+        len(examples),
+        Leakage,
+        eval_rows=len(eval_examples),
+        prompts=len({prompt for _, prompt in leaked}),
+    )
 
 
 def longer_probability(desirable: list[int], undesirable: list[int]) -> float | None:
@@ -142,14 +174,21 @@ def longer_probability(desirable: list[int], undesirable: list[int]) -> float | 
     if not desirable or not undesirable:
         return None
     ordered = sorted(undesirable)
-    wins = sum(bisect.bisect_left(ordered, d) + 0.5 * (bisect.bisect_right(ordered, d) - bisect.bisect_left(ordered, d))
-               for d in desirable)
+    wins = sum(
+        bisect.bisect_left(ordered, d) + 0.5 * (bisect.bisect_right(ordered, d) - bisect.bisect_left(ordered, d))
+        for d in desirable
+    )
     return wins / (len(desirable) * len(undesirable))
 
 
-def audit_examples(examples: list[PreferencePair], eval_examples: list[PreferencePair] | None = None, *,
-                   tokenizer: Any = None, max_length: int | None = None,
-                   max_prompt_length: int | None = None) -> ExampleAuditReport:
+def audit_examples(
+    examples: list[PreferencePair],
+    eval_examples: list[PreferencePair] | None = None,
+    *,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> ExampleAuditReport:
     """Check unpaired `examples` (PreferencePairs with a label and rejected = chosen). Pure: reads nothing."""
     if tokenizer is None and (max_length is not None or max_prompt_length is not None):
         raise UserError("--max-length and --max-prompt-length count tokens: give --model or --tokenizer too")
@@ -159,7 +198,9 @@ def audit_examples(examples: list[PreferencePair], eval_examples: list[Preferenc
     by_label = {label: [c for (_, c, _), e in zip(lengths, measured) if e.label == label] for label in (True, False)}
     desirable = sum(e.label for e in examples)
     return ExampleAuditReport(
-        rows=len(examples), desirable=desirable, undesirable=len(examples) - desirable,
+        rows=len(examples),
+        desirable=desirable,
+        undesirable=len(examples) - desirable,
         desirable_share=desirable / len(examples) if examples else 0.0,
         duplicates=_finding(_duplicates(examples), len(examples)),
         empty_completions=_finding([e.where for e in examples if _is_blank(e.chosen)], len(examples)),
@@ -167,8 +208,13 @@ def audit_examples(examples: list[PreferencePair], eval_examples: list[Preferenc
         eval_leakage=None if eval_examples is None else _leakage(examples, eval_examples),
         truncated=truncation,
         desirable_longer_probability=longer_probability(by_label[True], by_label[False]),
-        lengths={"unit": "characters" if tokenizer is None else "tokens", "examples": len(measured),
-                 "excluded": len(examples) - len(measured), "prompt": _distribution([p for p, _, _ in lengths]),
-                 "desirable": _distribution(by_label[True]), "undesirable": _distribution(by_label[False])},
+        lengths={
+            "unit": "characters" if tokenizer is None else "tokens",
+            "examples": len(measured),
+            "excluded": len(examples) - len(measured),
+            "prompt": _distribution([p for p, _, _ in lengths]),
+            "desirable": _distribution(by_label[True]),
+            "undesirable": _distribution(by_label[False]),
+        },
         encoding=_encoding(examples, kinds),
     )

@@ -44,8 +44,11 @@ class PaddedBatch:
         """The same batch with every tensor on `device`."""
         # `index` stays on the CPU: it addresses host-side data (the reference cache), and reading a device
         # tensor back would stall the step.
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "index"}
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "index"
+        }
         return replace(self, **moved)
 
 
@@ -66,8 +69,9 @@ def _pad_rows(rows: list[list[int]], length: int, value: int) -> LongTensor:
     return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
 
 
-def collate_padded(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
-                   pad_to_multiple_of: int | None = None) -> PaddedBatch:
+def collate_padded(
+    pairs: list[TokenizedPair], indices: list[int], pad_id: int, pad_to_multiple_of: int | None = None
+) -> PaddedBatch:
     """Lay out B pairs as a `PaddedBatch` of 2B rows, right-padded to the longest row (rounded up to a multiple
     of `pad_to_multiple_of` when given). `indices[i]` is the dataset position of `pairs[i]`."""
     if len(pairs) != len(indices):
@@ -138,7 +142,8 @@ class PackedBatch:
         if dtype is None:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
 
 
 def _segment(pair: TokenizedPair) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
@@ -152,8 +157,9 @@ def _segment(pair: TokenizedPair) -> tuple[list[int], list[int], list[int], list
     return ids, positions, parts, targets
 
 
-def collate_packed(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
-                   max_row_tokens: int | None = None) -> PackedBatch:
+def collate_packed(
+    pairs: list[TokenizedPair], indices: list[int], pad_id: int, max_row_tokens: int | None = None
+) -> PackedBatch:
     """Lay out B pairs as a `PackedBatch`: one segment per pair, segments filled into rows of at most
     `max_row_tokens` tokens in order (None: one pair per row; a longer pair gets a row of its own)."""
     if len(pairs) != len(indices):
@@ -187,18 +193,25 @@ def collate_packed(pairs: list[TokenizedPair], indices: list[int], pad_id: int,
             start = end
     tensor = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedBatch(
-        input_ids=tensor(ids), position_ids=tensor(pos), segment=tensor(seg), part=tensor(part),
-        target_pos=tensor(target_pos), target_ids=tensor(target_ids), target_seq=tensor(target_seq),
+        input_ids=tensor(ids),
+        position_ids=tensor(pos),
+        segment=tensor(seg),
+        part=tensor(part),
+        target_pos=tensor(target_pos),
+        target_ids=tensor(target_ids),
+        target_seq=tensor(target_seq),
         lengths=tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]),
-        index=tensor(indices), num_pairs=len(pairs),
+        index=tensor(indices),
+        num_pairs=len(pairs),
         num_tokens=sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
         labels=_labels(pairs),
     )
 
 
-def collate(layout: str, pairs: list[TokenizedPair], indices: list[int], pad_id: int,
-            pack_tokens: int | None = None) -> PackedBatch | PaddedBatch:
+def collate(
+    layout: str, pairs: list[TokenizedPair], indices: list[int], pad_id: int, pack_tokens: int | None = None
+) -> PackedBatch | PaddedBatch:
     """`collate_packed` (`pack_tokens` per row at most, None: a row per pair) or `collate_padded`, by `layout`."""
     if layout == "packed":
         return collate_packed(pairs, indices, pad_id, pack_tokens)

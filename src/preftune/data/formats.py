@@ -93,17 +93,20 @@ class LoadReport:
         """One line, e.g. "120 rows → 117 pairs (hh 117); 3 skipped (chosen == rejected)"; rows with a list of
         rejected responses add e.g. "; 12 rows with 3 rejected each → 36 pairs"."""
         shapes = ", ".join(f"{name} {n}" for name, n in sorted(self.shapes.items()))
-        expanded = "".join(f"; {n} rows with {k} rejected each → {n * k} pairs"
-                           for k, n in sorted(self.rejected_lists.items()))
-        return (f"{self.rows} rows → {self.pairs} pairs ({shapes or 'none'}); "
-                f"{self.identical_skipped} skipped (chosen == rejected){expanded}")
+        expanded = "".join(
+            f"; {n} rows with {k} rejected each → {n * k} pairs" for k, n in sorted(self.rejected_lists.items())
+        )
+        return (
+            f"{self.rows} rows → {self.pairs} pairs ({shapes or 'none'}); "
+            f"{self.identical_skipped} skipped (chosen == rejected){expanded}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- columns
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:
-    """"prompt=question,chosen=response_j,rejected=response_k" → {"prompt": "question", ...} (canonical → source).
+    """ "prompt=question,chosen=response_j,rejected=response_k" → {"prompt": "question", ...} (canonical → source).
 
     None or "" → {}. "prompt=" (empty source) means: ignore any prompt column and use the implicit prompt.
     """
@@ -115,8 +118,10 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         if not eq:
             raise UserError(f"--columns: expected NAME=COLUMN items separated by commas, got '{item.strip()}'")
         if name not in COLUMN_NAMES:
-            raise UserError(f"--columns: unknown name '{name}' in '{item.strip()}'; "
-                            f"expected prompt, chosen, rejected, completion or label")
+            raise UserError(
+                f"--columns: unknown name '{name}' in '{item.strip()}'; "
+                f"expected prompt, chosen, rejected, completion or label"
+            )
         if name in columns:
             raise UserError(f"--columns: '{name}' is given twice")
         if not source and name != "prompt":
@@ -129,8 +134,7 @@ def parse_columns(spec: str | None) -> dict[str, str]:
 def _check_columns(columns: dict[str, str]) -> None:
     for name in columns:
         if name not in COLUMN_NAMES:
-            raise UserError(f"--columns: unknown name '{name}'; expected prompt, chosen, rejected, completion or "
-                            f"label")
+            raise UserError(f"--columns: unknown name '{name}'; expected prompt, chosen, rejected, completion or label")
     sources = [s for s in columns.values() if s]
     for source in set(sources):
         if sources.count(source) > 1:
@@ -138,16 +142,18 @@ def _check_columns(columns: dict[str, str]) -> None:
             raise UserError(f"--columns: column '{source}' is given for both {names}")
 
 
-def _apply_columns(row: dict[str, Any], columns: dict[str, str], where: str,
-                   names: tuple[str, ...] = CANONICAL) -> dict[str, Any]:
+def _apply_columns(
+    row: dict[str, Any], columns: dict[str, str], where: str, names: tuple[str, ...] = CANONICAL
+) -> dict[str, Any]:
     """The row's fields `names`: mapped columns renamed, unmapped names taken as they are."""
     fields = {name: row[name] for name in names if name in row and name not in columns}
     for name, source in columns.items():
         if not source or name not in names:  # "prompt=": no prompt column, whatever the row holds
             continue
         if source not in row:
-            raise UserError(f"{where}: column '{source}' (--columns {name}={source}) not found; "
-                            f"the row has: {_column_list(row)}")
+            raise UserError(
+                f"{where}: column '{source}' (--columns {name}={source}) not found; the row has: {_column_list(row)}"
+            )
         fields[name] = row[source]
     return fields
 
@@ -177,13 +183,18 @@ def _check_kinds(fields: dict[str, Any], where: str) -> bool:
         # Before the mix check: a list of token ids or strings is not "a list of messages" either.
         for i, item in enumerate(value if isinstance(value, list) else []):
             if not isinstance(item, dict):
-                raise UserError(f"{where}: field '{name}' message {i} must be an object with 'role' and 'content', "
-                                f"got {_type_name(item)}")
+                raise UserError(
+                    f"{where}: field '{name}' message {i} must be an object with 'role' and 'content', "
+                    f"got {_type_name(item)}"
+                )
     kinds = {name: isinstance(value, list) for name, value in fields.items()}
     if len(set(kinds.values())) > 1:
         described = ", ".join(f"{n} is {'a list of messages' if k else 'a string'}" for n, k in kinds.items())
-        hint = (" (to take the prompt from the shared beginning of chosen and rejected, pass --columns prompt=)"
-                if kinds.get("prompt") is False else "")
+        hint = (
+            " (to take the prompt from the shared beginning of chosen and rejected, pass --columns prompt=)"
+            if kinds.get("prompt") is False
+            else ""
+        )
         raise UserError(f"{where}: fields mix plain text and message lists ({described}); use one kind{hint}")
     return any(kinds.values())
 
@@ -219,8 +230,9 @@ def _check_message_response(messages: list[Message], name: str, where: str, impl
         # The prompt is everything before the response, so the response starts with the assistant's turn;
         # otherwise the prompt would be rendered twice or a user turn would be scored as the response.
         why = "chosen and rejected share no leading messages" if implicit else "the prompt belongs in 'prompt'"
-        raise UserError(f"{where}: field '{name}' must start with an assistant turn, got role "
-                        f"'{messages[0]['role']}' ({why})")
+        raise UserError(
+            f"{where}: field '{name}' must start with an assistant turn, got role '{messages[0]['role']}' ({why})"
+        )
     if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
         raise UserError(f"{where}: field '{name}' is empty (its assistant turns have no content)")
 
@@ -261,12 +273,14 @@ def _check_encodable(fields: dict[str, Any], where: str) -> None:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise UserError(f"{where}: field '{name}' holds {text[e.start]!r}, half of a UTF-16 surrogate pair, "
-                                f"which no tokenizer can encode (a broken \\u escape?)") from None
+                raise UserError(
+                    f"{where}: field '{name}' holds {text[e.start]!r}, half of a UTF-16 surrogate pair, "
+                    f"which no tokenizer can encode (a broken \\u escape?)"
+                ) from None
 
 
 def _split_hh(text: str) -> tuple[str, str]:
-    """"\\n\\nHuman: hi\\n\\nAssistant: good" → ("\\n\\nHuman: hi\\n\\nAssistant:", " good")."""
+    """ "\\n\\nHuman: hi\\n\\nAssistant: good" → ("\\n\\nHuman: hi\\n\\nAssistant:", " good")."""
     cut = text.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)
     return text[:cut], text[cut:]
 
@@ -295,15 +309,18 @@ def _split_text(fields: dict[str, Any], where: str) -> tuple[str, str, str, str]
         prompt, chosen = _split_hh(chosen)
         prompt_rejected, rejected = _split_hh(rejected)
         if prompt != prompt_rejected:
-            raise UserError(f"{where}: Anthropic HH transcripts 'chosen' and 'rejected' differ before their last "
-                            f"{HH_ASSISTANT!r} turn; the prompt must be shared")
+            raise UserError(
+                f"{where}: Anthropic HH transcripts 'chosen' and 'rejected' differ before their last "
+                f"{HH_ASSISTANT!r} turn; the prompt must be shared"
+            )
         return prompt, chosen, rejected, "hh"
     n = shared_text_prompt(chosen, rejected)
     return chosen[:n], chosen[n:], rejected[n:], "implicit"
 
 
-def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None = None, *,
-                strict: bool = True) -> tuple[PreferencePair, str]:
+def row_to_pair(
+    row: dict[str, Any], where: str, columns: dict[str, str] | None = None, *, strict: bool = True
+) -> tuple[PreferencePair, str]:
     """One row → (pair, shape name). Raises UserError naming `where` and the field at fault.
 
     strict=False is the audit's reading: empty responses and encoding problems are not errors (the audit counts
@@ -312,9 +329,11 @@ def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None 
     fields = _apply_columns(row, columns or {}, where)
     for name in ("chosen", "rejected"):
         if name not in fields:
-            hint = ("an unpaired example (prompt, completion, label) trains only with --loss kto or "
-                    "apo_zero_unpaired" if (columns or {}).get("completion", "completion") in row
-                    else "rename columns with --columns")
+            hint = (
+                "an unpaired example (prompt, completion, label) trains only with --loss kto or apo_zero_unpaired"
+                if (columns or {}).get("completion", "completion") in row
+                else "rename columns with --columns"
+            )
             raise UserError(f"{where}: missing field '{name}' (the row has: {_column_list(row)}; {hint})")
     conversational = _check_kinds(fields, where)
     implicit = "prompt" not in fields
@@ -343,20 +362,24 @@ def row_to_pair(row: dict[str, Any], where: str, columns: dict[str, str] | None 
 def _decode(data: bytes, path: str, first_line: int = 1) -> str:
     """Strict UTF-8 (a leading BOM is allowed); a bad byte → UserError naming the file and line."""
     if first_line == 1 and data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(f"{path} line 1: the file is UTF-16 (it starts with a UTF-16 byte order mark); "
-                        f"save the file as UTF-8")
+        raise UserError(
+            f"{path} line 1: the file is UTF-16 (it starts with a UTF-16 byte order mark); save the file as UTF-8"
+        )
     nul = data.find(b"\x00")
     if nul >= 0:
         # Valid UTF-8, yet no text file holds a NUL byte: binary data, or UTF-16/32 without a byte order mark.
         line = first_line + data.count(b"\n", 0, nul)
-        raise UserError(f"{path} line {line}: holds a NUL byte (0x00), so it is not a text file (binary data or "
-                        f"UTF-16?); save the file as UTF-8")
+        raise UserError(
+            f"{path} line {line}: holds a NUL byte (0x00), so it is not a text file (binary data or "
+            f"UTF-16?); save the file as UTF-8"
+        )
     try:
         return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as e:
         line = first_line + data.count(b"\n", 0, e.start)
-        raise UserError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
-                        f"save the file as UTF-8") from None
+        raise UserError(
+            f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def _read_bytes(path: str) -> bytes:
@@ -393,13 +416,14 @@ def _rows_jsonl(path: str) -> Iterator[tuple[dict, str]]:
 
 
 def _json_problem(e: json.JSONDecodeError) -> str:
-    """"Expecting value at column 13"; "Unterminated string starting at column 30" (json's message ends in "at")."""
+    """ "Expecting value at column 13"; "Unterminated string starting at column 30" (json's message ends in "at")."""
     return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
+        type(value), "number"
+    )
 
 
 def _rows_json(path: str) -> Iterator[tuple[dict, str]]:
@@ -410,8 +434,10 @@ def _rows_json(path: str) -> Iterator[tuple[dict, str]]:
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(data) != 1 or len(lists) != 1:
-            raise UserError(f"{path}: expected a list of objects or an object with a single list value "
-                            f"(like {{\"data\": [...]}}), got an object with keys: {', '.join(data) or 'none'}")
+            raise UserError(
+                f"{path}: expected a list of objects or an object with a single list value "
+                f'(like {{"data": [...]}}), got an object with keys: {", ".join(data) or "none"}'
+            )
         data = data[lists[0]]
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a list of objects, got {_json_type(data)}")
@@ -472,8 +498,10 @@ def _rows_local(source: str) -> Iterator[tuple[dict, str]]:
         raise UserError(f"{source}: is a folder; expected a data file ({', '.join(SUPPORTED_EXTENSIONS)})")
     suffix = Path(source).suffix.lower()
     if suffix not in _READERS:
-        raise UserError(f"{source}: unsupported file type '{suffix or '(none)'}'; "
-                        f"supported: {', '.join(SUPPORTED_EXTENSIONS)} or a hub dataset name owner/name")
+        raise UserError(
+            f"{source}: unsupported file type '{suffix or '(none)'}'; "
+            f"supported: {', '.join(SUPPORTED_EXTENSIONS)} or a hub dataset name owner/name"
+        )
     return _READERS[suffix](source)
 
 
@@ -489,7 +517,8 @@ def _offline_requested() -> bool:
     import datasets
 
     return datasets.config.HF_HUB_OFFLINE or any(
-        _env_true(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        _env_true(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_reachable(endpoint: str, timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
@@ -546,8 +575,9 @@ def _rows_hub(name: str, split: str) -> Iterator[tuple[dict, str]]:
 # ----------------------------------------------------------------------------------------------------- entry
 
 
-def load_pairs(source: str, *, columns: dict[str, str] | None = None, on_identical: str = "skip",
-               split: str = "train") -> tuple[list[PreferencePair], LoadReport]:
+def load_pairs(
+    source: str, *, columns: dict[str, str] | None = None, on_identical: str = "skip", split: str = "train"
+) -> tuple[list[PreferencePair], LoadReport]:
     """Read every row of `source` (a local file or a hub dataset name) into pairs.
 
     columns: canonical name → source column (see `parse_columns`). on_identical: "skip" (counted) or "error".
@@ -558,8 +588,14 @@ def load_pairs(source: str, *, columns: dict[str, str] | None = None, on_identic
     return pairs, report
 
 
-def read_pairs(source: str, report: LoadReport, *, columns: dict[str, str] | None = None, on_identical: str = "skip",
-               split: str = "train") -> Iterator[PreferencePair]:
+def read_pairs(
+    source: str,
+    report: LoadReport,
+    *,
+    columns: dict[str, str] | None = None,
+    on_identical: str = "skip",
+    split: str = "train",
+) -> Iterator[PreferencePair]:
     """`load_pairs` one pair at a time: the same pairs, checks and errors, counted into `report` as they are read
     (its totals are final once the iterator is exhausted). .jsonl and .parquet files are read a line or a row
     group at a time, so memory does not grow with the file; other sources are read whole by their reader.
@@ -584,8 +620,11 @@ def _rejected_list(row: dict[str, Any], columns: dict[str, str]) -> list | None:
     """The row's rejected responses when its 'rejected' field lists several (strings, or conversations: lists of
     messages), else None (a string, or one conversation: a list of message objects)."""
     value = row.get(columns.get("rejected") or "rejected")
-    if isinstance(value, list) and value and (all(isinstance(v, str) for v in value)
-                                              or all(isinstance(v, list) for v in value)):
+    if (
+        isinstance(value, list)
+        and value
+        and (all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value))
+    ):
         return value
     return None
 
@@ -600,8 +639,9 @@ def rejected_item(where: str) -> tuple[str, int | None]:
     return (match.group(1), int(match.group(2))) if match else (where, None)
 
 
-def _expand_rejected(rows: Iterator[tuple[dict, str]], columns: dict[str, str],
-                     report: LoadReport | None = None) -> Iterator[tuple[dict, str, bool]]:
+def _expand_rejected(
+    rows: Iterator[tuple[dict, str]], columns: dict[str, str], report: LoadReport | None = None
+) -> Iterator[tuple[dict, str, bool]]:
     """(row, where, first) per pair: a row whose 'rejected' lists k responses becomes k rows, one per rejected
     response with the same prompt and chosen (the all-pairs form of a ranking: chosen over each), `where` naming
     the item as "rejected[i]"; `first` is True for a source row's first pair. Counted in `report.rejected_lists`."""
@@ -617,8 +657,9 @@ def _expand_rejected(rows: Iterator[tuple[dict, str]], columns: dict[str, str],
             yield {**row, name: rejected}, f"{where} rejected[{i}]", i == 0
 
 
-def _pairs_of_rows(source: str, rows: Iterator[tuple[dict, str]], report: LoadReport, columns: dict[str, str],
-                   on_identical: str) -> Iterator[PreferencePair]:
+def _pairs_of_rows(
+    source: str, rows: Iterator[tuple[dict, str]], report: LoadReport, columns: dict[str, str], on_identical: str
+) -> Iterator[PreferencePair]:
     first = {}  # kind → `where` of its first pair: "text" / "chat" (see `_warn_if_mixed`)
     for row, where, new_row in _expand_rejected(rows, columns, report):
         report.rows += int(new_row)
@@ -641,8 +682,13 @@ def _warn_if_mixed(source: str, first: dict[str, str]) -> None:
     """Plain-text and conversational pairs in one source are allowed (tests/data/fmt_shapes.jsonl holds every
     shape), but are often a mistake: the chat template formats the conversations only. Said once, not per row."""
     if "text" in first and "chat" in first:
-        log.warning("%s: mixes plain-text pairs (first: %s) and conversations (first: %s); the chat template "
-                    "formats the conversations only", source, first["text"], first["chat"])
+        log.warning(
+            "%s: mixes plain-text pairs (first: %s) and conversations (first: %s); the chat template "
+            "formats the conversations only",
+            source,
+            first["text"],
+            first["chat"],
+        )
 
 
 def iter_pairs(source: str, columns: dict[str, str] | None = None) -> Iterator[tuple[PreferencePair, str]]:

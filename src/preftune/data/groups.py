@@ -30,9 +30,11 @@ def group_size(pairs: Iterable[TokenizedPair], flag: str, loss: str) -> int:
         if k is None:
             k, first = n, row
         elif n != k:
-            raise UserError(f"--loss {loss}: {flag}: {row} gives {n} pair{'s' * (n != 1)} but {first} gives {k}; "
-                            "every row must keep the same number of rejected responses (each row trains as one "
-                            "group; a pair skipped as identical or dropped as over length leaves its row short)")
+            raise UserError(
+                f"--loss {loss}: {flag}: {row} gives {n} pair{'s' * (n != 1)} but {first} gives {k}; "
+                "every row must keep the same number of rejected responses (each row trains as one "
+                "group; a pair skipped as identical or dropped as over length leaves its row short)"
+            )
     if k is None:
         raise ValueError("no pairs")
     return k

@@ -34,20 +34,28 @@ def _read(path: str, cfg: TrainConfig) -> tuple[Iterator[PreferencePair], LoadRe
     return read(path, loaded, columns=columns, on_identical=cfg.on_identical), loaded
 
 
-def _tokens(pairs: Iterable[PreferencePair], cfg: TrainConfig,
-            tokenizer) -> tuple[Iterator[TokenizedPair], TruncationReport, KLReport | None]:
+def _tokens(
+    pairs: Iterable[PreferencePair], cfg: TrainConfig, tokenizer
+) -> tuple[Iterator[TokenizedPair], TruncationReport, KLReport | None]:
     """Token ids of `pairs`, one at a time (unpaired examples with their KL completions), and the reports."""
     trunc = TruncationReport(unit="examples" if cfg.unpaired else "pairs")
-    tokens = iter_tokenized(pairs, tokenizer, trunc, max_length=cfg.max_length,
-                            max_prompt_length=cfg.max_prompt_length, on_overlength=cfg.on_overlength)
+    tokens = iter_tokenized(
+        pairs,
+        tokenizer,
+        trunc,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        on_overlength=cfg.on_overlength,
+    )
     if not cfg.unpaired:
         return tokens, trunc, None
     kl = KLReport()
     return with_kl_completions(tokens, global_batch(cfg), cfg.max_length, kl), trunc, kl
 
 
-def _log_read(cfg: TrainConfig, flag: str, path: str, loaded, trunc: TruncationReport, kl: KLReport | None,
-              where: str = "") -> None:
+def _log_read(
+    cfg: TrainConfig, flag: str, path: str, loaded, trunc: TruncationReport, kl: KLReport | None, where: str = ""
+) -> None:
     log.info("%s %s: %s", flag, path, loaded.summary())
     log.info("%s tokens: %s%s", flag, trunc.summary(), where)
     if kl is not None:
@@ -83,8 +91,10 @@ def stream_data(path: str, cfg: TrainConfig, tokenizer, flag: str, folder: Path)
 
 def check_one_step(cfg: TrainConfig, num_pairs: int) -> None:
     if num_pairs < global_batch(cfg):
-        raise UserError(f"--data {cfg.data}: {num_pairs} pairs, fewer than one optimizer step "
-                        f"({batch_text(cfg.batch_size, cfg.grad_accum, distributed.world().size)})")
+        raise UserError(
+            f"--data {cfg.data}: {num_pairs} pairs, fewer than one optimizer step "
+            f"({batch_text(cfg.batch_size, cfg.grad_accum, distributed.world().size)})"
+        )
 
 
 def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore, list | TokenStore, int]:
@@ -98,16 +108,18 @@ def load_streamed(cfg: TrainConfig, tokenizer, folder: Path) -> tuple[TokenStore
     try:
         train_pairs = stream_data(cfg.data, cfg, tokenizer, "--data", folder / "train")
         check_one_step(cfg, len(train_pairs))  # here too, and the group check below: no error may leave the ids
-        eval_pairs = stream_data(cfg.eval_data, cfg, tokenizer, "--eval-data", folder / "eval") if cfg.eval_data \
-            else []
+        eval_pairs = stream_data(cfg.eval_data, cfg, tokenizer, "--eval-data", folder / "eval") if cfg.eval_data else []
         group = pairs_per_group(cfg, train_pairs, eval_pairs)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         for p in made:
             _remove_if_empty(p)
         raise
-    log.info("--stream: the data audit at the start is skipped (it holds every pair in memory); run "
-             "`preftune audit %s` separately", cfg.data)
+    log.info(
+        "--stream: the data audit at the start is skipped (it holds every pair in memory); run "
+        "`preftune audit %s` separately",
+        cfg.data,
+    )
     return train_pairs, eval_pairs, group
 
 
@@ -117,11 +129,15 @@ def pairs_per_group(cfg: TrainConfig, train_pairs, eval_pairs) -> int:
         return 1
     k = group_size(train_pairs, "--data", cfg.grouped)
     if eval_pairs and (k_eval := group_size(eval_pairs, "--eval-data", cfg.grouped)) != k:
-        raise UserError(f"--loss {cfg.grouped}: the rows of --eval-data give {k_eval} pairs each but those of --data "
-                        f"{k}; both must have the same number of rejected responses")
+        raise UserError(
+            f"--loss {cfg.grouped}: the rows of --eval-data give {k_eval} pairs each but those of --data "
+            f"{k}; both must have the same number of rejected responses"
+        )
     if cfg.batch_size % k:
-        raise UserError(f"--loss {cfg.grouped}: --batch-size {cfg.batch_size} is not a multiple of {k}, the pairs "
-                        "of one row of --data (each row trains as one group, in one micro-batch)")
+        raise UserError(
+            f"--loss {cfg.grouped}: --batch-size {cfg.batch_size} is not a multiple of {k}, the pairs "
+            "of one row of --data (each row trains as one group, in one micro-batch)"
+        )
     return k
 
 
@@ -152,8 +168,8 @@ def epoch_order(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int, group:
     size = global_batch(cfg)
     length = lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)  # noqa: E731
     window = 16 * size
-    grouped = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=length, reverse=True)]
-    steps = [grouped[i:i + size] for i in range(0, n, size)]
+    grouped = [i for w in range(0, n, window) for i in sorted(order[w : w + window], key=length, reverse=True)]
+    steps = [grouped[i : i + size] for i in range(0, n, size)]
     if not cfg.no_shuffle:
         steps = [steps[j] for j in torch.randperm(len(steps), generator=generator).tolist()]
     return [i for chunk in steps for i in chunk]

@@ -62,8 +62,12 @@ class TokenStore:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=False)
         prefixes: dict[str, int] = {}
-        with open(folder / "ids.bin", "wb") as ids_file, open(folder / "offsets.bin", "wb") as offsets_file, \
-                open(folder / "where.bin", "wb") as where_file, open(folder / "labels.bin", "wb") as labels_file:
+        with (
+            open(folder / "ids.bin", "wb") as ids_file,
+            open(folder / "offsets.bin", "wb") as offsets_file,
+            open(folder / "where.bin", "wb") as where_file,
+            open(folder / "labels.bin", "wb") as labels_file,
+        ):
             ids, offsets, where = _Appender(ids_file, "i"), _Appender(offsets_file, "q"), _Appender(where_file, "q")
             labels = _Appender(labels_file, "b")
             offsets.add([0])
@@ -100,19 +104,23 @@ class TokenStore:
         return (self._pair(i) for i in range(self._n))
 
     def _pair(self, i: int) -> TokenizedPair:
-        o = self._offsets[3 * i:3 * i + 4].tolist()
+        o = self._offsets[3 * i : 3 * i + 4].tolist()
         prefix, number, item = self._where[i].tolist()
         where = self._prefixes[prefix] if number < 0 else f"{self._prefixes[prefix]} {number}"
         if item >= 0:
             where += f" rejected[{item}]"
         label = int(self._labels[i])
-        return TokenizedPair(prompt_ids=self._ids[o[0]:o[1]].tolist(), chosen_ids=self._ids[o[1]:o[2]].tolist(),
-                             rejected_ids=self._ids[o[2]:o[3]].tolist(), where=where,
-                             label=None if label < 0 else bool(label))
+        return TokenizedPair(
+            prompt_ids=self._ids[o[0] : o[1]].tolist(),
+            chosen_ids=self._ids[o[1] : o[2]].tolist(),
+            rejected_ids=self._ids[o[2] : o[3]].tolist(),
+            where=where,
+            label=None if label < 0 else bool(label),
+        )
 
 
 def split_where(where: str) -> tuple[str, int, int]:
-    """"data.jsonl line 12" → ("data.jsonl line", 12, -1); "data.jsonl line 12 rejected[2]" → ("data.jsonl line",
+    """ "data.jsonl line 12" → ("data.jsonl line", 12, -1); "data.jsonl line 12 rejected[2]" → ("data.jsonl line",
     12, 2); "line 007" or "x" (no canonical number) → ("x", -1, -1). A row's prefix is shared by all its pairs, so
     the table of prefixes stays small whatever the number of rows."""
     row, item = rejected_item(where)

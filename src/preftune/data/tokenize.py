@@ -71,9 +71,11 @@ class TruncationReport:
     def summary(self) -> str:
         """One line, e.g. "2616 pairs; 12 prompts cut from the left, 3 responses cut, 0 dropped; longest prompt
         700 tokens, longest response 300 tokens"."""
-        line = (f"{self.pairs} {self.unit}; {self.prompts_truncated} prompts cut from the left, "
-                f"{self.responses_truncated} responses cut, {self.dropped} dropped; longest prompt "
-                f"{self.max_prompt_tokens} tokens, longest response {self.max_response_tokens} tokens")
+        line = (
+            f"{self.pairs} {self.unit}; {self.prompts_truncated} prompts cut from the left, "
+            f"{self.responses_truncated} responses cut, {self.dropped} dropped; longest prompt "
+            f"{self.max_prompt_tokens} tokens, longest response {self.max_response_tokens} tokens"
+        )
         if self.boundaries_shifted:
             line += f"; {self.boundaries_shifted} prompt/response boundaries moved by merged tokens"
         return line
@@ -103,16 +105,20 @@ def _full_sequences(pair: PreferencePair, tokenizer: Any) -> tuple[list[int], li
     responses = [pair.chosen] if pair.rejected is pair.chosen else [pair.chosen, pair.rejected]
     if isinstance(pair.chosen, list):
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{pair.where}: the pair is a conversation (lists of messages) but the tokenizer has no "
-                            f"chat template; use a tokenizer with a chat_template, or plain-text data")
+            raise UserError(
+                f"{pair.where}: the pair is a conversation (lists of messages) but the tokenizer has no "
+                f"chat template; use a tokenizer with a chat_template, or plain-text data"
+            )
         prompt_ids = _chat_ids(tokenizer, pair.prompt, pair.where, add_generation_prompt=True)
         fulls = [_chat_ids(tokenizer, pair.prompt + response, pair.where) for response in responses]
         return prompt_ids, fulls[0], fulls[-1]
     eos = tokenizer.eos_token
     if not eos:
         raise UserError(f"{pair.where}: the tokenizer has no eos_token; plain-text responses need one to end them")
-    fulls = [_text_ids(tokenizer, pair.prompt + (response if response.endswith(eos) else response + eos))
-             for response in responses]
+    fulls = [
+        _text_ids(tokenizer, pair.prompt + (response if response.endswith(eos) else response + eos))
+        for response in responses
+    ]
     return _text_ids(tokenizer, pair.prompt), fulls[0], fulls[-1]
 
 
@@ -120,12 +126,19 @@ def _tokenize_pair(pair: PreferencePair, tokenizer: Any) -> tuple[TokenizedPair,
     """(tokenized pair, whether the prompt/response boundary moved into the tokenized prompt)."""
     prompt_ids, full_chosen, full_rejected = _full_sequences(pair, tokenizer)
     prompt_len = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
-    tp = TokenizedPair(prompt_ids=prompt_ids[:prompt_len], chosen_ids=full_chosen[prompt_len:],
-                       rejected_ids=full_rejected[prompt_len:], where=pair.where, label=pair.label)
+    tp = TokenizedPair(
+        prompt_ids=prompt_ids[:prompt_len],
+        chosen_ids=full_chosen[prompt_len:],
+        rejected_ids=full_rejected[prompt_len:],
+        where=pair.where,
+        label=pair.label,
+    )
     if not tp.prompt_ids:
         # The first token of a sequence is predicted by nothing, so the response needs at least one token before it.
-        raise UserError(f"{pair.where}: the prompt is empty after tokenization; the first response token would "
-                        f"have nothing to be predicted from (give a prompt, or a tokenizer that adds a BOS token)")
+        raise UserError(
+            f"{pair.where}: the prompt is empty after tokenization; the first response token would "
+            f"have nothing to be predicted from (give a prompt, or a tokenizer that adds a BOS token)"
+        )
     for name in ("chosen_ids", "rejected_ids"):
         if not getattr(tp, name):
             raise UserError(f"{pair.where}: {name} is empty after tokenization")
@@ -158,8 +171,9 @@ def _prompt_keep(tp: TokenizedPair, max_length: int | None, max_prompt_length: i
     return keep
 
 
-def truncate(tp: TokenizedPair, *, max_length: int | None,
-             max_prompt_length: int | None) -> tuple[TokenizedPair, bool, bool]:
+def truncate(
+    tp: TokenizedPair, *, max_length: int | None, max_prompt_length: int | None
+) -> tuple[TokenizedPair, bool, bool]:
     """Apply the truncation rules of the module docstring → (result, prompt_cut, response_cut).
 
     e.g. prompt_ids [1..6], chosen_ids [7..11], rejected_ids [12, 13], max_length=8, max_prompt_length=None
@@ -167,28 +181,48 @@ def truncate(tp: TokenizedPair, *, max_length: int | None,
     """
     _check_lengths(max_length, max_prompt_length)
     keep = _prompt_keep(tp, max_length, max_prompt_length)
-    prompt_ids = tp.prompt_ids[len(tp.prompt_ids) - keep:]
+    prompt_ids = tp.prompt_ids[len(tp.prompt_ids) - keep :]
     room = None if max_length is None else max_length - keep
     chosen_ids, rejected_ids = tp.chosen_ids[:room], tp.rejected_ids[:room]
     response_cut = len(chosen_ids) < len(tp.chosen_ids) or len(rejected_ids) < len(tp.rejected_ids)
-    result = TokenizedPair(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, where=tp.where,
-                           label=tp.label)
+    result = TokenizedPair(
+        prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, where=tp.where, label=tp.label
+    )
     return result, keep < len(tp.prompt_ids), response_cut
 
 
-def tokenize_pairs(pairs: Iterable[PreferencePair], tokenizer: Any, *, max_length: int | None = None,
-                   max_prompt_length: int | None = None,
-                   on_overlength: str = "truncate") -> tuple[list[TokenizedPair], TruncationReport]:
+def tokenize_pairs(
+    pairs: Iterable[PreferencePair],
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    on_overlength: str = "truncate",
+) -> tuple[list[TokenizedPair], TruncationReport]:
     """Tokenize every pair, then truncate ("truncate") or drop ("drop") the over-length ones, counting each."""
     report = TruncationReport()
-    out = list(iter_tokenized(pairs, tokenizer, report, max_length=max_length, max_prompt_length=max_prompt_length,
-                              on_overlength=on_overlength))
+    out = list(
+        iter_tokenized(
+            pairs,
+            tokenizer,
+            report,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            on_overlength=on_overlength,
+        )
+    )
     return out, report
 
 
-def iter_tokenized(pairs: Iterable[PreferencePair], tokenizer: Any, report: TruncationReport, *,
-                   max_length: int | None = None, max_prompt_length: int | None = None,
-                   on_overlength: str = "truncate") -> Iterator[TokenizedPair]:
+def iter_tokenized(
+    pairs: Iterable[PreferencePair],
+    tokenizer: Any,
+    report: TruncationReport,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    on_overlength: str = "truncate",
+) -> Iterator[TokenizedPair]:
     """`tokenize_pairs` one pair at a time, counted into `report` as they go (final once exhausted). The options
     are checked at the call, before any pair is read."""
     if on_overlength not in ON_OVERLENGTH:
@@ -197,8 +231,9 @@ def iter_tokenized(pairs: Iterable[PreferencePair], tokenizer: Any, report: Trun
     return _tokenized(pairs, tokenizer, report, max_length, max_prompt_length, on_overlength)
 
 
-def _tokenized(pairs, tokenizer, report: TruncationReport, max_length, max_prompt_length,
-               on_overlength) -> Iterator[TokenizedPair]:
+def _tokenized(
+    pairs, tokenizer, report: TruncationReport, max_length, max_prompt_length, on_overlength
+) -> Iterator[TokenizedPair]:
     for pair in pairs:
         tp, shifted = _tokenize_pair(pair, tokenizer)
         report.boundaries_shifted += shifted

@@ -75,8 +75,14 @@ class ExampleReport:
         return f"{self.rows} rows → {counts}; {shapes})"
 
 
-def read_examples(source: str, report: ExampleReport, *, columns: dict[str, str] | None = None,
-                  on_identical: str = "skip", split: str = "train") -> Iterator[PreferencePair]:
+def read_examples(
+    source: str,
+    report: ExampleReport,
+    *,
+    columns: dict[str, str] | None = None,
+    on_identical: str = "skip",
+    split: str = "train",
+) -> Iterator[PreferencePair]:
     """Every example of `source` (a local file or a hub dataset), one at a time, counted into `report`. The first
     row decides whether the source holds unpaired examples or pairs (which are unpaired, see the module docstring;
     `on_identical` applies to them); a row of the other kind later is an error."""
@@ -105,21 +111,32 @@ def _is_unpaired(row: dict[str, Any], columns: dict[str, str]) -> bool:
 def _only_pairs(rows: Iterator[tuple[dict, str]], columns: dict[str, str]) -> Iterator[tuple[dict, str]]:
     for row, where in rows:
         if _is_unpaired(row, columns):
-            raise UserError(f"{where}: an unpaired example (completion, label) in a source of pairs (its first row is "
-                            f"a pair); use one format per file")
+            raise UserError(
+                f"{where}: an unpaired example (completion, label) in a source of pairs (its first row is "
+                f"a pair); use one format per file"
+            )
         yield row, where
 
 
-def row_to_example(row: dict[str, Any], where: str, columns: dict[str, str], report: ExampleReport | None = None,
-                   *, strict: bool = True) -> PreferencePair:
+def row_to_example(
+    row: dict[str, Any],
+    where: str,
+    columns: dict[str, str],
+    report: ExampleReport | None = None,
+    *,
+    strict: bool = True,
+) -> PreferencePair:
     """One unpaired row → PreferencePair(prompt, completion, completion, where, label). Raises UserError naming
     `where` and the field at fault. strict=False is the audit's reading: an empty completion and encoding problems
     are not errors (the audit counts them)."""
     fields = _apply_columns(row, columns, where, names=FIELDS)
     for name in FIELDS:
         if name not in fields:
-            hint = ("; a pair (chosen, rejected) in a source of unpaired examples? use one format per file"
-                    if (columns.get("chosen") or "chosen") in row else "; rename columns with --columns")
+            hint = (
+                "; a pair (chosen, rejected) in a source of unpaired examples? use one format per file"
+                if (columns.get("chosen") or "chosen") in row
+                else "; rename columns with --columns"
+            )
             raise UserError(f"{where}: missing field '{name}' (the row has: {_column_list(row)}){hint}")
     label = _label(fields.pop("label"), where)
     conversational = _check_kinds(fields, where)
@@ -173,8 +190,9 @@ def _unpair(pairs: Iterator[PreferencePair]) -> Iterator[PreferencePair]:
         for label, side in ((True, "chosen"), (False, "rejected")):
             for pair in block:
                 response = getattr(pair, side)
-                yield PreferencePair(prompt=pair.prompt, chosen=response, rejected=response, where=pair.where,
-                                     label=label)
+                yield PreferencePair(
+                    prompt=pair.prompt, chosen=response, rejected=response, where=pair.where, label=label
+                )
 
 
 # ---------------------------------------------------------------------------------------------------- KL completions
@@ -191,13 +209,16 @@ class KLReport:
     same_prompt: int = 0
 
     def summary(self) -> str:
-        return (f"{self.examples} examples ({self.desirable} desirable, {self.examples - self.desirable} "
-                f"undesirable); KL completions: {self.cut} cut to --max-length, {self.same_prompt} share their "
-                f"example's prompt")
+        return (
+            f"{self.examples} examples ({self.desirable} desirable, {self.examples - self.desirable} "
+            f"undesirable); KL completions: {self.cut} cut to --max-length, {self.same_prompt} share their "
+            f"example's prompt"
+        )
 
 
-def with_kl_completions(examples: Iterable[TokenizedPair], block: int, max_length: int | None,
-                        report: KLReport) -> Iterator[TokenizedPair]:
+def with_kl_completions(
+    examples: Iterable[TokenizedPair], block: int, max_length: int | None, report: KLReport
+) -> Iterator[TokenizedPair]:
     """Tokenized examples (rejected_ids = chosen_ids) → the same with rejected_ids = the mismatched completion
     (see the module docstring), one block at a time. A last block of a single example takes the completion before
     it (a rotation of one would give the example its own completion). A mismatched completion longer than
@@ -210,16 +231,18 @@ def with_kl_completions(examples: Iterable[TokenizedPair], block: int, max_lengt
             yield from _rotated(buffer, buffer[-1], max_length, report)
             previous, buffer = buffer[-1], []
     if buffer:
-        yield from _rotated(buffer, previous if len(buffer) == 1 and previous is not None else buffer[-1],
-                            max_length, report)
+        yield from _rotated(
+            buffer, previous if len(buffer) == 1 and previous is not None else buffer[-1], max_length, report
+        )
 
 
-def _rotated(block: list[TokenizedPair], before_first: TokenizedPair, max_length: int | None,
-             report: KLReport) -> Iterator[TokenizedPair]:
+def _rotated(
+    block: list[TokenizedPair], before_first: TokenizedPair, max_length: int | None, report: KLReport
+) -> Iterator[TokenizedPair]:
     for example, other in zip(block, [before_first, *block[:-1]]):
         kl_ids = other.chosen_ids
         if max_length is not None and len(example.prompt_ids) + len(kl_ids) > max_length:
-            kl_ids = kl_ids[:max(1, max_length - len(example.prompt_ids))]
+            kl_ids = kl_ids[: max(1, max_length - len(example.prompt_ids))]
             report.cut += 1
         report.examples += 1
         report.desirable += bool(example.label)
@@ -236,6 +259,14 @@ def check_balance(report: KLReport, desirable_weight: float, undesirable_weight:
     d_low, d_high = n_u * undesirable_weight / n_d, n_u * undesirable_weight / n_d * 1.33
     u_low, u_high = n_d * desirable_weight / n_u / 1.33, n_d * desirable_weight / n_u
     if not (d_low <= desirable_weight <= d_high or u_low <= undesirable_weight <= u_high):
-        log.warning("%d desirable and %d undesirable examples, but the weights are outside the range the KTO paper "
-                    "recommends: set EITHER --desirable-weight in [%.2f, %.2f] OR --undesirable-weight in "
-                    "[%.2f, %.2f]", n_d, n_u, d_low, d_high, u_low, u_high)
+        log.warning(
+            "%d desirable and %d undesirable examples, but the weights are outside the range the KTO paper "
+            "recommends: set EITHER --desirable-weight in [%.2f, %.2f] OR --undesirable-weight in "
+            "[%.2f, %.2f]",
+            n_d,
+            n_u,
+            d_low,
+            d_high,
+            u_low,
+            u_high,
+        )

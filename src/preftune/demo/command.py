@@ -28,10 +28,19 @@ def eval_options(result: dict, sizes: pipeline.Sizes, json_path: Path | None):
     Sampling settings are the ones the pairs were sampled with (temperature 1, no top-p, same length cap)."""
     from preftune.evaluation.evaluate import EvalOptions
 
-    return EvalOptions(model=str(result["run"] / FINAL), ref=str(result["sft"]), prompts=str(result["prompts"]),
-                       reward=REWARD, data=str(result["heldout_pairs"]), beta=0.1, batch_size=64,
-                       max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 3, device="cpu",
-                       json=None if json_path is None else str(json_path))
+    return EvalOptions(
+        model=str(result["run"] / FINAL),
+        ref=str(result["sft"]),
+        prompts=str(result["prompts"]),
+        reward=REWARD,
+        data=str(result["heldout_pairs"]),
+        beta=0.1,
+        batch_size=64,
+        max_new_tokens=sizes.max_new_tokens,
+        seed=sizes.seed + 3,
+        device="cpu",
+        json=None if json_path is None else str(json_path),
+    )
 
 
 def reward_difference(reward: dict) -> dict:
@@ -42,18 +51,28 @@ def reward_difference(reward: dict) -> dict:
     correlate. e.g. 0.3 ± 0.03 vs 0.1 ± 0.04 → 0.2, se 0.05, [0.0980, 0.3020]."""
     diff = reward["policy"] - reward["reference"]
     se = math.sqrt(reward["policy_se"] ** 2 + reward["reference_se"] ** 2)
-    return {"difference": diff, "se": se, "ci_low": diff - Z95 * se, "ci_high": diff + Z95 * se,
-            "interval": "Welch 95% (unpaired), normal quantile"}
+    return {
+        "difference": diff,
+        "se": se,
+        "ci_low": diff - Z95 * se,
+        "ci_high": diff + Z95 * se,
+        "interval": "Welch 95% (unpaired), normal quantile",
+    }
 
 
 def summary_line(generation: dict, difference: dict, report: Path) -> str:
     reward, wins = generation["reward"], generation["win_rate"]
-    kl = "KL(DPO‖SFT) not finite" if generation["kl"] is None else \
-        f"KL(DPO‖SFT) {generation['kl']:.2f} ± {generation['kl_se']:.2f} nats (SE)"
-    return (f"reward SFT {reward['reference']:+.3f} → DPO {reward['policy']:+.3f}: {difference['difference']:+.3f} "
-            f"(95% CI {difference['ci_low']:+.3f} … {difference['ci_high']:+.3f}, Welch); {kl}; win rate "
-            f"{wins['win_rate']:.2f} (95% CI {wins['ci_low']:.2f} … {wins['ci_high']:.2f}, Wilson) on "
-            f"{wins['prompts']} held-out prompts; report: {report}")
+    kl = (
+        "KL(DPO‖SFT) not finite"
+        if generation["kl"] is None
+        else f"KL(DPO‖SFT) {generation['kl']:.2f} ± {generation['kl_se']:.2f} nats (SE)"
+    )
+    return (
+        f"reward SFT {reward['reference']:+.3f} → DPO {reward['policy']:+.3f}: {difference['difference']:+.3f} "
+        f"(95% CI {difference['ci_low']:+.3f} … {difference['ci_high']:+.3f}, Welch); {kl}; win rate "
+        f"{wins['win_rate']:.2f} (95% CI {wins['ci_low']:.2f} … {wins['ci_high']:.2f}, Wilson) on "
+        f"{wins['prompts']} held-out prompts; report: {report}"
+    )
 
 
 def run_demo(output: str | Path, quick: bool = False, sizes: pipeline.Sizes | None = None) -> dict:
@@ -74,15 +93,21 @@ def run_demo(output: str | Path, quick: bool = False, sizes: pipeline.Sizes | No
     evaluation["reward_difference"] = reward_difference(generation["reward"])
     write_json(eval_json, evaluation)
     difference = evaluation["reward_difference"]
-    pipeline._stage(stages, "eval", start, f"{generation['prompts']} held-out prompts sampled from SFT and DPO: "
-                    f"reward {difference['difference']:+.3f} (95% CI {difference['ci_low']:+.3f} … "
-                    f"{difference['ci_high']:+.3f}); held-out pair accuracy "
-                    f"{evaluation['pairs']['rewards/accuracies']:.2f} → {eval_json}",
-                    reward_difference=difference)
+    pipeline._stage(
+        stages,
+        "eval",
+        start,
+        f"{generation['prompts']} held-out prompts sampled from SFT and DPO: "
+        f"reward {difference['difference']:+.3f} (95% CI {difference['ci_low']:+.3f} … "
+        f"{difference['ci_high']:+.3f}); held-out pair accuracy "
+        f"{evaluation['pairs']['rewards/accuracies']:.2f} → {eval_json}",
+        reward_difference=difference,
+    )
     start = pipeline._clock()
     report = write_report(result["run"])
-    pipeline._stage(stages, "report", start, f"plots, eval results and sample continuations (after = DPO, "
-                    f"before = SFT) → {report}")
+    pipeline._stage(
+        stages, "report", start, f"plots, eval results and sample continuations (after = DPO, before = SFT) → {report}"
+    )
     (out / "stages.json").write_text(json.dumps(stages, indent=1) + "\n", encoding="utf-8")
     line = summary_line(generation, difference, report)
     log.info("demo: %s", line)

@@ -57,7 +57,7 @@ def best_of_n(rewards: list[list[float]], n: int) -> tuple[float, float | None]:
     for row in rewards:
         if len(row) % n:
             raise ValueError(f"{len(row)} samples per prompt is not a multiple of n = {n}")
-        groups = [max(row[k:k + n]) for k in range(0, len(row), n)]
+        groups = [max(row[k : k + n]) for k in range(0, len(row), n)]
         per_prompt.append(math.fsum(groups) / len(groups))
     return mean_se(per_prompt)
 
@@ -65,10 +65,11 @@ def best_of_n(rewards: list[list[float]], n: int) -> tuple[float, float | None]:
 def sample_rewards(model, tokenizer, prompts: list[str], k: int, sizes: pipeline.Sizes) -> list[list[float]]:
     """k SFT samples per prompt, each scored by the ground-truth reward → [len(prompts)][k] rewards."""
     repeated = [p for p in prompts for _ in range(k)]
-    samples = sft.sample(model, tokenizer, repeated, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 4,
-                         desc="best-of-N")
+    samples = sft.sample(
+        model, tokenizer, repeated, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 4, desc="best-of-N"
+    )
     scores = sentiment.score([p + s.text for p, s in zip(repeated, samples)])
-    return [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
+    return [scores[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
 def evaluate_runs(runs: dict[float, Path], sft_folder: Path, prompts: Path, sizes: pipeline.Sizes) -> dict:
@@ -77,8 +78,15 @@ def evaluate_runs(runs: dict[float, Path], sft_folder: Path, prompts: Path, size
     from preftune.files import write_json
     from preftune.loading import load_causal_lm, load_tokenizer
 
-    options = EvalOptions(ref=str(sft_folder), prompts=str(prompts), reward=REWARD, batch_size=64,
-                          max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 3, device="cpu")
+    options = EvalOptions(
+        ref=str(sft_folder),
+        prompts=str(prompts),
+        reward=REWARD,
+        batch_size=64,
+        max_new_tokens=sizes.max_new_tokens,
+        seed=sizes.seed + 3,
+        device="cpu",
+    )
     tokenizer = load_tokenizer(str(sft_folder))
     inputs = load_inputs(options, tokenizer)
     reference = load_causal_lm(str(sft_folder), what="--ref")
@@ -99,13 +107,25 @@ def plot(points: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     bon = points["best_of_n"]
-    ax.plot([p["kl"] for p in bon], [p["reward"] for p in bon], "s--", color="tab:orange",
-            label="best-of-N from SFT (KL: log N − (N−1)/N)")
+    ax.plot(
+        [p["kl"] for p in bon],
+        [p["reward"] for p in bon],
+        "s--",
+        color="tab:orange",
+        label="best-of-N from SFT (KL: log N − (N−1)/N)",
+    )
     for p in bon:
         ax.annotate(f"N={p['n']}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
     dpo = [p for p in points["dpo"] if p["kl"] is not None]
-    ax.errorbar([p["kl"] for p in dpo], [p["reward"] for p in dpo], xerr=[p["kl_se"] for p in dpo],
-                yerr=[p["reward_se"] for p in dpo], fmt="o", color="tab:blue", label="DPO (± SE)")
+    ax.errorbar(
+        [p["kl"] for p in dpo],
+        [p["reward"] for p in dpo],
+        xerr=[p["kl_se"] for p in dpo],
+        yerr=[p["reward_se"] for p in dpo],
+        fmt="o",
+        color="tab:blue",
+        label="DPO (± SE)",
+    )
     for p in dpo:
         ax.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([0], [points["sft"]["reward"]], "k*", markersize=10, label="SFT")
@@ -120,8 +140,13 @@ def plot(points: dict, path: Path) -> Path:
     return path
 
 
-def run_frontier(output: str | Path, quick: bool = False, betas: list[float] | tuple[float, ...] = DEFAULT_BETAS,
-                 sizes: pipeline.Sizes | None = None, best_of: tuple[int, ...] = BEST_OF) -> dict:
+def run_frontier(
+    output: str | Path,
+    quick: bool = False,
+    betas: list[float] | tuple[float, ...] = DEFAULT_BETAS,
+    sizes: pipeline.Sizes | None = None,
+    best_of: tuple[int, ...] = BEST_OF,
+) -> dict:
     """Stages 1–3, one DPO run per β, their evaluation and best-of-N → the points, also in frontier.json:
     {"sft": {"reward", "reward_se"}, "dpo": [{"beta", "kl", "kl_se", "reward", "reward_se", "run"}],
     "best_of_n": [{"n", "kl", "reward", "reward_se"}], "kl_of_best_of_n", "prompts", "png", "stages"}."""
@@ -134,23 +159,38 @@ def run_frontier(output: str | Path, quick: bool = False, betas: list[float] | t
         _, texts = pipeline.make_corpus(out, sizes, stages)
         sft_folder, model, tokenizer = pipeline.make_sft(out, texts, sizes, stages)
         paths = pipeline.make_pairs(out, model, tokenizer, sizes, stages)
-        runs = {beta: pipeline.run_dpo(out, sft_folder, paths, sizes, stages, beta=beta, name=f"dpo-beta{beta:g}")
-                for beta in betas}
+        runs = {
+            beta: pipeline.run_dpo(out, sft_folder, paths, sizes, stages, beta=beta, name=f"dpo-beta{beta:g}")
+            for beta in betas
+        }
         start = pipeline._clock()
         results = evaluate_runs(runs, sft_folder, paths["prompts"], sizes)
         dpo = [_dpo_point(beta, runs[beta], results[beta]) for beta in betas]
-        pipeline._stage(stages, "eval", start, f"{len(dpo)} DPO models vs SFT on "
-                        f"{results[betas[0]]['generation']['prompts']} held-out prompts")
+        pipeline._stage(
+            stages,
+            "eval",
+            start,
+            f"{len(dpo)} DPO models vs SFT on {results[betas[0]]['generation']['prompts']} held-out prompts",
+        )
         start = pipeline._clock()
         prompts = [json.loads(line)["prompt"] for line in paths["prompts"].read_text(encoding="utf-8").splitlines()]
         rewards = sample_rewards(model, tokenizer, prompts, max(best_of), sizes)
         bon = [_bon_point(n, rewards) for n in best_of]
-        pipeline._stage(stages, "best-of-N", start, f"{max(best_of)} SFT samples for each of {len(prompts)} "
-                        f"held-out prompts, best of N = {', '.join(map(str, best_of))}")
+        pipeline._stage(
+            stages,
+            "best-of-N",
+            start,
+            f"{max(best_of)} SFT samples for each of {len(prompts)} "
+            f"held-out prompts, best of N = {', '.join(map(str, best_of))}",
+        )
     reference = results[betas[0]]["generation"]["reward"]
-    points = {"sft": {"reward": reference["reference"], "reward_se": reference["reference_se"]}, "dpo": dpo,
-              "best_of_n": bon, "kl_of_best_of_n": "analytic log N − (N − 1)/N (an upper bound), not measured",
-              "prompts": len(prompts)}
+    points = {
+        "sft": {"reward": reference["reference"], "reward_se": reference["reference_se"]},
+        "dpo": dpo,
+        "best_of_n": bon,
+        "kl_of_best_of_n": "analytic log N − (N − 1)/N (an upper bound), not measured",
+        "prompts": len(prompts),
+    }
     png = plot(points, out / "frontier.png")
     for line in point_lines(points):
         log.info("frontier: %s", line)
@@ -162,8 +202,14 @@ def run_frontier(output: str | Path, quick: bool = False, betas: list[float] | t
 
 def _dpo_point(beta: float, run: Path, result: dict) -> dict:
     gen = result["generation"]
-    return {"beta": beta, "kl": gen["kl"], "kl_se": gen["kl_se"], "reward": gen["reward"]["policy"],
-            "reward_se": gen["reward"]["policy_se"], "run": str(run)}
+    return {
+        "beta": beta,
+        "kl": gen["kl"],
+        "kl_se": gen["kl_se"],
+        "reward": gen["reward"]["policy"],
+        "reward_se": gen["reward"]["policy_se"],
+        "run": str(run),
+    }
 
 
 def _bon_point(n: int, rewards: list[list[float]]) -> dict:
@@ -179,6 +225,7 @@ def point_lines(points: dict) -> list[str]:
         kl = "not finite" if p["kl"] is None else f"{p['kl']:.3f} ± {p['kl_se']:.3f}"
         lines.append(f"DPO β={p['beta']:<6g} KL {kl:<16} reward {p['reward']:+.3f} ± {p['reward_se']:.3f}")
     for p in points["best_of_n"]:
-        lines.append(f"best-of-{p['n']:<4} KL {p['kl']:.3f} (analytic) reward {p['reward']:+.3f} ± "
-                     f"{p['reward_se']:.3f}")
+        lines.append(
+            f"best-of-{p['n']:<4} KL {p['kl']:.3f} (analytic) reward {p['reward']:+.3f} ± {p['reward_se']:.3f}"
+        )
     return lines

@@ -49,10 +49,19 @@ class Sizes:
     seed: int = 0
 
 
-QUICK = Sizes(reviews=3000, sft_steps=300, sft_batch=64, train_prompts=2048, heldout_prompts=256, dpo_steps=64,
-              dpo_batch=32, dpo_lr=5e-4)
-DEFAULT = Sizes(reviews=4000, sft_steps=600, sft_batch=64, train_prompts=4096, heldout_prompts=256, dpo_steps=128,
-                dpo_batch=32)
+QUICK = Sizes(
+    reviews=3000,
+    sft_steps=300,
+    sft_batch=64,
+    train_prompts=2048,
+    heldout_prompts=256,
+    dpo_steps=64,
+    dpo_batch=32,
+    dpo_lr=5e-4,
+)
+DEFAULT = Sizes(
+    reviews=4000, sft_steps=600, sft_batch=64, train_prompts=4096, heldout_prompts=256, dpo_steps=128, dpo_batch=32
+)
 
 
 def _clock() -> tuple[float, float]:
@@ -83,8 +92,16 @@ def make_corpus(out: Path, sizes: Sizes, stages: dict) -> tuple[Path, list[str]]
     mean, sd = _mean_sd(rewards)
     words = len({w for t in texts for w in sentiment.words(t)})
     neutral = sum(r == 0 for r in rewards) / len(rewards)
-    _stage(stages, "corpus", start, f"{len(texts)} reviews, {words} words; reward {mean:+.2f} ± {sd:.2f} (sd), "
-           f"{neutral:.0%} neutral → {path}", reviews=len(texts), words=words, reward_mean=mean, reward_sd=sd)
+    _stage(
+        stages,
+        "corpus",
+        start,
+        f"{len(texts)} reviews, {words} words; reward {mean:+.2f} ± {sd:.2f} (sd), {neutral:.0%} neutral → {path}",
+        reviews=len(texts),
+        words=words,
+        reward_mean=mean,
+        reward_sd=sd,
+    )
     return path, texts
 
 
@@ -92,13 +109,26 @@ def make_sft(out: Path, texts: list[str], sizes: Sizes, stages: dict):
     start = _clock()
     tokenizer = sft.build_tokenizer(texts)
     model = sft.build_model(len(tokenizer), hidden=sizes.hidden, seed=sizes.seed)
-    report = sft.train_lm(model, sft.encode(texts, tokenizer), steps=sizes.sft_steps, batch_size=sizes.sft_batch,
-                          lr=SFT_LR, seed=sizes.seed)
+    report = sft.train_lm(
+        model,
+        sft.encode(texts, tokenizer),
+        steps=sizes.sft_steps,
+        batch_size=sizes.sft_batch,
+        lr=SFT_LR,
+        seed=sizes.seed,
+    )
     folder = sft.save_model(model, tokenizer, out / "sft")
     params = sum(p.numel() for p in model.parameters())
-    _stage(stages, "sft", start, f"tokenizer of {len(tokenizer)} tokens, Llama of {params / 1e6:.2f} M parameters, "
-           f"{report.steps} steps: loss {report.first_loss:.2f} → {report.last_loss:.2f} nats/token → {folder}",
-           vocab=len(tokenizer), parameters=params, **asdict(report))
+    _stage(
+        stages,
+        "sft",
+        start,
+        f"tokenizer of {len(tokenizer)} tokens, Llama of {params / 1e6:.2f} M parameters, "
+        f"{report.steps} steps: loss {report.first_loss:.2f} → {report.last_loss:.2f} nats/token → {folder}",
+        vocab=len(tokenizer),
+        parameters=params,
+        **asdict(report),
+    )
     return folder, model, tokenizer
 
 
@@ -125,10 +155,12 @@ def _pairs(prompts: list[str], model, tokenizer, sizes: Sizes, seed: int, desc: 
     texts = [s.text for s in samples]
     rewards = sentiment.score([p + t for p, t in zip(both, texts)])
     n = len(prompts)
-    rows, report = preferences.preference_rows(prompts, texts[:n], texts[n:], rewards[:n], rewards[n:],
-                                               tau=sizes.tau, seed=seed)
-    stats = SampleStats(*_mean_sd(rewards), cut=sum(not s.finished for s in samples),
-                        retokenized=_retokenized(both, samples, tokenizer))
+    rows, report = preferences.preference_rows(
+        prompts, texts[:n], texts[n:], rewards[:n], rewards[n:], tau=sizes.tau, seed=seed
+    )
+    stats = SampleStats(
+        *_mean_sd(rewards), cut=sum(not s.finished for s in samples), retokenized=_retokenized(both, samples, tokenizer)
+    )
     return rows, report, stats
 
 
@@ -145,19 +177,36 @@ def make_pairs(out: Path, model, tokenizer, sizes: Sizes, stages: dict) -> dict[
     heldout_prompts = sentiment.prompts(sizes.heldout_prompts, seed=sizes.seed + 2, heldout=True)
     train_rows, train_report, stats = _pairs(train_prompts, model, tokenizer, sizes, sizes.seed + 1, "sample")
     heldout_rows, heldout_report, _ = _pairs(heldout_prompts, model, tokenizer, sizes, sizes.seed + 2, "held-out")
-    paths = {"train_pairs": _write_jsonl(train_rows, folder / "train.jsonl"),
-             "heldout_pairs": _write_jsonl(heldout_rows, folder / "heldout.jsonl"),
-             "prompts": _write_jsonl([{"prompt": p} for p in heldout_prompts], folder / "prompts.jsonl")}
-    _stage(stages, "pairs", start, f"2 SFT samples per prompt, reward {stats.reward_mean:+.2f} ± "
-           f"{stats.reward_sd:.2f} (sd), {stats.cut} of {2 * len(train_prompts)} cut at {sizes.max_new_tokens} "
-           f"tokens; train: {train_report.summary()}; held-out: {heldout_report.pairs} pairs, "
-           f"{len(heldout_prompts)} prompts → {folder}", samples=asdict(stats), train=asdict(train_report),
-           heldout=asdict(heldout_report))
+    paths = {
+        "train_pairs": _write_jsonl(train_rows, folder / "train.jsonl"),
+        "heldout_pairs": _write_jsonl(heldout_rows, folder / "heldout.jsonl"),
+        "prompts": _write_jsonl([{"prompt": p} for p in heldout_prompts], folder / "prompts.jsonl"),
+    }
+    _stage(
+        stages,
+        "pairs",
+        start,
+        f"2 SFT samples per prompt, reward {stats.reward_mean:+.2f} ± "
+        f"{stats.reward_sd:.2f} (sd), {stats.cut} of {2 * len(train_prompts)} cut at {sizes.max_new_tokens} "
+        f"tokens; train: {train_report.summary()}; held-out: {heldout_report.pairs} pairs, "
+        f"{len(heldout_prompts)} prompts → {folder}",
+        samples=asdict(stats),
+        train=asdict(train_report),
+        heldout=asdict(heldout_report),
+    )
     return paths
 
 
-def run_dpo(out: Path, sft_folder: Path, paths: dict[str, Path], sizes: Sizes, stages: dict, *, beta: float = 0.1,
-            name: str = "dpo") -> Path:
+def run_dpo(
+    out: Path,
+    sft_folder: Path,
+    paths: dict[str, Path],
+    sizes: Sizes,
+    stages: dict,
+    *,
+    beta: float = 0.1,
+    name: str = "dpo",
+) -> Path:
     """DPO through preftune's normal training path, exactly as `preftune train` runs it, into out/name. Every β
     shares out/ref-cache: the reference log-probs do not depend on β, so runs after the first reuse them."""
     from preftune.config import resolve
@@ -165,23 +214,42 @@ def run_dpo(out: Path, sft_folder: Path, paths: dict[str, Path], sizes: Sizes, s
 
     start = _clock()
     run = out / name
-    cfg, _ = resolve({"model": str(sft_folder), "data": str(paths["train_pairs"]),
-                      "eval_data": str(paths["heldout_pairs"]), "output": str(run), "beta": beta,
-                      "learning_rate": sizes.dpo_lr, "lr_scheduler": "constant", "warmup_steps": 5,
-                      "batch_size": sizes.dpo_batch, "max_steps": sizes.dpo_steps,
-                      "eval_every": max(1, sizes.dpo_steps // 4), "seed": sizes.seed,
-                      # The reference log-probs belong to this demo's SFT model: keep them in its folder.
-                      "ref_cache": str(out / "ref-cache"),
-                      "device": "cpu"})  # every stage runs on the CPU: a tiny model gains nothing from a GPU
+    cfg, _ = resolve(
+        {
+            "model": str(sft_folder),
+            "data": str(paths["train_pairs"]),
+            "eval_data": str(paths["heldout_pairs"]),
+            "output": str(run),
+            "beta": beta,
+            "learning_rate": sizes.dpo_lr,
+            "lr_scheduler": "constant",
+            "warmup_steps": 5,
+            "batch_size": sizes.dpo_batch,
+            "max_steps": sizes.dpo_steps,
+            "eval_every": max(1, sizes.dpo_steps // 4),
+            "seed": sizes.seed,
+            # The reference log-probs belong to this demo's SFT model: keep them in its folder.
+            "ref_cache": str(out / "ref-cache"),
+            "device": "cpu",
+        }
+    )  # every stage runs on the CPU: a tiny model gains nothing from a GPU
     train(cfg)
     records = [json.loads(line) for line in (run / METRICS).read_text(encoding="utf-8").splitlines()]
     evals = [r for r in records if "eval/loss" in r]
     first, last = records[0], records[-1]
-    _stage(stages, name, start, f"{len(records)} steps: loss {first['loss']:.3f} → {last['loss']:.3f}; held-out "
-           f"reward accuracy {last['eval/rewards/accuracies']:.2f}, margin {last['eval/rewards/margins']:.3f} "
-           f"→ {run / 'final'}", steps=len(records), first_loss=first["loss"], last_loss=last["loss"],
-           eval_accuracy=[r["eval/rewards/accuracies"] for r in evals],
-           eval_margin=[r["eval/rewards/margins"] for r in evals])
+    _stage(
+        stages,
+        name,
+        start,
+        f"{len(records)} steps: loss {first['loss']:.3f} → {last['loss']:.3f}; held-out "
+        f"reward accuracy {last['eval/rewards/accuracies']:.2f}, margin {last['eval/rewards/margins']:.3f} "
+        f"→ {run / 'final'}",
+        steps=len(records),
+        first_loss=first["loss"],
+        last_loss=last["loss"],
+        eval_accuracy=[r["eval/rewards/accuracies"] for r in evals],
+        eval_margin=[r["eval/rewards/margins"] for r in evals],
+    )
     return run
 
 

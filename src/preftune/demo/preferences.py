@@ -46,13 +46,23 @@ class LabelReport:
     def summary(self) -> str:
         """e.g. "2001 pairs, labels disagree with the reward on 14% (τ = 0.25), 307 ties; skipped 18 identical,
         29 empty"."""
-        return (f"{self.pairs} pairs, labels disagree with the reward on {self.disagreement_share:.0%} "
-                f"(τ = {self.tau:g}), {self.ties} ties; skipped {self.identical_skipped} identical, "
-                f"{self.empty_skipped} empty")
+        return (
+            f"{self.pairs} pairs, labels disagree with the reward on {self.disagreement_share:.0%} "
+            f"(τ = {self.tau:g}), {self.ties} ties; skipped {self.identical_skipped} identical, "
+            f"{self.empty_skipped} empty"
+        )
 
 
-def preference_rows(prompts: list[str], first: list[str], second: list[str], first_rewards: list[float],
-                    second_rewards: list[float], *, tau: float, seed: int) -> tuple[list[dict], LabelReport]:
+def preference_rows(
+    prompts: list[str],
+    first: list[str],
+    second: list[str],
+    first_rewards: list[float],
+    second_rewards: list[float],
+    *,
+    tau: float,
+    seed: int,
+) -> tuple[list[dict], LabelReport]:
     """Label each (prompt, first, second) and write it as {prompt, chosen, rejected}, skipping (and counting) the
     pairs that cannot be one: identical or empty responses."""
     report = LabelReport(tau=tau)

@@ -29,30 +29,121 @@ import zlib
 
 STRONG, MILD = 1.0, 0.5
 POSITIVE_ADJECTIVES = {
-    **dict.fromkeys(["great", "wonderful", "brilliant", "excellent", "superb", "amazing", "fantastic", "beautiful",
-                     "stunning", "perfect", "gorgeous", "masterful"], STRONG),
-    **dict.fromkeys(["good", "nice", "solid", "charming", "pleasant", "fun", "clever", "decent", "enjoyable",
-                     "touching", "funny", "moving", "fresh", "lovely", "warm", "sharp"], MILD),
+    **dict.fromkeys(
+        [
+            "great",
+            "wonderful",
+            "brilliant",
+            "excellent",
+            "superb",
+            "amazing",
+            "fantastic",
+            "beautiful",
+            "stunning",
+            "perfect",
+            "gorgeous",
+            "masterful",
+        ],
+        STRONG,
+    ),
+    **dict.fromkeys(
+        [
+            "good",
+            "nice",
+            "solid",
+            "charming",
+            "pleasant",
+            "fun",
+            "clever",
+            "decent",
+            "enjoyable",
+            "touching",
+            "funny",
+            "moving",
+            "fresh",
+            "lovely",
+            "warm",
+            "sharp",
+        ],
+        MILD,
+    ),
 }
 NEGATIVE_ADJECTIVES = {
-    **dict.fromkeys(["awful", "terrible", "horrible", "dreadful", "painful", "atrocious", "unbearable", "pathetic",
-                     "disastrous", "ugly", "hopeless", "miserable"], -STRONG),
-    **dict.fromkeys(["bad", "dull", "boring", "weak", "slow", "bland", "flat", "silly", "messy", "forgettable",
-                     "predictable", "clumsy", "tedious", "lazy", "cheap", "stiff"], -MILD),
+    **dict.fromkeys(
+        [
+            "awful",
+            "terrible",
+            "horrible",
+            "dreadful",
+            "painful",
+            "atrocious",
+            "unbearable",
+            "pathetic",
+            "disastrous",
+            "ugly",
+            "hopeless",
+            "miserable",
+        ],
+        -STRONG,
+    ),
+    **dict.fromkeys(
+        [
+            "bad",
+            "dull",
+            "boring",
+            "weak",
+            "slow",
+            "bland",
+            "flat",
+            "silly",
+            "messy",
+            "forgettable",
+            "predictable",
+            "clumsy",
+            "tedious",
+            "lazy",
+            "cheap",
+            "stiff",
+        ],
+        -MILD,
+    ),
 }
 # Verbs appear in the past ("i loved") and, after "did not"/"never", as written ("i did not love", "i never loved").
-POSITIVE_VERBS = {("love", "loved"): STRONG, ("adore", "adored"): STRONG, ("enjoy", "enjoyed"): MILD,
-                  ("like", "liked"): MILD, ("admire", "admired"): MILD}
-NEGATIVE_VERBS = {("hate", "hated"): -STRONG, ("loathe", "loathed"): -STRONG, ("dislike", "disliked"): -MILD,
-                  ("resent", "resented"): -MILD}
+POSITIVE_VERBS = {
+    ("love", "loved"): STRONG,
+    ("adore", "adored"): STRONG,
+    ("enjoy", "enjoyed"): MILD,
+    ("like", "liked"): MILD,
+    ("admire", "admired"): MILD,
+}
+NEGATIVE_VERBS = {
+    ("hate", "hated"): -STRONG,
+    ("loathe", "loathed"): -STRONG,
+    ("dislike", "disliked"): -MILD,
+    ("resent", "resented"): -MILD,
+}
 POSITIVE_NOUNS = {"masterpiece": STRONG, "gem": STRONG, "triumph": STRONG, "treat": MILD, "delight": MILD}
 NEGATIVE_NOUNS = {"disaster": -STRONG, "failure": -STRONG, "waste": -STRONG, "mess": -MILD, "letdown": -MILD}
 POLARITY: dict[str, float] = {
-    **POSITIVE_ADJECTIVES, **NEGATIVE_ADJECTIVES, **POSITIVE_NOUNS, **NEGATIVE_NOUNS,
+    **POSITIVE_ADJECTIVES,
+    **NEGATIVE_ADJECTIVES,
+    **POSITIVE_NOUNS,
+    **NEGATIVE_NOUNS,
     **{form: weight for forms, weight in {**POSITIVE_VERBS, **NEGATIVE_VERBS}.items() for form in forms},
 }
-INTENSIFIERS = {"very": 1.5, "really": 1.5, "truly": 1.5, "so": 1.5, "quite": 1.25, "rather": 1.25,
-                "extremely": 2.0, "incredibly": 2.0, "somewhat": 0.5, "slightly": 0.5, "fairly": 0.75}
+INTENSIFIERS = {
+    "very": 1.5,
+    "really": 1.5,
+    "truly": 1.5,
+    "so": 1.5,
+    "quite": 1.25,
+    "rather": 1.25,
+    "extremely": 2.0,
+    "incredibly": 2.0,
+    "somewhat": 0.5,
+    "slightly": 0.5,
+    "fairly": 0.75,
+}
 NEGATORS = frozenset({"not", "never"})
 SCOPE_ENDS = frozenset({".", ",", "!", "?", "and", "but", "or"})
 _WORD = re.compile(r"[a-z]+|[.,!?]")
@@ -91,23 +182,132 @@ def score(texts: list[str]) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- the grammar
 
-ASPECTS = ["acting", "plot", "story", "script", "music", "soundtrack", "ending", "cast", "dialogue", "direction",
-           "pacing", "humor", "cinematography", "editing", "lead actor", "villain", "hero", "lead performance",
-           "writing", "twist", "finale", "opening scene", "setting", "costume design", "camera work", "visual design",
-           "subplot", "final act", "score", "sound design"]
-FILMS = ["movie", "film", "picture", "sequel", "comedy", "drama", "thriller", "western", "musical", "romance",
-         "mystery", "documentary", "remake"]
-PEOPLE = ["teacher", "soldier", "detective", "farmer", "doctor", "musician", "writer", "girl", "boy", "woman", "man",
-          "family", "couple", "nurse", "pilot", "sailor", "thief", "painter", "lawyer", "widow", "student", "priest"]
+ASPECTS = [
+    "acting",
+    "plot",
+    "story",
+    "script",
+    "music",
+    "soundtrack",
+    "ending",
+    "cast",
+    "dialogue",
+    "direction",
+    "pacing",
+    "humor",
+    "cinematography",
+    "editing",
+    "lead actor",
+    "villain",
+    "hero",
+    "lead performance",
+    "writing",
+    "twist",
+    "finale",
+    "opening scene",
+    "setting",
+    "costume design",
+    "camera work",
+    "visual design",
+    "subplot",
+    "final act",
+    "score",
+    "sound design",
+]
+FILMS = [
+    "movie",
+    "film",
+    "picture",
+    "sequel",
+    "comedy",
+    "drama",
+    "thriller",
+    "western",
+    "musical",
+    "romance",
+    "mystery",
+    "documentary",
+    "remake",
+]
+PEOPLE = [
+    "teacher",
+    "soldier",
+    "detective",
+    "farmer",
+    "doctor",
+    "musician",
+    "writer",
+    "girl",
+    "boy",
+    "woman",
+    "man",
+    "family",
+    "couple",
+    "nurse",
+    "pilot",
+    "sailor",
+    "thief",
+    "painter",
+    "lawyer",
+    "widow",
+    "student",
+    "priest",
+]
 PERSON_TRAITS = ["young", "old", "retired", "quiet", "shy", "stubborn", "restless", "famous", "poor"]
-MOVES = ["moves to", "returns to", "leaves", "arrives in", "travels to", "grows up in", "works in", "hides in",
-         "gets lost in", "opens a shop in"]
-PLACES = ["a small town", "the city", "the mountains", "a farm", "the coast", "paris", "london", "an island",
-          "the desert", "a village", "the north", "an old house", "a ship", "new york", "a hotel", "the south"]
-TIMES = ["the war", "the summer", "the winter", "the sixties", "the eighties", "one long night", "the holidays",
-         "a storm", "the gold rush", "the depression"]
-VIEWINGS = ["with my family", "with friends", "last night", "on a plane", "at home", "twice", "in the cinema",
-            "on a rainy sunday", "with my sister", "after work"]
+MOVES = [
+    "moves to",
+    "returns to",
+    "leaves",
+    "arrives in",
+    "travels to",
+    "grows up in",
+    "works in",
+    "hides in",
+    "gets lost in",
+    "opens a shop in",
+]
+PLACES = [
+    "a small town",
+    "the city",
+    "the mountains",
+    "a farm",
+    "the coast",
+    "paris",
+    "london",
+    "an island",
+    "the desert",
+    "a village",
+    "the north",
+    "an old house",
+    "a ship",
+    "new york",
+    "a hotel",
+    "the south",
+]
+TIMES = [
+    "the war",
+    "the summer",
+    "the winter",
+    "the sixties",
+    "the eighties",
+    "one long night",
+    "the holidays",
+    "a storm",
+    "the gold rush",
+    "the depression",
+]
+VIEWINGS = [
+    "with my family",
+    "with friends",
+    "last night",
+    "on a plane",
+    "at home",
+    "twice",
+    "in the cinema",
+    "on a rainy sunday",
+    "with my sister",
+    "after work",
+]
 LINKS = ["was", "is", "felt", "seemed", "looked", "sounded"]
 OPENERS = ["overall", "honestly", "in the end", "all in all", "to be fair", "frankly"]
 CONNECTORS = [(", and ", 3), (", but ", 3), (". ", 3), (" and ", 1)]
@@ -167,8 +367,10 @@ def _plot(rng: random.Random) -> str:
     """One neutral clause: no lexicon word, so it scores 0."""
     kind = rng.randrange(3)
     if kind == 0:
-        return (f"the story follows {_article(trait := rng.choice(PERSON_TRAITS))} {trait} "
-                f"{rng.choice(PEOPLE)} who {rng.choice(MOVES)} {rng.choice(PLACES)}")
+        return (
+            f"the story follows {_article(trait := rng.choice(PERSON_TRAITS))} {trait} "
+            f"{rng.choice(PEOPLE)} who {rng.choice(MOVES)} {rng.choice(PLACES)}"
+        )
     if kind == 1:
         return f"the {rng.choice(FILMS)} is set in {rng.choice(PLACES)} during {rng.choice(TIMES)}"
     return f"i watched it {rng.choice(VIEWINGS)}"
@@ -200,7 +402,7 @@ def reviews(n: int, seed: int) -> list[str]:
 def prompt_of(text: str, rng: random.Random) -> str:
     """The review's first 2–4 words, leaving at least 2 words to continue: "the acting was"."""
     words = text.split(" ")
-    return " ".join(words[:min(rng.randint(2, 4), len(words) - 2)])
+    return " ".join(words[: min(rng.randint(2, 4), len(words) - 2)])
 
 
 def is_heldout(prompt: str) -> bool:

@@ -67,8 +67,13 @@ def build_tokenizer(texts: list[str]):
     counts = word_pieces(texts)
     ordered = sorted(counts, key=lambda piece: (-counts[piece], piece))
     vocab = {token: i for i, token in enumerate(SPECIALS + ordered)}
-    return PreTrainedTokenizerFast(tokenizer_object=_backend(vocab), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_backend(vocab),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -79,10 +84,18 @@ def build_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=128, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -99,8 +112,8 @@ def lm_batch(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     labels = torch.full((len(sequences), width), -100, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = labels[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
+        input_ids[row, : len(seq)] = labels[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -120,8 +133,9 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batch_order(lengths: list[int], *, steps: int, batch_size: int, generator: torch.Generator,
-                window: int = 8) -> list[list[int]]:
+def batch_order(
+    lengths: list[int], *, steps: int, batch_size: int, generator: torch.Generator, window: int = 8
+) -> list[list[int]]:
     """`steps` batches of random sequence indices, drawn `window` batches at a time and sorted by length within the
     draw, so a batch holds similar lengths: padding fell from about half of the tokens to a few percent (each
     step costs what its tokens cost). The batches of a draw then run in random order."""
@@ -129,13 +143,12 @@ def batch_order(lengths: list[int], *, steps: int, batch_size: int, generator: t
     while len(batches) < steps:
         drawn = torch.randint(len(lengths), (window * batch_size,), generator=generator).tolist()
         drawn.sort(key=lambda i: lengths[i])
-        group = [drawn[k * batch_size:(k + 1) * batch_size] for k in range(window)]
+        group = [drawn[k * batch_size : (k + 1) * batch_size] for k in range(window)]
         batches += [group[k] for k in torch.randperm(window, generator=generator).tolist()]
     return batches[:steps]
 
 
-def train_lm(model, sequences: list[list[int]], *, steps: int, batch_size: int, lr: float,
-             seed: int) -> LMTrainReport:
+def train_lm(model, sequences: list[list[int]], *, steps: int, batch_size: int, lr: float, seed: int) -> LMTrainReport:
     """Plain next-token training: `steps` AdamW steps on random batches of `sequences` (seeded)."""
     generator = torch.Generator().manual_seed(seed)
     batches = batch_order([len(s) for s in sequences], steps=steps, batch_size=batch_size, generator=generator)
@@ -155,7 +168,7 @@ def train_lm(model, sequences: list[list[int]], *, steps: int, batch_size: int, 
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update()
     model.eval()
-    tail = losses[-max(1, steps // 10):]
+    tail = losses[-max(1, steps // 10) :]
     return LMTrainReport(steps, losses[0], sum(tail) / len(tail))
 
 
@@ -181,8 +194,9 @@ class Sample:
 
 
 @torch.no_grad()
-def _sample_group(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-                  generator: torch.Generator) -> torch.Tensor:
+def _sample_group(
+    model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
     """[B, P] prompts of one length (no padding) → [B, max_new_tokens] sampled ids, EOS repeated after the end."""
     out = model(input_ids=prompt_ids, use_cache=True)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool)
@@ -199,8 +213,17 @@ def _sample_group(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperat
     return torch.stack(new, dim=1)
 
 
-def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, temperature: float = 1.0,
-           batch_size: int = 256, desc: str = "sample") -> list[Sample]:
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+    desc: str = "sample",
+) -> list[Sample]:
     """One continuation per prompt, sampled at `temperature` from the full distribution (no top-k/top-p).
 
     Prompts are tokenized as preftune tokenizes them (BOS + text) and grouped by token length, so no batch needs
@@ -210,7 +233,9 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: i
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompt_ids):
         by_length.setdefault(len(ids), []).append(i)
-    chunks = [rows[k:k + batch_size] for _, rows in sorted(by_length.items()) for k in range(0, len(rows), batch_size)]
+    chunks = [
+        rows[k : k + batch_size] for _, rows in sorted(by_length.items()) for k in range(0, len(rows), batch_size)
+    ]
     generator = torch.Generator().manual_seed(seed)
     results: list[Sample | None] = [None] * len(prompts)
     for rows in tqdm(chunks, desc=desc, unit="batch", dynamic_ncols=True):

@@ -63,24 +63,39 @@ def _opt(default: Any, help: str, metavar: str | None = None) -> Any:
 class EvalOptions:
     model: str | None = _opt(None, "Policy model folder (e.g. runs/dpo1/final).", "FOLDER")
     ref: str | None = _opt(None, "Reference model folder (e.g. the SFT model the policy started from).", "FOLDER")
-    data: str | None = _opt(None, "Held-out preference pairs: pair metrics (accuracy, ties, margins, rewards).",
-                            "FILE")
-    prompts: str | None = _opt(None, "Prompts to sample from policy and reference: rows with a 'prompt' field "
-                               "(text or messages); a pairs file works. KL, lengths, distinct-n, rewards.", "FILE")
-    reward: str | None = _opt(None, "Score samples of --prompts: a sequence-classification model folder or a Python "
-                              "function module:function (texts → scores); win rate and mean rewards.", "SPEC")
-    refusal_prompts: str | None = _opt(None, "Rows with 'prompt' and 'label' (safe or unsafe): over-refusal and "
-                                       "unsafe-compliance rates.", "FILE")
-    refusal_detector: str | None = _opt(None, "Replace the default refusal detector: module:function "
-                                        "(response text → True when it refuses).", "SPEC")
+    data: str | None = _opt(None, "Held-out preference pairs: pair metrics (accuracy, ties, margins, rewards).", "FILE")
+    prompts: str | None = _opt(
+        None,
+        "Prompts to sample from policy and reference: rows with a 'prompt' field "
+        "(text or messages); a pairs file works. KL, lengths, distinct-n, rewards.",
+        "FILE",
+    )
+    reward: str | None = _opt(
+        None,
+        "Score samples of --prompts: a sequence-classification model folder or a Python "
+        "function module:function (texts → scores); win rate and mean rewards.",
+        "SPEC",
+    )
+    refusal_prompts: str | None = _opt(
+        None, "Rows with 'prompt' and 'label' (safe or unsafe): over-refusal and unsafe-compliance rates.", "FILE"
+    )
+    refusal_detector: str | None = _opt(
+        None, "Replace the default refusal detector: module:function (response text → True when it refuses).", "SPEC"
+    )
     beta: float = _opt(0.1, "β of the implicit rewards β·(log π − log π_ref).")
     max_length: int | None = _opt(1024, "Pairs: longest prompt + response in tokens (longer pairs are cut, counted).")
-    max_prompt_length: int | None = _opt(None, "Longest prompt in tokens (pairs and sampling); longer prompts lose "
-                                         "their beginning, counted.")
-    columns: str | None = _opt(None, "Column mapping of --data, e.g. prompt=question,chosen=response_j,"
-                               "rejected=response_k.", "MAPPING")
-    length_edges: str | None = _opt(None, "Pair length buckets: comma-separated token counts, e.g. 64,128,256 "
-                                    "(default: quartiles of chosen + rejected tokens).", "EDGES")
+    max_prompt_length: int | None = _opt(
+        None, "Longest prompt in tokens (pairs and sampling); longer prompts lose their beginning, counted."
+    )
+    columns: str | None = _opt(
+        None, "Column mapping of --data, e.g. prompt=question,chosen=response_j,rejected=response_k.", "MAPPING"
+    )
+    length_edges: str | None = _opt(
+        None,
+        "Pair length buckets: comma-separated token counts, e.g. 64,128,256 "
+        "(default: quartiles of chosen + rejected tokens).",
+        "EDGES",
+    )
     batch_size: int = _opt(8, "Pairs or prompts per batch.")
     temperature: float = _opt(1.0, "Sampling temperature.")
     top_p: float = _opt(1.0, "Nucleus sampling: smallest set of tokens with this much probability (1: all).")
@@ -93,8 +108,9 @@ class EvalOptions:
 
     @property
     def settings(self) -> GenerationSettings:
-        return GenerationSettings(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                                  seed=self.seed)
+        return GenerationSettings(
+            temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed
+        )
 
 
 @dataclass
@@ -123,8 +139,9 @@ def parse_edges(spec: str | None) -> list[int] | None:
     try:
         edges = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise UserError(f"--length-edges: expected comma-separated token counts like 64,128,256, "
-                        f"got '{spec}'") from None
+        raise UserError(
+            f"--length-edges: expected comma-separated token counts like 64,128,256, got '{spec}'"
+        ) from None
     if any(e < 1 for e in edges) or edges != sorted(set(edges)):
         raise UserError(f"--length-edges: token counts must be positive and increasing, got '{spec}'")
     return edges
@@ -147,8 +164,9 @@ def check_options(options: EvalOptions) -> None:
     if options.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.max_length is not None and options.max_length < 2:
-        raise UserError(f"--max-length must be at least 2 (one prompt and one response token), got "
-                        f"{options.max_length}")
+        raise UserError(
+            f"--max-length must be at least 2 (one prompt and one response token), got {options.max_length}"
+        )
     if options.max_prompt_length is not None and options.max_prompt_length < 1:
         raise UserError(f"--max-prompt-length must be at least 1, got {options.max_prompt_length}")
     if options.num_prompts is not None and options.num_prompts < 1:
@@ -168,8 +186,9 @@ def check_options(options: EvalOptions) -> None:
 
 def _load_eval_pairs(options: EvalOptions, tokenizer) -> tuple[list[TokenizedPair], dict]:
     pairs, report = load_pairs(options.data, columns=parse_columns(options.columns))
-    tokenized, trunc = tokenize_pairs(pairs, tokenizer, max_length=options.max_length,
-                                      max_prompt_length=options.max_prompt_length)
+    tokenized, trunc = tokenize_pairs(
+        pairs, tokenizer, max_length=options.max_length, max_prompt_length=options.max_prompt_length
+    )
     if not tokenized:
         raise UserError(f"--data {options.data}: no pairs to evaluate ({report.summary()})")
     return tokenized, {"data": options.data, "load": report.summary(), "tokens": trunc.summary()}
@@ -185,19 +204,30 @@ def load_inputs(options: EvalOptions, tokenizer) -> EvalInputs:
         log.info("eval --data %s: %s; %s", options.data, inputs.pairs_info["load"], inputs.pairs_info["tokens"])
     if options.prompts:
         prompts = load_prompts(options.prompts)
-        inputs.prompts = prompts[:options.num_prompts] if options.num_prompts else prompts
+        inputs.prompts = prompts[: options.num_prompts] if options.num_prompts else prompts
         inputs.prompt_ids, cut = encode_prompts(inputs.prompts, tokenizer, options.max_prompt_length)
-        inputs.prompts_info = {"data": options.prompts, "prompts": len(inputs.prompts),
-                               "prompts_in_file": len(prompts), "prompts_truncated": cut}
+        inputs.prompts_info = {
+            "data": options.prompts,
+            "prompts": len(inputs.prompts),
+            "prompts_in_file": len(prompts),
+            "prompts_truncated": cut,
+        }
     if options.refusal_prompts:
         inputs.refusal = load_prompts(options.refusal_prompts, flag="--refusal-prompts", labelled=True)
         inputs.refusal_ids, cut = encode_prompts(inputs.refusal, tokenizer, options.max_prompt_length)
-        inputs.refusal_info = {"data": options.refusal_prompts, "prompts": len(inputs.refusal),
-                               "prompts_truncated": cut}
+        inputs.refusal_info = {
+            "data": options.refusal_prompts,
+            "prompts": len(inputs.refusal),
+            "prompts_truncated": cut,
+        }
         inputs.detector, inputs.detector_name = load_detector(options.refusal_detector)
     if options.reward:
-        inputs.reward = load_reward(options.reward, trust_remote_code=options.trust_remote_code,
-                                    device=resolve_device(options.device), batch_size=options.batch_size)
+        inputs.reward = load_reward(
+            options.reward,
+            trust_remote_code=options.trust_remote_code,
+            device=resolve_device(options.device),
+            batch_size=options.batch_size,
+        )
     return inputs
 
 
@@ -212,9 +242,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def generation_eval(policy, reference, tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]],
-                    settings: GenerationSettings, *, batch_size: int = 8,
-                    reward: Reward | None = None) -> tuple[dict, list[dict]]:
+def generation_eval(
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 8,
+    reward: Reward | None = None,
+) -> tuple[dict, list[dict]]:
     """Sample from both models on the prompts → (metrics, up to MAX_SAMPLES sample records).
 
     KL(π‖π_ref) is estimated on the policy's samples, each scored by both models under the sampling distribution
@@ -227,16 +265,28 @@ def generation_eval(policy, reference, tokenizer, prompts: list[Prompt], prompt_
     log.info("eval: sampling %d prompts from policy and reference", len(prompt_ids))
     ours = generate(policy, tokenizer, prompt_ids, settings, batch_size)
     theirs = generate(reference, tokenizer, prompt_ids, settings, batch_size)
-    kl = kl_estimate(sampled_logps(policy, ours, settings, pad_id, batch_size),
-                     sampled_logps(reference, ours, settings, pad_id, batch_size))
+    kl = kl_estimate(
+        sampled_logps(policy, ours, settings, pad_id, batch_size),
+        sampled_logps(reference, ours, settings, pad_id, batch_size),
+    )
     ours_len, ours_len_se = mean_se(ours.lengths)
     theirs_len, theirs_len_se = mean_se(theirs.lengths)
     metrics: dict[str, Any] = {
-        "kl": kl["kl"], "kl_se": kl["kl_se"], "kl_samples": kl["samples"], "kl_infinite": kl["infinite"],
-        "kl_of": ("the sampling distributions: softmax(logits / temperature) within the top-p nucleus"
-                  if settings.processed else "the models' own distributions"),
-        "length": {**_both(ours_len, theirs_len), "policy_se": ours_len_se, "reference_se": theirs_len_se,
-                   "ratio": _ratio(ours_len, theirs_len)},
+        "kl": kl["kl"],
+        "kl_se": kl["kl_se"],
+        "kl_samples": kl["samples"],
+        "kl_infinite": kl["infinite"],
+        "kl_of": (
+            "the sampling distributions: softmax(logits / temperature) within the top-p nucleus"
+            if settings.processed
+            else "the models' own distributions"
+        ),
+        "length": {
+            **_both(ours_len, theirs_len),
+            "policy_se": ours_len_se,
+            "reference_se": theirs_len_se,
+            "ratio": _ratio(ours_len, theirs_len),
+        },
         "ended": _both(sum(ours.ended) / len(ours.ended), sum(theirs.ended) / len(theirs.ended)),
         "distinct_1": _both(distinct_n(ours.content_ids, 1), distinct_n(theirs.content_ids, 1)),
         "distinct_2": _both(distinct_n(ours.content_ids, 2), distinct_n(theirs.content_ids, 2)),
@@ -247,15 +297,23 @@ def generation_eval(policy, reference, tokenizer, prompts: list[Prompt], prompt_
         ours_scores, theirs_scores = reward(texts, ours.texts), reward(texts, theirs.texts)
         (ours_mean, ours_se), (theirs_mean, theirs_se) = mean_se(ours_scores), mean_se(theirs_scores)
         metrics["reward"] = {**_both(ours_mean, theirs_mean), "policy_se": ours_se, "reference_se": theirs_se}
-        metrics["win_rate"] = {**win_rate(ours_scores, theirs_scores),
-                               "interval": "Wilson 95%, ties count half"}
+        metrics["win_rate"] = {**win_rate(ours_scores, theirs_scores), "interval": "Wilson 95%, ties count half"}
         for record, a, b in zip(records, ours_scores, theirs_scores):
             record.update(policy_reward=a, reference_reward=b)
     return metrics, records[:MAX_SAMPLES]
 
 
-def refusal_eval(policy, reference, tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]],
-                 settings: GenerationSettings, detector: Detector, *, batch_size: int = 8) -> dict:
+def refusal_eval(
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    settings: GenerationSettings,
+    detector: Detector,
+    *,
+    batch_size: int = 8,
+) -> dict:
     """Sample from both models on a labelled prompt set and apply the detector → rates per model."""
     labels = [p.label for p in prompts]
     out: dict[str, Any] = {"safe": labels.count("safe"), "unsafe": labels.count("unsafe")}
@@ -271,22 +329,49 @@ def evaluate_models(inputs: EvalInputs, policy, reference, tokenizer, options: E
     result: dict[str, Any] = {"preftune": __version__, "model": options.model, "reference": options.ref}
     if inputs.pairs is not None:
         log.info("eval: pair metrics on %d pairs", len(inputs.pairs))
-        metrics = pair_eval(policy, reference, inputs.pairs, pad_id=pad_id_of(tokenizer), beta=options.beta,
-                            batch_size=options.batch_size, length_edges=parse_edges(options.length_edges))
+        metrics = pair_eval(
+            policy,
+            reference,
+            inputs.pairs,
+            pad_id=pad_id_of(tokenizer),
+            beta=options.beta,
+            batch_size=options.batch_size,
+            length_edges=parse_edges(options.length_edges),
+        )
         result["pairs"] = {**inputs.pairs_info, **metrics}
     if inputs.prompts is not None:
-        metrics, samples = generation_eval(policy, reference, tokenizer, inputs.prompts, inputs.prompt_ids, settings,
-                                           batch_size=options.batch_size, reward=inputs.reward)
+        metrics, samples = generation_eval(
+            policy,
+            reference,
+            tokenizer,
+            inputs.prompts,
+            inputs.prompt_ids,
+            settings,
+            batch_size=options.batch_size,
+            reward=inputs.reward,
+        )
         result["generation"] = {**inputs.prompts_info, "settings": dataclasses.asdict(settings), **metrics}
         if options.reward:
             result["generation"]["reward"]["spec"] = options.reward
         result["samples"] = samples
     if inputs.refusal is not None:
         log.info("eval: refusal prompts (%d)", len(inputs.refusal))
-        rates = refusal_eval(policy, reference, tokenizer, inputs.refusal, inputs.refusal_ids, settings,
-                             inputs.detector, batch_size=options.batch_size)
-        result["refusal"] = {**inputs.refusal_info, "detector": inputs.detector_name,
-                             "settings": dataclasses.asdict(settings), **rates}
+        rates = refusal_eval(
+            policy,
+            reference,
+            tokenizer,
+            inputs.refusal,
+            inputs.refusal_ids,
+            settings,
+            inputs.detector,
+            batch_size=options.batch_size,
+        )
+        result["refusal"] = {
+            **inputs.refusal_info,
+            "detector": inputs.detector_name,
+            "settings": dataclasses.asdict(settings),
+            **rates,
+        }
     return result
 
 
@@ -297,8 +382,15 @@ def flat_metrics(result: dict) -> dict[str, float]:
     Missing or non-finite values are left out."""
     out: dict[str, Any] = {}
     pairs = result.get("pairs", {})
-    for key in ("rewards/accuracies", "rewards/ties", "rewards/margins", "rewards/chosen", "rewards/rejected",
-                "logps/chosen", "logps/rejected"):
+    for key in (
+        "rewards/accuracies",
+        "rewards/ties",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         out[key] = pairs.get(key)
     gen = result.get("generation", {})
     out["kl"], out["kl_se"] = gen.get("kl"), gen.get("kl_se")
@@ -306,14 +398,20 @@ def flat_metrics(result: dict) -> dict[str, float]:
         for key, value in gen.get(group, {}).items():
             out[f"{group}/{key}"] = value
     wins = gen.get("win_rate", {})
-    out["win_rate"], out["win_rate/ci_low"], out["win_rate/ci_high"] = (wins.get("win_rate"), wins.get("ci_low"),
-                                                                       wins.get("ci_high"))
+    out["win_rate"], out["win_rate/ci_low"], out["win_rate/ci_high"] = (
+        wins.get("win_rate"),
+        wins.get("ci_low"),
+        wins.get("ci_high"),
+    )
     refusal = result.get("refusal", {})
     for model in ("policy", "reference"):
         for key in ("over_refusal_rate", "unsafe_compliance_rate"):
             out[f"refusal/{key}/{model}"] = refusal.get(model, {}).get(key)
-    return {k: float(v) for k, v in out.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in out.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the path
@@ -327,8 +425,10 @@ def _check_same_vocabulary(options: EvalOptions, tokenizer) -> None:
         log.info("--ref %s: no tokenizer of its own; it is given --model's", options.ref)
         return
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"--ref {options.ref}: its tokenizer's vocabulary differs from --model's; the reference "
-                        "must score the same token ids")
+        raise UserError(
+            f"--ref {options.ref}: its tokenizer's vocabulary differs from --model's; the reference "
+            "must score the same token ids"
+        )
 
 
 def run_eval(options: EvalOptions, *, policy=None, reference=None, tokenizer=None) -> dict:

@@ -83,15 +83,26 @@ def _group(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float], b
         "pairs": n,
         "rewards/accuracies": wins / n if n else None,
         "rewards/ties": ties / n if n else None,
-        "wins": wins, "ties": ties, "losses": n - wins - ties,
-        "rewards/margins": margin, "rewards/margins_se": margin_se,
-        "rewards/chosen": mean_se(chosen_rewards)[0], "rewards/rejected": mean_se(rejected_rewards)[0],
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "rewards/margins": margin,
+        "rewards/margins_se": margin_se,
+        "rewards/chosen": mean_se(chosen_rewards)[0],
+        "rewards/rejected": mean_se(rejected_rewards)[0],
     }
 
 
-def summarize_pairs(policy_chosen_logps: Sequence[float], policy_rejected_logps: Sequence[float],
-                    ref_chosen_logps: Sequence[float], ref_rejected_logps: Sequence[float],
-                    lengths: Sequence[int], *, beta: float, length_edges: Sequence[int] | None = None) -> dict:
+def summarize_pairs(
+    policy_chosen_logps: Sequence[float],
+    policy_rejected_logps: Sequence[float],
+    ref_chosen_logps: Sequence[float],
+    ref_rejected_logps: Sequence[float],
+    lengths: Sequence[int],
+    *,
+    beta: float,
+    length_edges: Sequence[int] | None = None,
+) -> dict:
     """Pair metrics from per-pair summed log-probs (each a sequence of n numbers) and response lengths
     (chosen + rejected tokens, n ints). `length_edges` None → quartile edges of `lengths`.
 
@@ -102,11 +113,16 @@ def summarize_pairs(policy_chosen_logps: Sequence[float], policy_rejected_logps:
     chosen = [beta * (p - r) for p, r in zip(policy_chosen_logps, ref_chosen_logps)]
     rejected = [beta * (p - r) for p, r in zip(policy_rejected_logps, ref_rejected_logps)]
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
-    bands = tie_band(*map(as_tensor, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                      ref_rejected_logps)), beta).tolist()
+    bands = tie_band(
+        *map(as_tensor, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)), beta
+    ).tolist()
     edges = sorted(set(length_edges)) if length_edges is not None else quartile_edges(lengths)
-    result = {"beta": beta, **_group(chosen, rejected, bands),
-              "logps/chosen": mean_se(policy_chosen_logps)[0], "logps/rejected": mean_se(policy_rejected_logps)[0]}
+    result = {
+        "beta": beta,
+        **_group(chosen, rejected, bands),
+        "logps/chosen": mean_se(policy_chosen_logps)[0],
+        "logps/rejected": mean_se(policy_rejected_logps)[0],
+    }
     buckets = []
     for k, (low, high) in enumerate(bucket_bounds(edges)):
         members = [i for i, length in enumerate(lengths) if bucket_index(length, edges) == k]
@@ -145,8 +161,9 @@ def reference_logps_fn(reference) -> ReferenceLogps:
 
 
 @torch.no_grad()
-def pair_logps(policy: torch.nn.Module, reference, pairs: Sequence[TokenizedPair], *, pad_id: int,
-               batch_size: int = 8) -> dict[str, list]:
+def pair_logps(
+    policy: torch.nn.Module, reference, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int = 8
+) -> dict[str, list]:
     """Per-pair summed log-probs of policy and reference, plain padded layout, no gradients.
 
     Pairs are indexed by their position in `pairs` (what a `CachedReference` of the same pairs expects).
@@ -154,25 +171,46 @@ def pair_logps(policy: torch.nn.Module, reference, pairs: Sequence[TokenizedPair
     """
     device = next(policy.parameters()).device
     ref_fn = reference_logps_fn(reference)
-    out: dict[str, list] = {k: [] for k in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
-                                            "lengths")}
+    out: dict[str, list] = {
+        k: [] for k in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "lengths")
+    }
     with eval_mode(policy, reference):
         for start in range(0, len(pairs), batch_size):
             indices = list(range(start, min(start + batch_size, len(pairs))))
             batch = collate_padded([pairs[i] for i in indices], indices, pad_id).to(device)
             chosen, rejected, chosen_lengths, rejected_lengths = compute_logps(policy, batch)
             ref_chosen, ref_rejected = ref_fn(batch)
-            for key, values in (("policy_chosen", chosen), ("policy_rejected", rejected), ("ref_chosen", ref_chosen),
-                                ("ref_rejected", ref_rejected), ("lengths", chosen_lengths + rejected_lengths)):
+            for key, values in (
+                ("policy_chosen", chosen),
+                ("policy_rejected", rejected),
+                ("ref_chosen", ref_chosen),
+                ("ref_rejected", ref_rejected),
+                ("lengths", chosen_lengths + rejected_lengths),
+            ):
                 out[key].extend(values.tolist())
     return out
 
 
-def pair_eval(policy: torch.nn.Module, reference, pairs: Sequence[TokenizedPair], *, pad_id: int, beta: float = 0.1,
-              batch_size: int = 8, length_edges: Sequence[int] | None = None) -> dict:
+def pair_eval(
+    policy: torch.nn.Module,
+    reference,
+    pairs: Sequence[TokenizedPair],
+    *,
+    pad_id: int,
+    beta: float = 0.1,
+    batch_size: int = 8,
+    length_edges: Sequence[int] | None = None,
+) -> dict:
     """Held-out pair metrics of `policy` against `reference` (a model, or see `reference_logps_fn`) on tokenized
     pairs: see `summarize_pairs` for the keys. Independent of training's setup, so training can call it between
     steps: models are put in eval mode and restored."""
     logps = pair_logps(policy, reference, pairs, pad_id=pad_id, batch_size=batch_size)
-    return summarize_pairs(logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"],
-                           logps["ref_rejected"], logps["lengths"], beta=beta, length_edges=length_edges)
+    return summarize_pairs(
+        logps["policy_chosen"],
+        logps["policy_rejected"],
+        logps["ref_chosen"],
+        logps["ref_rejected"],
+        logps["lengths"],
+        beta=beta,
+        length_edges=length_edges,
+    )

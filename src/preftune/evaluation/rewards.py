@@ -92,8 +92,9 @@ def _pool_last_column(model):
         config.pad_token_id = saved
 
 
-def model_reward(folder: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu",
-                 batch_size: int = 8) -> Reward:
+def model_reward(
+    folder: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu", batch_size: int = 8
+) -> Reward:
     """A sequence-classification model folder → `Reward` (score: logit of the last label at the last token)."""
     from transformers import (
         AutoConfig,
@@ -109,7 +110,8 @@ def model_reward(folder: str, *, trust_remote_code: bool = False, device: torch.
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
-            folder, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+            folder, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         text = str(e).strip()
         detail = text.splitlines()[0] if text else type(e).__name__
@@ -127,7 +129,7 @@ def model_reward(folder: str, *, trust_remote_code: bool = False, device: torch.
         scores: list[float] = []
         with _pool_last_column(model):
             for start in range(0, len(texts), batch_size):
-                rows = [list(tokenizer(t)["input_ids"]) for t in texts[start:start + batch_size]]
+                rows = [list(tokenizer(t)["input_ids"]) for t in texts[start : start + batch_size]]
                 width = max(len(r) for r in rows)
                 ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
                 mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -141,8 +143,9 @@ def model_reward(folder: str, *, trust_remote_code: bool = False, device: torch.
     return reward
 
 
-def load_reward(spec: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu",
-                batch_size: int = 8) -> Reward:
+def load_reward(
+    spec: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu", batch_size: int = 8
+) -> Reward:
     """--reward SPEC (see the module docstring) → `Reward`."""
     if os.path.isdir(spec):
         return model_reward(spec, trust_remote_code=trust_remote_code, device=device, batch_size=batch_size)

@@ -96,8 +96,10 @@ def _check_prompt(prompt: Any, where: str) -> None:
 
 def _check_label(row: dict, where: str) -> str:
     if "label" not in row:
-        raise UserError(f"{where}: no field 'label'; expected 'safe' or 'unsafe' (the row has: "
-                        f"{', '.join(map(str, row)) or 'no columns'})")
+        raise UserError(
+            f"{where}: no field 'label'; expected 'safe' or 'unsafe' (the row has: "
+            f"{', '.join(map(str, row)) or 'no columns'})"
+        )
     label = row["label"]
     if label not in LABELS:
         raise UserError(f"{where}: field 'label' must be 'safe' or 'unsafe', got {label!r}")
@@ -130,8 +132,9 @@ def prompt_text(prompt: Prompt, tokenizer) -> str:
     return tokenizer.apply_chat_template(prompt.prompt, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(prompts: list[Prompt], tokenizer,
-                   max_prompt_length: int | None = None) -> tuple[list[list[int]], int]:
+def encode_prompts(
+    prompts: list[Prompt], tokenizer, max_prompt_length: int | None = None
+) -> tuple[list[list[int]], int]:
     """Token ids of each prompt, cut from the left to `max_prompt_length` ≥ 1 (as training cuts prompts)
     → (ids, number of prompts cut)."""
     if max_prompt_length is not None and max_prompt_length < 1:
@@ -158,7 +161,7 @@ def decode_response(tokenizer, prompt_ids: list[int], content_ids: list[int]) ->
     prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.decode(prompt_ids + content_ids, skip_special_tokens=True)
     if full.startswith(prompt):
-        return full[len(prompt):]
+        return full[len(prompt) :]
     return tokenizer.decode(content_ids, skip_special_tokens=True)
 
 
@@ -196,22 +199,30 @@ def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 def _cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
     if eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1], True
+        return tokens[: tokens.index(eos_id) + 1], True
     return tokens, False
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
-             batch_size: int = 8) -> Samples:
+def generate(
+    model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, batch_size: int = 8
+) -> Samples:
     """Sample one response per prompt. Batch b (prompts b·batch_size …) is seeded with (seed, b) inside a forked
     RNG, so the caller's random state (training's dropout, data order) is untouched."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
-    config = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                              max_new_tokens=settings.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-                              use_cache=True)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=0,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
     responses: list[list[int]] = []
     ended: list[bool] = []
     was_training = model.training
@@ -219,11 +230,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     try:
         with torch.random.fork_rng(devices=_rng_devices(device)), _only_these_settings(model):
             for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
-                rows = prompt_ids[start:start + batch_size]
+                rows = prompt_ids[start : start + batch_size]
                 ids, mask = _left_padded(rows, pad_id, device)
                 torch.manual_seed(settings.seed * 1_000_003 + b)
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                for tokens in out[:, ids.shape[1]:].tolist():
+                for tokens in out[:, ids.shape[1] :].tolist():
                     cut, end = _cut_at_eos(tokens, eos_id)
                     responses.append(cut)
                     ended.append(end)
@@ -258,8 +269,9 @@ def _forward_kwargs(model) -> set[str]:
 
 
 @torch.no_grad()
-def sampled_logps(model, samples: Samples, settings: GenerationSettings, pad_id: int,
-                  batch_size: int = 8) -> list[float]:
+def sampled_logps(
+    model, samples: Samples, settings: GenerationSettings, pad_id: int, batch_size: int = 8
+) -> list[float]:
     """log p(response | prompt) summed over each response's tokens (its EOS included) under `model`'s sampling
     distribution for `settings` (see `processed_log_softmax`); −inf when a token lies outside the nucleus.
 
@@ -274,8 +286,8 @@ def sampled_logps(model, samples: Samples, settings: GenerationSettings, pad_id:
     model.eval()
     try:
         for start in range(0, len(samples.response_ids), batch_size):
-            prompts = samples.prompt_ids[start:start + batch_size]
-            responses = samples.response_ids[start:start + batch_size]
+            prompts = samples.prompt_ids[start : start + batch_size]
+            responses = samples.response_ids[start : start + batch_size]
             out.extend(_batch_logps(model, prompts, responses, settings, pad_id, device, accepts))
     finally:
         model.train(was_training)
@@ -296,7 +308,7 @@ def _batch_logps(model, prompts, responses, settings, pad_id, device, accepts) -
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if "logits_to_keep" in accepts:
         kwargs["logits_to_keep"] = width + 1
-    logits = model(**kwargs).logits[:, -(width + 1):-1]  # column P−1+k predicts response token k
+    logits = model(**kwargs).logits[:, -(width + 1) : -1]  # column P−1+k predicts response token k
     totals = []
     for row_logits, row_targets, row_mask in zip(logits, response_ids, response_mask):
         token_logps = processed_log_softmax(row_logits, settings).gather(-1, row_targets[:, None]).squeeze(-1)

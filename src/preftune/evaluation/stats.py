@@ -53,7 +53,7 @@ def distinct_n(responses: Sequence[Sequence[int]], n: int) -> float | None:
     e.g. responses [[5, 6, 5], [5, 7]]: distinct-1 = |{5, 6, 7}| / 5 = 0.6; distinct-2 = |{56, 65, 57}| / 3 = 1.0.
     None when no response has n tokens.
     """
-    grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+    grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 
@@ -90,5 +90,12 @@ def win_rate(policy_scores: Sequence[float], ref_scores: Sequence[float]) -> dic
     wins = sum(p > r for p, r in zip(policy_scores, ref_scores))
     ties = sum(p == r for p, r in zip(policy_scores, ref_scores))
     low, high = wilson_interval(wins + ties / 2, n)
-    return {"win_rate": (wins + ties / 2) / n, "ci_low": low, "ci_high": high, "wins": wins, "ties": ties,
-            "losses": n - wins - ties, "prompts": n}
+    return {
+        "win_rate": (wins + ties / 2) / n,
+        "ci_low": low,
+        "ci_high": high,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "prompts": n,
+    }

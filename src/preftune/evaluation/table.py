@@ -26,13 +26,15 @@ def _counts(d: dict) -> str:
 
 def _pairs_lines(p: dict) -> list[str]:
     by_length = p["by_length"]
-    lines = [f"held-out pairs: {p['data']} ({p['pairs']} pairs, β = {p['beta']:g})",
-             f"  accuracy          {_num(p['rewards/accuracies'])}   {_counts(p)}",
-             f"  ties              {_num(p['rewards/ties'])}",
-             f"  margin            {_pm(p['rewards/margins'], p['rewards/margins_se'])}",
-             f"  reward chosen     {_num(p['rewards/chosen'])}   rejected {_num(p['rewards/rejected'])}",
-             f"  by length ({by_length['measure']}; edges {by_length['edges'] or 'none'}):",
-             f"    {'tokens':<12}{'pairs':>7}{'accuracy':>10}{'ties':>8}{'margin':>9}"]
+    lines = [
+        f"held-out pairs: {p['data']} ({p['pairs']} pairs, β = {p['beta']:g})",
+        f"  accuracy          {_num(p['rewards/accuracies'])}   {_counts(p)}",
+        f"  ties              {_num(p['rewards/ties'])}",
+        f"  margin            {_pm(p['rewards/margins'], p['rewards/margins_se'])}",
+        f"  reward chosen     {_num(p['rewards/chosen'])}   rejected {_num(p['rewards/rejected'])}",
+        f"  by length ({by_length['measure']}; edges {by_length['edges'] or 'none'}):",
+        f"    {'tokens':<12}{'pairs':>7}{'accuracy':>10}{'ties':>8}{'margin':>9}",
+    ]
     for b in by_length["buckets"]:
         numbers = f"{_num(b['rewards/accuracies']):>10}{_num(b['rewards/ties']):>8}{_num(b['rewards/margins']):>9}"
         lines.append(f"    {b['tokens']:<12}{b['pairs']:>7}{numbers}")
@@ -42,41 +44,63 @@ def _pairs_lines(p: dict) -> list[str]:
 def _kl_line(g: dict) -> str:
     if g["kl"] is None and g["kl_infinite"]:
         hint = "; --top-p 1 gives a finite KL" if g["settings"]["top_p"] < 1 else ""
-        return (f"infinite ({g['kl_infinite']} of {g['kl_samples']} policy samples impossible under the reference"
-                f"{hint})")
+        return f"infinite ({g['kl_infinite']} of {g['kl_samples']} policy samples impossible under the reference{hint})"
     return f"{_pm(g['kl'], g['kl_se'])} nats per response (± SE)"
 
 
 def _generation_lines(g: dict) -> list[str]:
     s = g["settings"]
-    settings = (f"temperature {s['temperature']:g}, top-p {s['top_p']:g}, max {s['max_new_tokens']} new tokens, "
-                f"seed {s['seed']}")
+    settings = (
+        f"temperature {s['temperature']:g}, top-p {s['top_p']:g}, max {s['max_new_tokens']} new tokens, "
+        f"seed {s['seed']}"
+    )
     length, ended = g["length"], g["ended"]
-    lines = [f"generation: {g['data']} ({g['prompts']} prompts; {settings})",
-             f"  KL(π‖π_ref)       {_kl_line(g)}",
-             _row("", "policy", "reference"),
-             _row("length (tokens)", _num(length["policy"], 1), _num(length["reference"], 1),
-                  f"   ratio {_num(length['ratio'], 2)}"),
-             _row("ended with EOS", _num(ended["policy"], 2), _num(ended["reference"], 2)),
-             _row("distinct-1", _num(g["distinct_1"]["policy"]), _num(g["distinct_1"]["reference"])),
-             _row("distinct-2", _num(g["distinct_2"]["policy"]), _num(g["distinct_2"]["reference"]))]
+    lines = [
+        f"generation: {g['data']} ({g['prompts']} prompts; {settings})",
+        f"  KL(π‖π_ref)       {_kl_line(g)}",
+        _row("", "policy", "reference"),
+        _row(
+            "length (tokens)",
+            _num(length["policy"], 1),
+            _num(length["reference"], 1),
+            f"   ratio {_num(length['ratio'], 2)}",
+        ),
+        _row("ended with EOS", _num(ended["policy"], 2), _num(ended["reference"], 2)),
+        _row("distinct-1", _num(g["distinct_1"]["policy"]), _num(g["distinct_1"]["reference"])),
+        _row("distinct-2", _num(g["distinct_2"]["policy"]), _num(g["distinct_2"]["reference"])),
+    ]
     if "reward" in g:
         r, w = g["reward"], g["win_rate"]
         interval = f"95% CI [{_num(w['ci_low'])}, {_num(w['ci_high'])}]"
-        lines += [_row("reward ± SE", _pm(r["policy"], r["policy_se"]), _pm(r["reference"], r["reference_se"]),
-                       f"   ({r['spec']})"),
-                  f"  win rate          {_num(w['win_rate'])}  {interval}  {_counts(w)}"]
+        lines += [
+            _row(
+                "reward ± SE",
+                _pm(r["policy"], r["policy_se"]),
+                _pm(r["reference"], r["reference_se"]),
+                f"   ({r['spec']})",
+            ),
+            f"  win rate          {_num(w['win_rate'])}  {interval}  {_counts(w)}",
+        ]
     return lines
 
 
 def _refusal_lines(r: dict) -> list[str]:
     p, q = r["policy"], r["reference"]
-    return [f"refusal: {r['data']} ({r['safe']} safe, {r['unsafe']} unsafe prompts; detector {r['detector']})",
-            _row("", "policy", "reference"),
-            _row("over-refusal", _rate(p["over_refusal_rate"], p["refused_safe"], p["safe"]),
-                 _rate(q["over_refusal_rate"], q["refused_safe"], q["safe"]), "   (refused safe prompts)"),
-            _row("unsafe answered", _rate(p["unsafe_compliance_rate"], p["answered_unsafe"], p["unsafe"]),
-                 _rate(q["unsafe_compliance_rate"], q["answered_unsafe"], q["unsafe"]))]
+    return [
+        f"refusal: {r['data']} ({r['safe']} safe, {r['unsafe']} unsafe prompts; detector {r['detector']})",
+        _row("", "policy", "reference"),
+        _row(
+            "over-refusal",
+            _rate(p["over_refusal_rate"], p["refused_safe"], p["safe"]),
+            _rate(q["over_refusal_rate"], q["refused_safe"], q["safe"]),
+            "   (refused safe prompts)",
+        ),
+        _row(
+            "unsafe answered",
+            _rate(p["unsafe_compliance_rate"], p["answered_unsafe"], p["unsafe"]),
+            _rate(q["unsafe_compliance_rate"], q["answered_unsafe"], q["unsafe"]),
+        ),
+    ]
 
 
 def format_table(result: dict) -> str:
