@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -16,6 +15,7 @@ from preftune.cli import main
 
 from conftest import stopped_after
 from helpers import SRC, assert_same_run
+from helpers import records as read_metrics
 from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
@@ -32,10 +32,6 @@ def toy(tmp_path_factory):
 
 def run(args: list[str]) -> int:
     return main(["train", *args])
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def base_args(toy, out: Path, steps: int = 3) -> list[str]:

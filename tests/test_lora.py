@@ -21,6 +21,7 @@ from preftune.logps import compute_logps
 from preftune.reference import PolicyReference
 
 from conftest import stopped_after
+from helpers import losses
 from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
@@ -54,10 +55,6 @@ def base_args(toy, out: Path, steps: int = 2, model: str | None = None) -> list[
         "--lr-scheduler",
         "constant",
     ]
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_and_capture(args: list[str]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from preftune.config import resolve
 from preftune.loading import load_causal_lm
 
 from conftest import stopped_after
+from helpers import losses
 from toy import counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
@@ -64,10 +65,6 @@ def base_args(toy, out: Path, steps: int = 2) -> list[str]:
         "--ref-cache",
         str(toy["root"] / "cache"),
     ]
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def sha256(path: Path) -> str:
