@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -45,22 +47,52 @@ def write_audit(report, run_dir: Path) -> None:
     write_json(run_dir / AUDIT, report.to_dict())
 
 
+class Sink(Protocol):
+    """Where a run's metrics records go besides metrics.jsonl (rank 0 only): an experiment tracker, a callback."""
+
+    def log(self, records: list[dict]) -> None: ...
+
+    def finish(self, summary: dict) -> None: ...
+
+
+class Callback:
+    """`train(cfg, on_log=...)`: `on_log(step, record)` for every record, as it is written to metrics.jsonl."""
+
+    def __init__(self, on_log: Callable[[int, dict], None]):
+        self.on_log = on_log
+
+    def log(self, records: list[dict]) -> None:
+        for record in records:
+            self.on_log(record["step"], dict(record))
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+
 class Watcher:
-    """Feeds every metrics record to a `TrainingMonitor` and logs each new warning once.
+    """Feeds every metrics record to a `TrainingMonitor` and logs each new warning once, then to the `sinks`.
 
     After --resume the records kept from before are replayed silently, so a warning given before the
-    interruption is not given again.
+    interruption is not given again (the sinks saw them in the first run).
     """
 
-    def __init__(self, cfg: TrainConfig, total_steps: int, kept_records: list[dict]):
+    def __init__(self, cfg: TrainConfig, total_steps: int, kept_records: list[dict], sinks: Sequence[Sink] = ()):
         self.monitor = TrainingMonitor(total_steps, cfg.losses, cfg.weights)
         for record in kept_records:
             self.monitor.observe(record)
+        self.sinks = list(sinks)
 
     def observe(self, records: list[dict]) -> None:
         for record in records:
             for warning in self.monitor.observe(record):
                 log.warning("%s", warning)
+        for sink in self.sinks:
+            sink.log(records)
+
+    def finish(self, summary: dict) -> None:
+        """The run is over: `summary` (the last record, with the final evaluation) to every sink, which closes."""
+        for sink in self.sinks:
+            sink.finish(summary)
 
 
 class GenerationEval:

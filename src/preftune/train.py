@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,7 +388,8 @@ def save_final(s: Setup, state: dict | None = None) -> Path:
 
 
 @distributed.launched  # under torchrun: join the other processes first (a no-op for one process)
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, on_log: Callable[[int, dict], None] | None = None) -> Path:
+    """Train; return final/. `on_log(step, record)`: called on rank 0 with every metrics record as it is written."""
     s = setup(cfg)
     optimizer, scheduler = make_optimizer(s)
     first = start_or_resume(s, optimizer, scheduler)
@@ -395,7 +397,10 @@ def train(cfg: TrainConfig) -> Path:
     main = distributed.world().is_main  # only rank 0 writes files and shows progress
     log.info("training %s", describe(s))
     has_eval = bool(s.eval_pairs) or s.generation is not None
-    watcher = observe.Watcher(cfg, s.total_steps, observe.kept_records(s.run_dir / rundir.METRICS) if main else [])
+    sinks = [observe.Callback(on_log)] if on_log and main else []
+    watcher = observe.Watcher(
+        cfg, s.total_steps, observe.kept_records(s.run_dir / rundir.METRICS) if main else [], sinks
+    )
     if s.audit is not None:  # None with --stream
         distributed.on_main(observe.write_audit, s.audit, s.run_dir)
     pending: list[StepMetrics] = []
@@ -438,6 +443,8 @@ def train(cfg: TrainConfig) -> Path:
     whole = fsdp.full_model_state(s.policy, drop_tied=False) if fsdp.enabled(s.policy) else None  # all gather
     save = lambda: save_final(s) if whole is None else save_final(s, whole)  # noqa: E731
     final = distributed.on_main(rundir.writing, s.run_dir, "the final model", save, default=s.run_dir / rundir.FINAL)
+    if main:
+        watcher.finish(records[-1] if first < s.total_steps else {})
     if not cfg.no_report:
         distributed.on_main(observe.write_report, s.run_dir)
     log.info("done: %s", final)
