@@ -1,4 +1,4 @@
-"""Soak test: thousands of tiny optimizer steps through `preftune.train.train`, resident memory sampled as it goes.
+"""Soak test: thousands of tiny optimizer steps through `preftune.recipe.train`, resident memory sampled as it goes.
 
     python benchmarks/soak.py --steps 5000
 
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from preftune import train as train_module
+from preftune import recipe as train_module
 from preftune.config import resolve
 
 # The toy model and data builders are test fixtures in tests/toy.py, not part of the package.

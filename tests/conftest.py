@@ -43,16 +43,16 @@ def build_tiny_tokenizer():
 def stopped_after(step: int):
     """Runs inside `with stopped_after(step):` are interrupted (a Ctrl-C) once optimizer step `step` is done.
 
-    Patches only `train.after_step`, and only for the block: a test's `monkeypatch` (which also holds the private
+    Patches only `recipe.after_step`, and only for the block: a test's `monkeypatch` (which also holds the private
     cache and thread settings below) is left alone."""
-    from preftune import train
+    from preftune import recipe
 
     def interrupt(done: int) -> None:
         if done == step:
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "after_step", interrupt)
+        mp.setattr(recipe, "after_step", interrupt)
         yield
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import checkpoint, rundir
-from preftune import train as train_module
+from preftune import recipe as train_module
 from preftune.cli import main
 
 from conftest import stopped_after
@@ -75,7 +75,7 @@ def uninterrupted(toy, tmp_path_factory):
 # complete but before its rename, or inside the final model's write (the 5th atomic write of this run).
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from preftune import checkpoint, train
+    from preftune import checkpoint, recipe
     from preftune.cli import main
 
     point, at = sys.argv[1], int(sys.argv[2])
@@ -91,7 +91,7 @@ KILLER = textwrap.dedent("""
         return wrapped
 
     if point == "after_step":
-        train.after_step = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == at else None
+        recipe.after_step = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == at else None
     elif point == "weights_written":
         checkpoint.save_model = die_on_call(checkpoint.save_model)
     elif point == "before_rename":

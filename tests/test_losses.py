@@ -786,7 +786,7 @@ def test_reference_free_loss_trains_without_any_reference(tmp_path, monkeypatch)
     """`preftune train --loss simpo` builds no reference model and writes no reference cache."""
     import json
 
-    from preftune import train as train_module
+    from preftune import recipe as train_module
     from preftune.cli import main
 
     from toy import counting_pairs, save_model_folder, write_jsonl

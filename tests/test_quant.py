@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import lora
-from preftune import train as train_module
+from preftune import recipe as train_module
 from preftune.cli import main
 from preftune.config import resolve
 from preftune.loading import load_causal_lm

@@ -7,8 +7,10 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import pytest
 
 from preftune.cli import main
 from preftune.errors import UserError
+from preftune.evaluation.stats import Z95
 from preftune.monitor import TrainingMonitor, slope_and_t
-from preftune.report import rolling_mean, write_report
+from preftune.report import Default, rolling_mean, run_names, train_defaults, write_report
 
 LN2 = math.log(2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -207,18 +210,88 @@ def test_healthy_noisy_run_gives_no_warning():
 
 
 SCRIPT = "<script>alert('x')</script>"
+CONFIG_YAML = (
+    "model: ./sft <b>model</b>\nloss: sigmoid\nbeta: 0.1\nmax_steps: 60\nloss_weights: null\n"
+    f'learning_rate: 1.0e-06\nlr_scheduler: cosine\nmystery_option: 3\ndata: "{SCRIPT}.jsonl"\n'
+)
+# eval.json as `preftune eval --data --prompts --reward` writes it (docs/evaluation.md), with round numbers.
+EVAL_JSON = {
+    "preftune": "0.1.0",
+    "model": "runs/x/final",
+    "reference": "./sft",
+    "pairs": {
+        "data": "heldout.jsonl",
+        "beta": 0.1,
+        "pairs": 40,
+        "rewards/accuracies": 0.75,
+        "rewards/ties": 0.05,
+        "wins": 30,
+        "ties": 2,
+        "losses": 8,
+        "rewards/margins": 0.25,
+        "rewards/margins_se": 0.05,
+        "rewards/chosen": 0.1,
+        "rewards/rejected": -0.15,
+        "logps/chosen": -50.5,
+        "logps/rejected": -60.25,
+        "by_length": {
+            "measure": "chosen + rejected response tokens",
+            "edges": [10, 20],
+            "buckets": [
+                {
+                    "tokens": "≤ 10",
+                    "pairs": 12,
+                    "rewards/accuracies": 0.9,
+                    "rewards/margins": 0.4,
+                    "rewards/margins_se": 0.1,
+                },
+                {"tokens": "11–20", "pairs": 14, "rewards/accuracies": 0.75, "rewards/margins": 0.2},
+                {"tokens": "≥ 21", "pairs": 14, "rewards/accuracies": None, "rewards/margins": None},
+            ],
+        },
+    },
+    "generation": {
+        "data": "prompts.jsonl",
+        "prompts": 100,
+        "settings": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64, "seed": 0},
+        "kl": 3.0,
+        "kl_se": 0.2,
+        "kl_samples": 100,
+        "kl_infinite": 0,
+        "length": {"policy": 14.2, "reference": 11.9, "policy_se": 0.4, "reference_se": 0.5, "ratio": 1.19},
+        "ended": {"policy": 0.97, "reference": 0.94},
+        "distinct_2": {"policy": 0.78, "reference": 0.8},
+        "reward": {"policy": 0.5, "reference": 0.2, "policy_se": 0.03, "reference_se": 0.04, "spec": "pkg:score"},
+        "win_rate": {
+            "win_rate": 0.7,
+            "ci_low": 0.6,
+            "ci_high": 0.78,
+            "wins": 65,
+            "ties": 10,
+            "losses": 25,
+            "prompts": 100,
+        },
+    },
+    "samples": [
+        {
+            "prompt": SCRIPT,
+            "policy": "fine & <b>dandy</b>",
+            "reference": "ok",
+            "policy_reward": 0.9,
+            "reference_reward": 0.1,
+        },
+        {"prompt": [{"role": "user", "content": "hi"}], "policy": "hello", "reference": "hey", "judge": "tie"},
+    ],
+}
 
 
-def synthetic_run(root: Path) -> Path:
+def synthetic_run(root: Path, name: str = "run", config: str = CONFIG_YAML) -> Path:
     """A run folder of 60 steps: chosen log-probs fall while margins grow (displacement at step 30, as in
     test_displacement_fires_at_first_full_window), logps/rejected is NaN at step 45, evaluation with KL at
-    steps 20, 40 and 60, an audit and an eval.json whose sample prompt holds a script tag."""
-    run = root / "run"
+    steps 20, 40 and 60, an audit and an eval.json (EVAL_JSON) whose sample prompt holds a script tag."""
+    run = root / name
     run.mkdir()
-    (run / "config.yaml").write_text(
-        f"model: ./sft <b>model</b>\nloss: sigmoid\nbeta: 0.1\nmax_steps: 60\n"
-        f'loss_weights: null\nlearning_rate: 1.0e-06\ndata: "{SCRIPT}.jsonl"\n'
-    )
+    (run / "config.yaml").write_text(config)
     lines = []
     for s in range(1, 61):
         r = {
@@ -249,7 +322,7 @@ def synthetic_run(root: Path) -> Path:
                     "eval/kl_se": 0.2,
                 }
             )
-        lines.append(json.dumps(r))  # NaN is written as the bare token NaN, as train.py's json.dumps does
+        lines.append(json.dumps(r))  # NaN is written as the bare token NaN, as recipe.py's json.dumps does
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run / "audit.json").write_text(
         json.dumps(
@@ -261,26 +334,7 @@ def synthetic_run(root: Path) -> Path:
             }
         )
     )
-    (run / "eval.json").write_text(
-        json.dumps(
-            {
-                "pairs": {"accuracy": 0.75, "ties": 1, "buckets": [{"edges": [0, 10], "accuracy": 0.5}]},
-                "generation": {
-                    "kl": 3.0,
-                    "kl_se": 0.2,
-                    "samples": [
-                        {"prompt": SCRIPT, "policy": "fine & <b>dandy</b>", "reference": "ok"},
-                        {
-                            "prompt": [{"role": "user", "content": "hi"}],
-                            "policy": "hello",
-                            "reference": "hey",
-                            "reward": 0.5,
-                        },
-                    ],
-                },
-            }
-        )
-    )
+    (run / "eval.json").write_text(json.dumps(EVAL_JSON))
     return run
 
 
@@ -301,7 +355,7 @@ class Page(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.stack: list[str] = []
         self.tags: list[str] = []
-        self.images: list[str] = []
+        self.images: list[dict] = []
         self.sections: list[str] = []
         self.text: list[str] = []
 
@@ -309,7 +363,7 @@ class Page(HTMLParser):
         self.tags.append(tag)
         attrs = dict(attrs)
         if tag == "img":
-            self.images.append(attrs["src"])
+            self.images.append(attrs)
         if tag == "section":
             self.sections.append(attrs["id"])
         if tag not in self.VOID:
@@ -323,21 +377,44 @@ class Page(HTMLParser):
         self.text.append(data)
 
 
+def parse(html_text: str) -> Page:
+    page = Page()
+    page.feed(html_text)
+    page.close()
+    assert page.stack == []  # every tag closed, in order
+    return page
+
+
+def part(html_text: str, start: str, end: str = "</section>") -> str:
+    """The HTML from `start` to the next `end`, included."""
+    begin = html_text.index(start)
+    return html_text[begin : html_text.index(end, begin) + len(end)]
+
+
+def text_of(html_text: str) -> str:
+    return "".join(parse(f"<div>{html_text}</div>").text)
+
+
+def cards(html_text: str) -> dict[str, tuple[list[float], str]]:
+    """Headline card id → (the exact numbers it carries in data-value, its text)."""
+    found = re.findall(
+        r'<div class="card[^"]*" id="fact-(\w+)">(.*?)</div>\n', part(html_text, '<section id="headline">'), re.S
+    )
+    return {key: ([float(v) for v in re.findall(r'data-value="([^"]+)"', body)], text_of(body)) for key, body in found}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     run = synthetic_run(tmp_path_factory.mktemp("report"))
     path = write_report(run)
-    page = Page()
-    page.feed(path.read_text(encoding="utf-8"))
-    page.close()
-    return {"run": run, "path": path, "html": path.read_text(encoding="utf-8"), "page": page}
+    html_text = path.read_text(encoding="utf-8")
+    return {"run": run, "path": path, "html": html_text, "page": parse(html_text)}
 
 
 def test_report_is_balanced_html_with_all_sections(report):
     page = report["page"]
     assert report["path"] == report["run"] / "report.html"
-    assert page.stack == []  # every tag closed, in order
-    assert page.sections == ["summary", "warnings", "plots", "config", "audit", "eval"]
+    assert page.sections == ["headline", "eval", "samples", "plots", "config", "audit", "run"]
     assert report["html"].startswith("<!DOCTYPE html>")
     # Self-contained: no script, no stylesheet or image fetched from anywhere.
     assert "script" not in page.tags and "link" not in page.tags
@@ -349,31 +426,133 @@ def test_every_image_is_an_embedded_png(report):
     from matplotlib.image import imread
 
     images = report["page"].images
-    names = ["loss", "accuracy", "margins", "logps", "kl", "grad_norm", "lr", "throughput"]
+    names = ["by_length", "loss", "accuracy", "margins", "logps", "kl", "grad_norm", "lr", "throughput"]
     assert len(images) == len(names)
-    for src, name in zip(images, names):
-        assert src.startswith("data:image/png;base64,")
-        png = base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True)
+    for img, name in zip(images, names):
+        assert img["src"].startswith("data:image/png;base64,")
+        png = base64.b64decode(img["src"].removeprefix("data:image/png;base64,"), validate=True)
         assert png[:8] == PNG_MAGIC
-        assert imread(io.BytesIO(png), format="png").shape == (350, 600, 4)  # 6 × 3.5 in at 100 dpi, RGBA
+        shape = (300, 660, 4) if name == "by_length" else (350, 600, 4)  # inches × 100 dpi, RGBA
+        assert imread(io.BytesIO(png), format="png").shape == shape
+        assert (int(img["height"]), int(img["width"])) == shape[:2]  # the page reserves the PNG's own size
         assert len(png) > 10_000  # lines, labels and legend, not a blank canvas
-        assert (report["run"] / "plots" / f"{name}.png").read_bytes() == png
+        if name != "by_length":
+            assert (report["run"] / "plots" / f"{name}.png").read_bytes() == png
 
 
-def test_report_shows_warnings_config_audit_eval(report):
-    text = "".join(report["page"].text)
-    assert "step 30: chosen log-probs have fallen for 30 steps (−14.5 nats)" in text
-    assert "step 45: logps/rejected is nan" in text
-    assert "reward accuracy is" not in text and "stayed at ln 2" not in text
-    assert "60 (steps 1–60 of 60)" in text  # steps logged
-    assert "1 min 0 s" in text  # 60 steps of 1 s
-    assert "Latest evaluation (step 60)" in text
+def test_headline_numbers_are_the_files_numbers(report):
+    found = cards(report["html"])
+    assert list(found) == ["accuracy", "reward", "kl", "win_rate", "training"]
+    pairs, gen = EVAL_JSON["pairs"], EVAL_JSON["generation"]
+    values, text = found["accuracy"]
+    assert (
+        values == [pairs["rewards/accuracies"]] and "75.0%" in text and "30 wins, 2 ties, 8 losses of 40 pairs" in text
+    )
+    # Welch: SE = √(0.03² + 0.04²) = 0.05; 0.3 ± 1.96 × 0.05 → [0.202, 0.398]; SE 0.05 → 3 decimals.
+    values, text = found["reward"]
+    assert values[:2] == [gen["reward"]["reference"], gen["reward"]["policy"]]
+    assert values[2:] == pytest.approx([0.3, 0.3 - Z95 * 0.05, 0.3 + Z95 * 0.05])
+    assert "0.200 → 0.500" in text and "change +0.300 (95% CI +0.202 … +0.398)" in text
+    assert "100 held-out prompts by pkg:score" in text
+    values, text = found["kl"]
+    assert (
+        values == [gen["kl"], gen["kl_se"]] and "3.00 nats" in text and "± 0.20 SE, per response, 100 samples" in text
+    )
+    values, text = found["win_rate"]
+    win = gen["win_rate"]
+    assert values == [win["win_rate"], win["ci_low"], win["ci_high"]]
+    assert "70.0%" in text and "95% CI 60.0% … 78.0% (Wilson)" in text and "higher on 65 of 100 prompts" in text
+    records = [json.loads(line) for line in (report["run"] / "metrics.jsonl").read_text().splitlines()]
+    end_loss = sum(r["loss"] for r in records[-10:]) / 10
+    end_accuracy = sum(r["rewards/accuracies"] for r in records[-10:]) / 10
+    values, text = found["training"]
+    assert values == pytest.approx([records[0]["loss"], end_loss, end_accuracy])
+    assert f"{records[0]['loss']:.3f} → {end_loss:.3f}" in text and "60 of 60 steps in 1 min 0 s, finished" not in text
+    assert "not finished (no final/)" in text  # the synthetic run has no final/ folder
+
+
+def test_headline_comes_first_with_the_warnings(report):
+    html_text = report["html"]
+    headline = part(html_text, '<section id="headline">')
+    assert html_text.index("<section", html_text.index("</header>")) == html_text.index('<section id="headline">')
+    assert "step 30: chosen log-probs have fallen for 30 steps (−14.5 nats)" in text_of(headline)
+    assert "step 45: logps/rejected is nan" in text_of(headline)
+
+
+def test_headline_without_eval_json_reads_the_last_evaluation(report, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(report["run"], run)
+    (run / "eval.json").unlink()
+    found = cards(write_report(run).read_text(encoding="utf-8"))
+    assert found["accuracy"][0] == pytest.approx([0.5 + 0.004 * 60])  # eval/rewards/accuracies at step 60
+    assert "metrics.jsonl, evaluation at step 60" in found["accuracy"][1]
+    assert found["kl"][0] == pytest.approx([3.0, 0.2])  # eval/kl and eval/kl_se at step 60
+    assert (
+        found["reward"][0] == [] and "Not measured: train with --eval-prompts and --eval-reward" in found["reward"][1]
+    )
+    assert found["win_rate"][0] == []
+
+
+def test_headline_takes_the_reward_interval_eval_json_gives(report, tmp_path):
+    # `preftune demo` writes its own interval of the reward change into eval.json: the headline shows that one.
+    run = tmp_path / "run"
+    shutil.copytree(report["run"], run)
+    given = {"difference": 0.3, "se": 0.06, "ci_low": 0.18, "ci_high": 0.42, "interval": "Welch 95% (unpaired)"}
+    (run / "eval.json").write_text(json.dumps({**EVAL_JSON, "reward_difference": given}))
+    values, text = cards(write_report(run).read_text(encoding="utf-8"))["reward"]
+    assert values == [0.2, 0.5, 0.3, 0.18, 0.42] and "change +0.300 (95% CI +0.180 … +0.420)" in text
+
+
+def test_non_default_options_come_first(report):
+    config = part(report["html"], '<section id="config">')
+    shown, folded = config.split("<details>")
+    rows = re.findall(r"<tr><td>(.*?)</td><td[^>]*>(.*?)</td><td>(.*?)</td></tr>", shown)
+    assert rows == [
+        ("model", "./sft &lt;b&gt;model&lt;/b&gt;", "required, no default"),
+        ("max_steps", "60", "null"),
+        ("lr_scheduler", "cosine", "linear"),
+        ("mystery_option", "3", "not an option of this preftune version"),
+        ("data", "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;.jsonl", "required, no default"),
+    ]
+    assert "4 options at their default" in folded
+    assert re.findall(r"<tr><td>(.*?)</td>", folded) == ["loss", "beta", "loss_weights", "learning_rate"]
+
+
+def test_defaults_read_without_torch_match_train_config(report):
+    import dataclasses
+
+    from preftune.config import TrainConfig
+
+    expected = {f.name: Default(f.default, bool(f.metadata.get("required"))) for f in dataclasses.fields(TrainConfig)}
+    assert train_defaults() == expected
+    # `preftune report` never imports torch: not for the defaults, not for the page.
+    code = (
+        "import sys; from preftune.report import train_defaults, write_report; "
+        f"assert train_defaults(); write_report({str(report['run'])!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_report_shows_evaluation_samples_audit(report):
+    html_text, text = report["html"], "".join(report["page"].text)
+    ev = text_of(part(html_text, '<section id="eval">'))
+    assert "Policy runs/x/final against reference ./sft (eval.json)." in ev
+    assert "accuracy75.0%30 wins, 2 ties, 8 losses" in ev and "margin0.250 ± 0.050" in ev
+    assert "≤ 101290.0%–0.40 ± 0.10" in ev  # by length: tokens, pairs, accuracy, ties (none given), margin ± SE
+    assert "KL(policy ‖ reference): 3.00 ± 0.20 nats per response (± SE)" in ev
+    assert "Win rate of the policy over the reference: 70.0%, 95% CI 60.0% … 78.0% (65 wins, 10 ties, 25 losses)" in ev
+    assert "length (tokens)14.20 ± 0.4011.90 ± 0.50ratio 1.19" in ev
+    assert "pairs/by_length/buckets/0/rewards/accuracies" in ev  # every value, folded
+    samples = part(html_text, '<section id="samples">')
+    assert "2 of 2 samples (eval.json: samples)" in text_of(samples)
+    assert (
+        '<td class="better"><pre>fine &amp; &lt;b&gt;dandy&lt;/b&gt;</pre><span class="reward">reward 0.900' in samples
+    )
+    assert '[{"role": "user", "content": "hi"}]' in text and "judge: tie" in text  # chat prompt as JSON, extra field
+    assert "60 (steps 1–60 of 60)" in text and "1 min 0 s" in text  # run details
     assert "Logged but not plotted: custom/metric." in text
-    assert "./sft <b>model</b>" in text  # config values, as text
     assert "data.jsonl line 4, line 9" in text and "lengths/chosen/mean" in text  # audit finding and measures
-    assert "pairs/buckets/0/accuracy" in text and "generation/kl_se" in text  # eval results, flattened
-    assert "2 of 2 samples (generation/samples)" in text
-    assert '[{"role": "user", "content": "hi"}]' in text  # a chat prompt shown as its JSON
 
 
 def test_user_text_is_escaped(report):
@@ -384,28 +563,63 @@ def test_user_text_is_escaped(report):
     assert "fine &amp; &lt;b&gt;dandy&lt;/b&gt;" in html_text
 
 
-def test_headless_browser_renders(report, tmp_path):
-    browser = next(
-        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "firefox") if shutil.which(b)), None
-    )
-    if browser is None:
-        pytest.skip("no headless browser (chromium, chromium-browser, google-chrome, firefox) on PATH")
-    shot = tmp_path / "shot.png"
-    url = report["path"].resolve().as_uri()
-    if Path(browser).name == "firefox":
-        command = [browser, "--headless", "--screenshot", str(shot), "--window-size=1280,2000", url]
-    else:
-        command = [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--screenshot={shot}",
-            "--window-size=1280,2000",
-            url,
-        ]
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
-    assert shot.read_bytes()[:8] == PNG_MAGIC and shot.stat().st_size > 10_000
+# ---------------------------------------------------------------------------------------------------- comparison
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """Two runs of a β sweep with another loss: b has a different β and loss, no KL and a shorter eval.json."""
+    root = tmp_path_factory.mktemp("compare")
+    a = synthetic_run(root, "a")
+    b = synthetic_run(root, "b", CONFIG_YAML.replace("beta: 0.1", "beta: 0.5").replace("loss: sigmoid", "loss: ipo"))
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    records = [{k: v * 0.5 if k == "loss" else v for k, v in r.items() if not k.startswith("eval/kl")} for r in records]
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (b / "eval.json").write_text(json.dumps({**EVAL_JSON, "generation": {}, "samples": []}))
+    out = root / "compare.html"
+    assert main(["report", str(a), str(b), "--output", str(out)]) == 0
+    html_text = out.read_text(encoding="utf-8")
+    return {"a": a, "b": b, "out": out, "html": html_text, "page": parse(html_text)}
+
+
+def colours(png: bytes) -> set[str]:
+    """Which of the first two matplotlib colours (C0 blue, C1 orange) the figure draws solid lines in."""
+    from matplotlib.image import imread
+
+    pixels = imread(io.BytesIO(png), format="png")[..., :3]
+    wanted = {"C0": (0.122, 0.467, 0.706), "C1": (1.0, 0.498, 0.055)}
+    return {name: ((abs(pixels - rgb).sum(axis=2) < 0.03).sum()) for name, rgb in wanted.items()}
+
+
+def test_comparison_page_has_a_column_and_a_curve_per_run(compared):
+    html_text, page = compared["html"], compared["page"]
+    assert page.sections == ["runs", "compare-eval", "compare-warnings", "compare-plots", "compare-config"]
+    assert "script" not in page.tags and "http://" not in html_text and "https://" not in html_text
+    # Labelled by name and the options that differ (output folders aside), in the order of config.yaml.
+    assert "a (loss=sigmoid, beta=0.1) · b (loss=ipo, beta=0.5)" in "".join(page.text)
+    results = part(html_text, '<section id="compare-eval">')
+    assert "<tr><th></th><th>a</th><th>b</th></tr>" in results
+    rows = re.findall(r"<tr>(.*?)</tr>", results, re.S)[1:]
+    assert rows and all(row.count("<td>") == 3 for row in rows)  # the measure, then one column per run
+    assert "75.0%" in rows[0] and rows[0].count("75.0%") == 2  # held-out accuracy of both
+    kl_row = next(row for row in rows if "KL to the reference" in row)
+    assert "3.00" in kl_row and kl_row.endswith('<td><span class="missing">–</span></td>')  # b has no KL
+    figures = {img["alt"]: base64.b64decode(img["src"].split(",", 1)[1]) for img in page.images}
+    assert "Training loss" in figures and "KL(policy ‖ reference) on samples" in figures
+    both, only_a = colours(figures["Training loss"]), colours(figures["KL(policy ‖ reference) on samples"])
+    assert both["C0"] > 200 and both["C1"] > 200  # a line per run
+    assert only_a["C0"] > 50 and only_a["C1"] == 0  # b logged no KL: no line of its colour
+    options = part(html_text, '<section id="compare-config">')
+    assert re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", options.split("<details>")[0]) == [
+        ("loss", "sigmoid", "ipo"),
+        ("beta", "0.1", "0.5"),
+    ]
+    assert not (compared["a"] / "report.html").exists() and not (compared["b"] / "plots").exists()
+
+
+def test_run_names_tell_runs_apart(tmp_path):
+    assert run_names([tmp_path / "x" / "dpo", tmp_path / "y" / "dpo"]) == ["x/dpo", "y/dpo"]
+    assert run_names([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------------- errors and CLI
@@ -451,7 +665,31 @@ def test_cli_report_rewrites_and_removes_stale_plots(report, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     html_text = (run / "report.html").read_text(encoding="utf-8")
     assert not (run / "plots" / "kl.png").exists() and (run / "plots" / "loss.png").exists()
-    assert html_text.count("data:image/png;base64,") == 7
+    assert html_text.count("data:image/png;base64,") == 8  # 7 training groups and the length chart
     assert "Not drawn (no values in metrics.jsonl): kl." in html_text
     assert main(["report", str(tmp_path / "absent")]) == 2
     assert capsys.readouterr().err.strip() == f"preftune: error: {tmp_path / 'absent'}: no such folder"
+
+
+def test_cli_report_output_and_comparison_errors(report, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(report["run"], run, ignore=shutil.ignore_patterns("report.html", "plots"))
+    # One run with --output: the page goes there, nothing into the run folder.
+    assert main(["report", str(run), "--output", str(tmp_path / "page.html")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "page.html")
+    assert "preftune report: run" in (tmp_path / "page.html").read_text(encoding="utf-8")
+    assert not (run / "report.html").exists() and not (run / "plots").exists()
+    for args, error in [
+        ([str(run), str(run)], "comparing 2 runs writes one page: give --output FILE (e.g. compare.html)"),
+        ([str(run), str(run), "--output", str(tmp_path / "c.html")], f"{run}: given twice"),
+        (
+            [str(run), "--output", str(tmp_path)],
+            f"--output {tmp_path}: is a folder; give a file name such as compare.html",
+        ),
+        (
+            [str(run), "--output", str(tmp_path / "no" / "c.html")],
+            f"--output {tmp_path / 'no' / 'c.html'}: no folder {tmp_path / 'no'} to write into",
+        ),
+    ]:
+        assert main(["report", *args]) == 2
+        assert capsys.readouterr().err.strip() == f"preftune: error: {error}"

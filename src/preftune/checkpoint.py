@@ -17,6 +17,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from preftune import lora
 from preftune.files import fsync, fsync_tree, give_default_modes
+from preftune.modelcard import CARD, model_card_text
 from preftune.rundir import CHECKPOINTS, FINAL, FINAL_MERGED, complete_checkpoints
 
 
@@ -137,7 +138,8 @@ def _load_trainable(model, file: Path) -> None:
 
 def save_final(run_dir: Path, policy, tokenizer, cfg, state: dict | None = None) -> Path:
     """final/: the model, or with LoRA the adapter (PeftModel.from_pretrained loads it onto its base); with
-    --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer in both.
+    --merge also final-merged/, the base with the adapter merged in (a plain model folder). Tokenizer and model card
+    (README.md, see modelcard.py) in both.
     `state`: the whole model's state dict, gathered from --fsdp's shards."""
     final = run_dir / FINAL
     adapter = lora.enabled(cfg)
@@ -148,6 +150,9 @@ def save_final(run_dir: Path, policy, tokenizer, cfg, state: dict | None = None)
         else:
             policy.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(tmp)
+        # Last: peft's save_pretrained writes a template README.md of its own. In `fill`, so that final/ appears
+        # complete; metrics.jsonl, audit.json, eval.json and launch.json are written by then.
+        (tmp / CARD).write_text(model_card_text(run_dir, adapter), encoding="utf-8")
 
     write_atomically(final, fill)
     if adapter and cfg.merge:  # after final/: merging changes the policy in place
@@ -155,6 +160,7 @@ def save_final(run_dir: Path, policy, tokenizer, cfg, state: dict | None = None)
         def fill_merged(tmp: Path) -> None:
             lora.merge(policy, cfg).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            (tmp / CARD).write_text(model_card_text(run_dir, False, merged=True), encoding="utf-8")
 
         write_atomically(run_dir / FINAL_MERGED, fill_merged)
     return final

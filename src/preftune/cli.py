@@ -19,16 +19,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args: dict) -> None:
-    from preftune.config import resolve
-    from preftune.train import train
+    from preftune.api import train
 
-    cfg, _ = resolve(args)
-    train(cfg)
+    train(args)
 
 
 def _precompute(args: dict) -> None:
     from preftune.config import resolve
-    from preftune.train import precompute
+    from preftune.recipe import precompute
 
     cfg, _ = resolve({"output": "-", **args})  # nothing is written but the cache
     precompute(cfg)
@@ -47,29 +45,23 @@ def _frontier(args: dict) -> None:
 
 
 def _audit(args: dict) -> None:
-    from preftune.data.audit import audit_pairs, write_json
-    from preftune.data.audit_examples import audit_examples
-    from preftune.data.formats import iter_pairs, parse_columns
-    from preftune.data.unpaired import is_unpaired_source, iter_examples
-    from preftune.loading import load_tokenizer
+    from preftune.api import audit_inputs, audit_of
+    from preftune.data.audit import write_json
+    from preftune.data.show import check_show, show_pairs
 
-    columns = parse_columns(args["columns"])
-
-    def rows(source: str) -> tuple[list, bool]:  # (pairs or unpaired examples, whether unpaired)
-        if is_unpaired_source(source, columns):
-            return list(iter_examples(source, columns)), True
-        return [pair for pair, _ in iter_pairs(source, columns)], False
-
-    data, unpaired = rows(args["data"])
-    held_out = None if args["eval_data"] is None else rows(args["eval_data"])[0]  # only its prompts are compared
-    tokenizer = None
-    for flag in ("model", "tokenizer"):
-        if args[flag] is not None:
-            tokenizer = load_tokenizer(args[flag], trust_remote_code=args["trust_remote_code"], what=f"--{flag}")
-    audit = audit_examples if unpaired else audit_pairs
-    report = audit(
-        data, held_out, tokenizer=tokenizer, max_length=args["max_length"], max_prompt_length=args["max_prompt_length"]
+    check_show(args["show"], args["model"] is not None or args["tokenizer"] is not None)  # before reading the data
+    inputs = audit_inputs(
+        args["data"],
+        args["eval_data"],
+        model=args["model"],
+        tokenizer=args["tokenizer"],
+        columns=args["columns"],
+        trust_remote_code=args["trust_remote_code"],
     )
+    lengths = {"max_length": args["max_length"], "max_prompt_length": args["max_prompt_length"]}
+    if args["show"] is not None:  # the pairs first: a template or BOS/EOS mistake explains the findings below
+        print("\n".join(show_pairs(inputs.rows, inputs.tokenizer, args["show"], **lengths)))
+    report = audit_of(inputs, **lengths)
     print("\n".join(report.lines()))
     for warning in report.warnings():
         print(f"warning: {warning}")
@@ -78,9 +70,16 @@ def _audit(args: dict) -> None:
 
 
 def _report(args: dict) -> None:
-    from preftune.report import write_report
+    from preftune.report import write_comparison, write_report
 
-    print(write_report(args["run_dir"]))
+    run_dirs, output = args["run_dirs"], args["output"]
+    print(write_report(run_dirs[0], output) if len(run_dirs) == 1 else write_comparison(run_dirs, output))
+
+
+def _push(args: dict) -> None:
+    from preftune.push import push
+
+    print(push(args["run_dir"], args["repo"], private=args["private"], merged=args["merged"]))
 
 
 def _eval(args: dict) -> None:
@@ -178,17 +177,48 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--max-prompt-length", type=int, help="report prompts training would cut to this length")
     audit.add_argument("--columns", help="column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k")
     audit.add_argument("--json", metavar="OUT", help="also write the findings to this JSON file")
+    audit.add_argument(
+        "--show",
+        type=int,
+        metavar="N",
+        help="first print N pairs token by token as the model sees them (special tokens, truncation), flagging "
+        "doubled BOS, missing EOS, a chat template applied twice (needs --model or --tokenizer)",
+    )
     audit.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code shipped with the model")
     report = _command(
         sub,
         "report",
         _report,
-        help="plots and an HTML report of a run folder",
-        description="Draw the run's metrics into RUN_DIR/plots/*.png and write "
-        "RUN_DIR/report.html: summary, warnings, plots, config, audit and eval "
-        "results in one self-contained page.",
+        help="an HTML report of a run folder, or a comparison of several",
+        description="One RUN_DIR: write RUN_DIR/report.html (and RUN_DIR/plots/*.png): the result first "
+        "(held-out accuracy, reward before and after, KL, win rate, warnings), then evaluation, sample "
+        "continuations, training curves, options and data audit, in one self-contained page. Several: one page "
+        "at --output comparing them (curves overlaid, one column per run).",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `preftune train`")
+    report.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder written by `preftune train`; several to compare"
+    )
+    report.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the page here (nothing is written into the run folders); required to compare runs",
+    )
+    publish = _command(
+        sub,
+        "push",
+        _push,
+        help="upload a run's final model and its model card to the Hugging Face hub",
+        description="Upload RUN_DIR/final (or final-merged) with its model card (README.md) to a hub model "
+        "repository, created if missing. Needs a token (`hf auth login` or HF_TOKEN) and the network.",
+    )
+    publish.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `preftune train`")
+    publish.add_argument("--repo", required=True, metavar="OWNER/NAME", help="hub model repository to upload to")
+    publish.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repository private (else the owner's default, usually public)",
+    )
+    publish.add_argument("--merged", action="store_true", help="upload final-merged/ (LoRA with --merge) instead")
     return parser
 
 

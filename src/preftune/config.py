@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from preftune import trackers
 from preftune.data.formats import parse_columns
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
@@ -182,6 +183,11 @@ class TrainConfig:
     )
     eval_max_new_tokens: int = _opt(64, "Longest sampled response of --eval-prompts, in tokens.")
     no_report: bool = _opt(False, "Do not write report.html and plots/ at the end of the run.")
+    report_to: str = _opt(
+        "none",
+        "Experiment trackers that also get the metrics and config, comma-separated: tensorboard, wandb, "
+        "mlflow, trackio (each an extra: pip install 'preftune[NAME]'), or none.",
+    )
     save_every: int = _opt(0, "Checkpoint every N steps (0: no intermediate checkpoints).")
     keep_last: int = _opt(0, "Keep only the newest K checkpoints (0: keep all).")
     skip_nonfinite: bool = _opt(
@@ -378,6 +384,22 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
     _validate_lora(cfg, explicit)
     _validate_ref_update(cfg, explicit)
+    _validate_report_to(cfg)
+
+
+def _validate_report_to(cfg: TrainConfig) -> None:
+    """Names, and that each tracker is installed: a missing one is reported before anything is loaded or written."""
+    chosen = trackers.names(cfg.report_to)
+    if "none" in chosen:
+        raise UserError(f"--report-to none cannot be combined with trackers: {cfg.report_to}")
+    unknown = [n for n in chosen if n not in trackers.TRACKERS]
+    if unknown:
+        raise UserError(
+            f"--report-to: unknown tracker '{unknown[0]}' (choose from {', '.join(trackers.TRACKERS)}, or none)"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"--report-to lists a tracker twice: {cfg.report_to}")
+    trackers.check_installed(chosen)
 
 
 def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:

@@ -3,6 +3,7 @@ per log interval and checked to be finite."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -99,3 +100,9 @@ def progress_fields(record: dict[str, float]) -> dict[str, str]:
         if key in record:
             shown[name] = f"{record[key]:.2f}"
     return shown
+
+
+def append_records(metrics_file, records: list[dict]) -> None:
+    """metrics.jsonl: one JSON line per step, flushed so a kill loses at most the line being written."""
+    metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
+    metrics_file.flush()

@@ -1,13 +1,12 @@
 """What a training run reports besides its loss: the data audit at the start, generation-based evaluation every
 --eval-every steps, plain-language warnings as metrics arrive, and the HTML report at the end.
 
-Kept out of train.py so the recipe stays readable; every piece is the same code as the `audit`, `eval` and
+Kept out of recipe.py so the recipe stays readable; every piece is the same code as the `audit`, `eval` and
 `report` commands, not a second implementation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from preftune import trackers
 from preftune.config import TrainConfig
 from preftune.data.audit import audit_pairs
 from preftune.data.audit_examples import audit_examples
@@ -29,7 +29,7 @@ from preftune.evaluation.evaluate import (
 from preftune.files import write_json
 from preftune.loading import carries_adapter
 from preftune.monitor import TrainingMonitor
-from preftune.rundir import AUDIT, EVAL
+from preftune.rundir import AUDIT, EVAL, METRICS, kept_records
 
 log = logging.getLogger("preftune")
 
@@ -95,6 +95,13 @@ class Watcher:
             sink.finish(summary)
 
 
+def watch(cfg: TrainConfig, total_steps: int, run_dir: Path, on_log: Callable[[int, dict], None] | None = None):
+    """Rank 0's Watcher: the monitor (replaying a resumed run's records), then the trackers of --report-to and the
+    `on_log` callback."""
+    sinks = [*trackers.open_trackers(cfg, run_dir, resumed=cfg.resume), *([Callback(on_log)] if on_log else [])]
+    return Watcher(cfg, total_steps, kept_records(run_dir / METRICS), sinks)
+
+
 class GenerationEval:
     """Sampling, KL to the reference and rewards on --eval-prompts, through `preftune eval`'s own functions.
 
@@ -153,12 +160,6 @@ def check_generation_options(cfg: TrainConfig) -> None:
             "--eval-prompts: sampling the reference of a model that carries a LoRA adapter is not "
             "supported yet; evaluate final/ afterwards with `preftune eval`"
         )
-
-
-def kept_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_report(run_dir: Path) -> None:

@@ -14,15 +14,12 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import yaml
 
 from preftune.errors import UserError
 from preftune.files import write_file_atomically
-
-if TYPE_CHECKING:  # no torch here: `preftune report` reads run folders and starts quickly
-    from preftune.config import TrainConfig
 
 CONFIG = "config.yaml"
 AUDIT = "audit.json"
@@ -68,7 +65,7 @@ def batch_text(batch_size: int, grad_accum: int, processes: int) -> str:
     return f"--batch-size {batch_size} × --grad-accum {grad_accum}{many} = {batch_size * grad_accum * processes}"
 
 
-def prepare_run_dir(cfg: TrainConfig, processes: int = 1) -> Path:
+def prepare_run_dir(cfg: Any, processes: int = 1) -> Path:
     """--output, checked before anything is loaded: a new or empty folder, or with --resume a run of the same
     options and global batch (`processes`: of this launch)."""
     run_dir = Path(cfg.output)
@@ -87,14 +84,14 @@ def prepare_run_dir(cfg: TrainConfig, processes: int = 1) -> Path:
     return run_dir
 
 
-def check_same_config(cfg: TrainConfig, saved_text: str, run_dir: Path, processes: int) -> None:
+def check_same_config(cfg: Any, saved_text: str, run_dir: Path, processes: int) -> None:
     saved = yaml.safe_load(saved_text) or {}
     now = cfg.to_dict()
     # A checkpoint holds the whole model, so the number of processes may change between runs; what must not
     # change is the global batch (it fixes every step's pairs), so --batch-size and --grad-accum may change too.
     per_process = ("batch_size", "grad_accum", "fsdp")  # --fsdp too: its checkpoints hold the whole model
     for key, value in saved.items():
-        if key not in ("resume", *per_process) and now.get(key) != value:
+        if key not in ("resume", "report_to", *per_process) and now.get(key) != value:
             raise UserError(
                 f"--resume: option {key} is {now.get(key)!r} but the run in {run_dir} used {value!r}; "
                 "an exact resume needs the same options"
@@ -123,9 +120,16 @@ def _last_launch(run_dir: Path, saved_config: dict) -> dict:
     return {"processes": 1, "batch_size": saved_config["batch_size"], "grad_accum": saved_config["grad_accum"]}
 
 
-def write_launch(cfg: TrainConfig, run_dir: Path, processes: int) -> None:
+def write_launch(cfg: Any, run_dir: Path, processes: int) -> None:
     launch = {"processes": processes, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
     write_file_atomically(run_dir / LAUNCH, json.dumps(launch) + "\n")  # --resume reads it
+
+
+def kept_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (none when it does not exist yet): a resumed run's history."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -5,7 +5,7 @@ miniature, offline, in minutes on a CPU.
     2 sft      tokenizer + tiny Llama trained from scratch on the corpus (the SFT model)   sft/
     3 pairs    two SFT samples per prompt, labelled by the ground-truth sentiment reward
                with Bradley–Terry noise                                                  pairs/{train,heldout,prompts}.jsonl
-    4 dpo      `preftune.train.train` on the pairs, the SFT model as policy and reference  dpo/ (final/ = the DPO model)
+    4 dpo      `preftune.recipe.train` on the pairs, the SFT model as policy and reference  dpo/ (final/ = the DPO model)
 
 Stages 5–6 (eval, report) are in module `command` (`preftune demo`); module `frontier` reuses stages 1–3 and
 `run_dpo` for a β sweep. Everything is seeded: the same sizes give the same files (up to float rounding across
@@ -210,7 +210,7 @@ def run_dpo(
     """DPO through preftune's normal training path, exactly as `preftune train` runs it, into out/name. Every β
     shares out/ref-cache: the reference log-probs do not depend on β, so runs after the first reuse them."""
     from preftune.config import resolve
-    from preftune.train import train
+    from preftune.recipe import train
 
     start = _clock()
     run = out / name

@@ -6,7 +6,6 @@ token) count of the whole step, so the summed gradients equal those of one big b
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from preftune.losses import OPTIONS, TIE_RTOL, combined_loss, example_metrics, k
 from preftune.metrics import (
     StepMetrics,
     add_sums,
+    append_records,
     per_pair,
     progress_fields,
     step_counts,
@@ -397,10 +397,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict], None] | None = None) -
     main = distributed.world().is_main  # only rank 0 writes files and shows progress
     log.info("training %s", describe(s))
     has_eval = bool(s.eval_pairs) or s.generation is not None
-    sinks = [observe.Callback(on_log)] if on_log and main else []
-    watcher = observe.Watcher(
-        cfg, s.total_steps, observe.kept_records(s.run_dir / rundir.METRICS) if main else [], sinks
-    )
+    watcher = observe.watch(cfg, s.total_steps, s.run_dir, on_log) if main else None  # rank 0 reports
     if s.audit is not None:  # None with --stream
         distributed.on_main(observe.write_audit, s.audit, s.run_dir)
     pending: list[StepMetrics] = []
@@ -459,12 +456,6 @@ def describe(s: Setup) -> str:
         f"{s.total_steps} steps of {global_batch(s.cfg)} {unit} ({len(s.train_pairs)} {unit}, {s.steps_per_epoch} "
         f"steps per epoch) on {s.device}{many}"
     )
-
-
-def append_records(metrics_file, records: list[dict]) -> None:
-    """metrics.jsonl: one JSON line per step, flushed so a kill loses at most the line being written."""
-    metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
-    metrics_file.flush()
 
 
 def _drifted_reference(s: Setup, step: int | None) -> torch.nn.Module | None:
