@@ -245,6 +245,7 @@ def test_to_dict_keys(files):
         "length_only_accuracy",
         "lengths",
         "encoding",
+        "features",  # what the preferences reward: tests/test_audit_features.py
     ]
     assert report.to_dict()["identical_pairs"] == {"count": 2, "share": 0.125, "examples": lines(files[0], 6, 7)}
     assert report.to_dict()["eval_leakage"] is None

@@ -9,12 +9,13 @@ calls. Mistakes raise `UserError` (one line, as the CLI prints it), never `Syste
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from preftune.config import FIELDS, TrainConfig, resolve
+from preftune.errors import UserError
 from preftune.evaluation.evaluate import EvalOptions, run_eval
 
 
@@ -87,11 +88,23 @@ def audit_inputs(
     return AuditInputs(found, held_out, unpaired, loaded)
 
 
-def audit_of(inputs: AuditInputs, max_length: int | None = None, max_prompt_length: int | None = None):
-    """The audit report of what `audit_inputs` read."""
+def audit_of(
+    inputs: AuditInputs,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    *,
+    features: Sequence[str] = (),
+    refusal_detector: str | None = None,
+    categories: Mapping[str, str] | None = None,
+):
+    """The audit report of what `audit_inputs` read. features (module:function specs), refusal_detector and
+    categories (`data.features.read_categories`) shape the table of what the preferences reward: pairs only."""
     from preftune.data.audit import audit_pairs
     from preftune.data.audit_examples import audit_examples
 
+    if inputs.unpaired and (features or refusal_detector is not None):
+        raise UserError("--feature and --refusal-detector compare chosen with rejected: they need pairs, not examples")
+    shaping = {"features": features, "refusal_detector": refusal_detector, "categories": categories}
     check = audit_examples if inputs.unpaired else audit_pairs
     return check(
         inputs.rows,
@@ -99,6 +112,7 @@ def audit_of(inputs: AuditInputs, max_length: int | None = None, max_prompt_leng
         tokenizer=inputs.tokenizer,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        **({} if inputs.unpaired else shaping),
     )
 
 
@@ -112,10 +126,16 @@ def audit(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     trust_remote_code: bool = False,
+    features: Sequence[str] = (),
+    refusal_detector: str | None = None,
 ):
     """`preftune audit`: the data checks of `data` (pairs, or unpaired examples), and its leakage into `eval_data`;
-    with a `model` or `tokenizer`, truncation too. Returns the report: `.warnings()`, `.lines()`, `.to_dict()`."""
+    with a `model` or `tokenizer`, truncation too; `features` (module:function specs) and `refusal_detector` as
+    `--feature` and `--refusal-detector`. Returns the report: `.warnings()`, `.lines()`, `.to_dict()`."""
+    from preftune.data.features import read_categories
+
     inputs = audit_inputs(
         data, eval_data, model=model, tokenizer=tokenizer, columns=columns, trust_remote_code=trust_remote_code
     )
-    return audit_of(inputs, max_length, max_prompt_length)
+    shaping = {"features": features, "refusal_detector": refusal_detector}
+    return audit_of(inputs, max_length, max_prompt_length, **shaping, categories=read_categories(data, columns))

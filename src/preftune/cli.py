@@ -46,10 +46,13 @@ def _frontier(args: dict) -> None:
 
 def _audit(args: dict) -> None:
     from preftune.api import audit_inputs, audit_of
+    from preftune.ches import audit_displacement, check_displacement
     from preftune.data.audit import write_json
+    from preftune.data.features import read_categories
     from preftune.data.show import check_show, show_pairs
 
     check_show(args["show"], args["model"] is not None or args["tokenizer"] is not None)  # before reading the data
+    check_displacement(args["displacement"], args["model"], args["top"])
     inputs = audit_inputs(
         args["data"],
         args["eval_data"],
@@ -61,12 +64,22 @@ def _audit(args: dict) -> None:
     lengths = {"max_length": args["max_length"], "max_prompt_length": args["max_prompt_length"]}
     if args["show"] is not None:  # the pairs first: a template or BOS/EOS mistake explains the findings below
         print("\n".join(show_pairs(inputs.rows, inputs.tokenizer, args["show"], **lengths)))
-    report = audit_of(inputs, **lengths)
+    report = audit_of(
+        inputs,
+        **lengths,
+        features=args["feature"] or (),
+        refusal_detector=args["refusal_detector"],
+        categories=read_categories(args["data"], args["columns"]),
+    )
     print("\n".join(report.lines()))
     for warning in report.warnings():
         print(f"warning: {warning}")
     if args["json"] is not None:
         write_json(report, args["json"])
+    if args["displacement"]:  # last: it runs the model over every pair
+        trust = args["trust_remote_code"]
+        lines, _ = audit_displacement(inputs, args["model"], top=args["top"], trust_remote_code=trust, **lengths)
+        print("\n".join(lines))
 
 
 def _report(args: dict) -> None:
@@ -178,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--columns", help="column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k")
     audit.add_argument("--json", metavar="OUT", help="also write the findings to this JSON file")
     audit.add_argument(
+        "--feature",
+        action="append",
+        metavar="MODULE:FUNCTION",
+        help="a feature for the table of what the preferences reward: function(response text) → number; repeatable",
+    )
+    audit.add_argument(
+        "--refusal-detector",
+        metavar="MODULE:FUNCTION",
+        help="function(response text) → True for a refusal, instead of the default detector of refusal openings "
+        "(as in preftune eval)",
+    )
+    audit.add_argument(
         "--show",
         type=int,
         metavar="N",
@@ -185,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
         "doubled BOS, missing EOS, a chat template applied twice (needs --model or --tokenizer)",
     )
     audit.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code shipped with the model")
+    audit.add_argument(
+        "--displacement",
+        action="store_true",
+        help="score each pair's likelihood-displacement risk (CHES, Razin et al. 2025) with --model as the "
+        "reference, one forward pass per batch, and rank the riskiest pairs (needs --model)",
+    )
+    audit.add_argument(
+        "--top", type=int, metavar="K", help="with --displacement: list the K riskiest pairs (default 10)"
+    )
     report = _command(
         sub,
         "report",

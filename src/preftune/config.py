@@ -40,6 +40,11 @@ class TrainConfig:
     tokenizer: str | None = _opt(None, "Tokenizer folder. Default: the one saved with --model.")
     columns: str | None = _opt(None, "Column mapping, e.g. prompt=question,chosen=response_j,rejected=response_k.")
     on_identical: str = _opt("skip", "Pairs whose chosen equals rejected: skip (counted) or error.", ("skip", "error"))
+    drop_displacement: float | None = _opt(
+        None,
+        "Drop the top P% of --data's pairs by likelihood-displacement risk (the reference's length-normalised CHES, "
+        "computed in the reference cache pass; counted and logged). See `preftune audit --displacement`.",
+    )
     stream: bool = _opt(
         False,
         "Data larger than memory: read --data (and --eval-data) a row at a time into token ids "
@@ -383,6 +388,7 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
     if "on_overlength" in explicit and cfg.max_length is None and cfg.max_prompt_length is None:
         raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
     _validate_lora(cfg, explicit)
+    _validate_drop_displacement(cfg)
     _validate_ref_update(cfg, explicit)
     _validate_report_to(cfg)
 
@@ -400,6 +406,24 @@ def _validate_report_to(cfg: TrainConfig) -> None:
     if len(set(chosen)) != len(chosen):
         raise UserError(f"--report-to lists a tracker twice: {cfg.report_to}")
     trackers.check_installed(chosen)
+
+
+def _validate_drop_displacement(cfg: TrainConfig) -> None:
+    """CHES comes from the pass that fills the reference cache, over single pairs of the policy as loaded."""
+    if cfg.drop_displacement is None:
+        return
+    if not 0 < cfg.drop_displacement < 100:
+        raise UserError(f"--drop-displacement must be a percentage in (0, 100), got {cfg.drop_displacement}")
+    refused = [
+        (not cfg.needs_reference, f"--loss {cfg.loss}, which uses no reference"),
+        (cfg.no_ref_cache or cfg.ref_update, "a live reference (--no-ref-cache, --ref-update): no cache pass"),
+        (cfg.ref_model, "--ref-model (CHES is the starting policy's)"),
+        (cfg.unpaired or cfg.grouped, f"--loss {cfg.loss}, which does not train single pairs"),
+        (cfg.stream, "--stream (the pairs are not held in memory)"),
+    ]
+    for given, what in refused:
+        if given:
+            raise UserError(f"--drop-displacement: not supported with {what}")
 
 
 def _validate_ref_update(cfg: TrainConfig, explicit: set[str]) -> None:

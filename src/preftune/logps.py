@@ -86,6 +86,12 @@ def padded_logps(model: torch.nn.Module, batch: PaddedBatch, ld_alpha: float | N
 def _padded(model: torch.nn.Module, batch: PaddedBatch, wpo: bool, ld_alpha: float | None) -> tuple[Tensor, ...]:
     """`padded_logps`, plus the chosen and rejected WPO log-weights ([B] each) when `wpo`."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return padded_from_logits(logits, batch, wpo, ld_alpha)
+
+
+def padded_from_logits(logits: Tensor, batch: PaddedBatch, wpo: bool, ld_alpha: float | None) -> tuple[Tensor, ...]:
+    """`_padded` from the logits [2B, T, V] of the batch's rows: a caller that also needs the hidden states of the
+    same forward (`preftune.ches`) runs the model once."""
     weights = None
     if ld_alpha is not None:
         position = batch.response_mask.cumsum(-1)  # 1, 2, ... along each response; its length at the end
@@ -224,13 +230,27 @@ def packed_run(
     model: torch.nn.Module, batch: PackedBatch, chunk: int | None, wpo: bool, ld_alpha: float | None
 ) -> tuple[Tensor, ...]:
     """`_packed` on a model whose weights are all present here."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    return packed_from_hidden(model, batch, packed_hidden(model, batch), chunk, wpo, ld_alpha)
+
+
+def packed_hidden(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
+    """[N, H] the decoder's last hidden states (after its final norm: what the LM head multiplies) at the N
+    positions that predict response tokens, in `batch.target_pos` order. One decoder pass over the packed rows."""
+    decoder = model.get_decoder()
     sdpa = model.config._attn_implementation == "sdpa"
     mask = batch.attention_mask(None if sdpa else next(model.parameters()).dtype)
     hidden = decoder(
         input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+
+
+def packed_from_hidden(
+    model: torch.nn.Module, batch: PackedBatch, picked: Tensor, chunk: int | None, wpo: bool, ld_alpha: float | None
+) -> tuple[Tensor, ...]:
+    """`packed_run` from `packed_hidden`'s states: the LM head and the sums per sequence. Apart, so that a caller
+    that also needs the hidden states (`preftune.ches`) runs the decoder once."""
+    head = model.get_output_embeddings()
     per_token = token_logps(picked, head, batch.target_ids, chunk)
     sequences = 2 * batch.num_pairs
     weighted = per_token if ld_alpha is None else per_token * _packed_ld_weights(batch, ld_alpha)

@@ -43,7 +43,7 @@ from preftune.metrics import (
     without_empty_means,
 )
 from preftune.reference import Reference
-from preftune.refsetup import build_references
+from preftune.refsetup import build_references, drop_displaced
 
 log = logging.getLogger("preftune")
 Pairs = list[TokenizedPair] | TokenStore  # a TokenStore (token ids on disk) with --stream
@@ -121,6 +121,9 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     )
     if cfg.needs_reference:
         attach_reference(s)
+    if cfg.drop_displacement is not None:
+        s.train_pairs, s.reference = drop_displaced(cfg, s.train_pairs, s.reference)
+        check_one_step(cfg, len(s.train_pairs))
     if cfg.eval_prompts:
         live = getattr(s.reference, "model", None)  # a frozen copy to sample from, when there is one
         s.generation = observe.GenerationEval(cfg, tokenizer, device, live)

@@ -141,20 +141,41 @@ def sorted_order(pairs: list[TokenizedPair]) -> list[int]:
 
 
 @torch.no_grad()
-def _fill(array: np.ndarray, model, pairs, order, *, batch_size, logps_fn, collate_fn, device, dtype, progress):
-    """Write the [N, 2] rows of `array` batch by batch, at their dataset positions."""
+def _fill(
+    array: np.ndarray,
+    model,
+    pairs,
+    order,
+    *,
+    batch_size,
+    logps_fn,
+    collate_fn,
+    device,
+    dtype,
+    progress,
+    ches_array: np.ndarray | None = None,
+):
+    """Write the [N, 2] rows of `array` (and of `ches_array`, when given) batch by batch, at their dataset
+    positions."""
     with tqdm(total=len(pairs), desc="reference", unit="pair", disable=not progress) as bar, autocast(device, dtype):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = collate_fn([pairs[i] for i in chunk], chunk).to(device)
-            chosen, rejected = logps_fn(model, batch)[:2]
-            rows = torch.stack([chosen, rejected], dim=1).float().cpu().numpy()  # [B, 2]
-            bad = ~np.isfinite(rows).all(axis=1)
-            if bad.any():
-                where = pairs[chunk[int(bad.argmax())]].where
-                raise ValueError(f"{where}: the reference model gives a non-finite log-prob {rows[bad][0].tolist()}")
-            array[chunk] = rows
+            result = logps_fn(model, batch)
+            array[chunk] = _finite_rows(result[0], result[1], pairs, chunk, "log-prob")
+            if ches_array is not None:
+                ches_array[chunk] = _finite_rows(result.ches, result.ches_norm, pairs, chunk, "CHES score")
             bar.update(len(chunk))
+
+
+def _finite_rows(first: Tensor, second: Tensor, pairs, chunk: list[int], what: str) -> np.ndarray:
+    """[B, 2] float32 rows of two [B] columns; ValueError naming the first pair with a non-finite value."""
+    rows = torch.stack([first, second], dim=1).float().cpu().numpy()
+    bad = ~np.isfinite(rows).all(axis=1)
+    if bad.any():
+        where = pairs[chunk[int(bad.argmax())]].where
+        raise ValueError(f"{where}: the reference model gives a non-finite {what} {rows[bad][0].tolist()}")
+    return rows
 
 
 def compute(
@@ -168,6 +189,7 @@ def compute(
     dtype: str,
     out: Path,
     progress: bool = True,
+    ches_out: Path | None = None,
 ) -> RefLogps:
     """One no-grad, eval-mode pass of `model` over `pairs` → RefLogps at `out`, row i = pairs[i].
 
@@ -175,38 +197,54 @@ def compute(
     `preftune.logps.padded_logps`; collate_fn(pairs, indices) → a batch with `.to(device)`. Rows go straight to
     a memory-mapped temporary file (N need not fit in memory), which is flushed, fsynced and renamed to `out`:
     an interrupted pass leaves no file at `out`.
+
+    With `ches_out`, the same batches of the same pass also give each pair's likelihood-displacement scores:
+    logps_fn must then return fields `ches` and `ches_norm` too ([B] each; `preftune.ches.logps_and_ches` does,
+    from the one forward that gives the log-probs), written as an [N, 2] float32 .npy at `ches_out` (column 0
+    CHES, 1 length-normalised CHES; `RefLogps(ches_out)` reads and checks it). It is renamed into place before
+    `out`, so a log-probs file written with `ches_out` always has its CHES file; `out` is byte for byte the
+    file written without `ches_out`.
     """
     if not pairs:
         raise ValueError("no pairs to compute reference log-probs for")
-    out = Path(out)
-    device = torch.device(device)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # per process: two ranks never write one file
+    targets = [Path(out)] + ([Path(ches_out)] if ches_out is not None else [])
+    # per process: two ranks never write one file
+    tmps = [target.with_name(f"{target.name}.{os.getpid()}.tmp") for target in targets]
     was_training = model.training
     model.eval()
     try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pairs), 2))
+        arrays = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float32, shape=(len(pairs), 2)) for t in tmps]
         _fill(
-            array,
+            arrays[0],
             model,
             pairs,
             sorted_order(pairs),
             batch_size=batch_size,
             logps_fn=logps_fn,
             collate_fn=collate_fn,
-            device=device,
+            device=torch.device(device),
             dtype=dtype,
             progress=progress,
+            ches_array=arrays[1] if ches_out is not None else None,
         )
-        array.flush()
-        del array
-        fsync(tmp)
-        os.replace(tmp, out)
-        if os.name == "posix":
-            fsync(out.parent)  # make the rename itself durable
+        for array in arrays:
+            array.flush()
+        del arrays, array
+        for tmp, target in reversed(list(zip(tmps, targets))):  # the CHES file first (see above)
+            _publish(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         model.train(was_training)
-    return RefLogps(out, len(pairs))
+    return RefLogps(targets[0], len(pairs))
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """fsync the complete file `tmp` and rename it to `target`, durably."""
+    fsync(tmp)
+    os.replace(tmp, target)
+    if os.name == "posix":
+        fsync(target.parent)  # make the rename itself durable
 
 
 def load_or_compute(

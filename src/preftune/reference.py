@@ -83,8 +83,9 @@ class PolicyReference:
 class CachedReference:
     """Reference log-probs read from the on-disk cache by dataset position (see `refcache`)."""
 
-    def __init__(self, logps: RefLogps):
+    def __init__(self, logps: RefLogps, ches: RefLogps | None = None):
         self.cached = logps
+        self.ches = ches  # the pairs' CHES rows, when --drop-displacement asked the cache pass for them
 
     def logps(
         self, batch: PackedBatch | PaddedBatch, ld_alpha: float | None = None

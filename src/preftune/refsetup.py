@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from preftune import distributed, lora, refcache
+from preftune.ches import logps_and_ches
 from preftune.config import TrainConfig
 from preftune.data.batching import collate
 from preftune.data.tokenize import TokenizedPair
@@ -58,12 +61,12 @@ def build_references(
     digest = lora.reference_digest(model, cfg) if adapter else refcache.weights_digest(model)
     cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else refcache.default_cache_dir()
 
-    def cached(pairs, what: str) -> CachedReference:
+    def cached(pairs, what: str, ches: bool = False) -> CachedReference:
         collate_fn = lambda ps, idx: collate(layout, ps, idx, pad_id, cfg.pack_tokens or None)  # noqa: E731
-        return CachedReference(_cached_logps(cfg, model, digest, pairs, cache_dir, what, collate_fn, device))
+        return CachedReference(*_cached_logps(cfg, model, digest, pairs, cache_dir, what, collate_fn, device, ches))
 
     with lora.cache_context(model, cfg) if adapter else nullcontext():
-        reference = cached(train_pairs, "--data")
+        reference = cached(train_pairs, "--data", ches=cfg.drop_displacement is not None)
         eval_reference = cached(eval_pairs, "--eval-data") if eval_pairs else None
     return reference, eval_reference, layout  # a --ref-model is freed here: only its log-probs are kept
 
@@ -77,7 +80,10 @@ def _cached_logps(
     what: str,
     collate_fn,
     device: torch.device,
-) -> RefLogps:
+    ches: bool = False,
+) -> tuple[RefLogps, RefLogps | None]:
+    """The reference log-probs of `pairs` from the cache, computed when missing; with `ches`, the pairs' CHES rows
+    too (refcache's `ches_out`: the same pass), kept beside them as <key>.ches.npy."""
     # Options outside the weights that change log-probs (rope scaling, soft-capping...) live in the config.
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     extra = {"config": config}
@@ -88,12 +94,15 @@ def _cached_logps(
     # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
     batch_size = cfg.batch_size * (4 if device.type == "cuda" else 1)
 
+    ches_path = cache_dir / f"{key}.ches.npy" if ches else None
+
     def compute(some: list[TokenizedPair], out: Path, progress: bool = True):
         return refcache.compute(
             model,
             some,
             batch_size=batch_size,
-            logps_fn=lambda m, batch: compute_logps(m, batch, ld_alpha=cfg.ld_alpha),
+            logps_fn=lambda m, batch: (logps_and_ches if ches else compute_logps)(m, batch, ld_alpha=cfg.ld_alpha),
+            ches_out=ches_path,
             collate_fn=collate_fn,
             device=device,
             dtype=cfg.dtype,
@@ -106,7 +115,11 @@ def _cached_logps(
     except OSError as e:
         raise UserError(f"--ref-cache {cache_dir}: cannot create the folder ({e.strerror})") from None
     start = time.perf_counter()
-    if distributed.world().size == 1:
+    if ches and distributed.world().size > 1:
+        raise UserError("--drop-displacement: not supported with several processes yet (run it in one)")
+    if ches and not _valid(ches_path, len(pairs)):  # the log-probs alone may be cached: compute both, once
+        logps, hit = compute(pairs, cache_dir / f"{key}.npy"), False
+    elif distributed.world().size == 1:
         logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
     else:
         logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute)
@@ -116,4 +129,32 @@ def _cached_logps(
         "reused" if hit else f"computed in {time.perf_counter() - start:.1f} s,",
         logps.path,
     )
-    return logps
+    return logps, (RefLogps(ches_path, len(pairs)) if ches else None)
+
+
+def _valid(path: Path, num_pairs: int) -> bool:
+    try:
+        RefLogps(path, num_pairs)
+        return True
+    except ValueError:
+        return False
+
+
+def drop_displaced(cfg: TrainConfig, pairs: list[TokenizedPair], reference: CachedReference):
+    """--drop-displacement P: the pairs without the top P% by length-normalised CHES (Razin et al. 2025, see
+    `ches`), and the reference log-probs of the pairs kept, at their new positions. Logged with the count, the
+    threshold and the riskiest pair: nothing is dropped silently."""
+    scores = np.asarray(reference.ches.array[:, 1])
+    dropped = np.argsort(-scores, kind="stable")[: math.floor(cfg.drop_displacement / 100 * len(pairs))]
+    kept = np.setdiff1d(np.arange(len(pairs)), dropped)
+    log.info(
+        "--drop-displacement %g: dropped %d of %d pairs, CHES_norm ≥ %.4g (the riskiest: %s)",
+        cfg.drop_displacement,
+        len(dropped),
+        len(pairs),
+        scores[dropped].min() if len(dropped) else float("nan"),
+        pairs[dropped[0]].where if len(dropped) else "none",
+    )
+    logps = copy.copy(reference.cached)
+    logps.array = np.asarray(reference.cached.array[kept])  # batch.index counts positions among the kept pairs
+    return [pairs[i] for i in kept], CachedReference(logps)

@@ -29,6 +29,12 @@ middle value).
 
 e.g. pairs (chosen, rejected) ("aaa", "b"), ("aa", "bb"), ("a", "bbbb") → chosen_longer_share 1/3,
      length_only_accuracy (1 + 0.5) / 3 = 0.5
+
+What the preferences reward (`features`, from `data/features.py`, on the measured pairs): per surface feature
+(length in words, list items, markdown, code blocks, exclamation marks, apologies, refusal, hedging, prompt
+repetition, and `--feature module:function`), the shares of pairs whose chosen has more / less of it, and the
+accuracy of "the response with more of it is chosen" with its Wilson interval; refusal shares (chosen refuses
+while rejected complies, and the reverse), per `label` of the rows when they carry one.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.data.features import PreferenceFeatures, feature_lines, feature_warnings, preference_features
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs, truncate
 from preftune.errors import UserError
@@ -296,11 +304,16 @@ class AuditReport:
     length_only_accuracy: float | None
     lengths: dict[str, Any]  # unit, pairs, excluded, ties, prompt/chosen/rejected distributions
     encoding: dict[str, Finding]
+    features: PreferenceFeatures | None = None  # None: an audit.json of an older version, rebuilt by the model card
+
+    def __post_init__(self) -> None:
+        if isinstance(self.features, dict):  # rebuilt from audit.json
+            self.features = PreferenceFeatures.from_dict(self.features)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, value in self.__dict__.items():
-            if isinstance(value, Finding):
+            if isinstance(value, (Finding, PreferenceFeatures)):
                 value = value.to_dict()
             elif name == "encoding":
                 value = {kind: finding.to_dict() for kind, finding in value.items()}
@@ -309,7 +322,7 @@ class AuditReport:
 
     def warnings(self) -> list[str]:
         """Plain-language one-liners for the findings that can mislead training or evaluation."""
-        return finding_warnings(
+        found = finding_warnings(
             "pairs",
             [
                 (self.duplicates, "repeat an earlier pair exactly and count more than once in training"),
@@ -325,11 +338,19 @@ class AuditReport:
                     "a response cut in {f.responses_cut})",
                 ),
             ],
-        ) + length_bias_warning(
+        )
+        length = length_bias_warning(
             self.length_only_accuracy,
             "picking the longer response scores {score:.1%} (chosen is longer in {chosen:.1%} of pairs)",
             chosen=self.chosen_longer_share,
         )
+        return found + length + (feature_warnings(self.features, skip=self._said(length)) if self.features else [])
+
+    def _said(self, length: list[str]) -> list[str]:
+        """["length"] when the length-bias line already says what the flagged length in words says (same side)."""
+        rule = self.features.rules.get("length") if self.features else None
+        longer = self.length_only_accuracy is not None and self.length_only_accuracy > 0.5
+        return ["length"] if length and rule and (rule.flagged == "more") == longer else []
 
     def lines(self) -> list[str]:
         """A terminal table: one row per finding, then length bias and length distributions."""
@@ -354,6 +375,8 @@ class AuditReport:
         out.append("encoding" + ("" if problems else ": no problems found"))
         out += [_finding_line(f"  {kind}", finding) for kind, finding in problems.items()]
         out += self._length_lines()
+        if self.features and self.features.pairs:  # nothing to say without a measured pair
+            out += feature_lines(self.features)
         return out
 
     def _length_lines(self) -> list[str]:
@@ -424,10 +447,15 @@ def audit_pairs(
     tokenizer: Any = None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    features: Iterable[str] = (),
+    refusal_detector: str | None = None,
+    categories: Mapping[str, str] | None = None,
 ) -> AuditReport:
     """Check `pairs` (every row, identical ones included: see `formats.iter_pairs`). Pure: reads nothing.
 
     With a tokenizer, lengths are in tokens, and max_length / max_prompt_length give the `truncated` finding.
+    features (`--feature` module:function specs), refusal_detector (`--refusal-detector`) and categories
+    (`features.read_categories`: the rows' labels by `where`) shape the `features` part.
     """
     if tokenizer is None and (max_length is not None or max_prompt_length is not None):
         raise UserError("--max-length and --max-prompt-length count tokens: give --model or --tokenizer too")
@@ -458,6 +486,7 @@ def audit_pairs(
             **distributions,
         },
         encoding=_encoding(pairs, kinds),
+        features=preference_features(measured, features, refusal_detector, categories),
     )
 
 

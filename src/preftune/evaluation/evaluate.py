@@ -34,7 +34,8 @@ from preftune.data.formats import load_pairs, parse_columns
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.device import resolve_device
 from preftune.errors import UserError
-from preftune.evaluation.pairs import pair_eval
+from preftune.evaluation.distance import distance_eval, load_train_prompts
+from preftune.evaluation.pairs import pair_logps, summarize_pairs
 from preftune.evaluation.refusal import Detector, load_detector, refusal_rates
 from preftune.evaluation.rewards import Reward, load_reward
 from preftune.evaluation.sampling import (
@@ -82,6 +83,12 @@ class EvalOptions:
     refusal_detector: str | None = _opt(
         None, "Replace the default refusal detector: module:function (response text → True when it refuses).", "SPEC"
     )
+    train_data: str | None = _opt(
+        None,
+        "The training pairs or prompts (any format `preftune train` reads; only prompts are used): --data and "
+        "--prompts metrics by each prompt's distance from them, near to far.",
+        "FILE",
+    )
     beta: float = _opt(0.1, "β of the implicit rewards β·(log π − log π_ref).")
     max_length: int | None = _opt(1024, "Pairs: longest prompt + response in tokens (longer pairs are cut, counted).")
     max_prompt_length: int | None = _opt(
@@ -125,6 +132,8 @@ class EvalInputs:
     refusal: list[Prompt] | None = None
     refusal_ids: list[list[int]] | None = None
     refusal_info: dict = field(default_factory=dict)
+    train_prompt_ids: list[list[int]] | None = None  # distinct prompts of --train-data
+    train_info: dict = field(default_factory=dict)
     reward: Reward | None = None
     detector: Detector | None = None
     detector_name: str | None = None
@@ -155,6 +164,8 @@ def check_options(options: EvalOptions) -> None:
         raise UserError("--reward scores samples of --prompts; give --prompts too")
     if options.refusal_detector and not options.refusal_prompts:
         raise UserError("--refusal-detector needs --refusal-prompts")
+    if options.train_data and not (options.data or options.prompts):
+        raise UserError("--train-data buckets the pairs of --data and the prompts of --prompts; give one of them")
     if options.length_edges is not None and not options.data:
         raise UserError("--length-edges buckets the pairs of --data; give --data too")
     if options.columns is not None and not options.data:
@@ -221,6 +232,13 @@ def load_inputs(options: EvalOptions, tokenizer) -> EvalInputs:
             "prompts_truncated": cut,
         }
         inputs.detector, inputs.detector_name = load_detector(options.refusal_detector)
+    if options.train_data:
+        inputs.train_prompt_ids, inputs.train_info = load_train_prompts(
+            options.train_data,
+            tokenizer,
+            columns=parse_columns(options.columns),
+            max_prompt_length=options.max_prompt_length,
+        )
     if options.reward:
         inputs.reward = load_reward(
             options.reward,
@@ -252,8 +270,11 @@ def generation_eval(
     *,
     batch_size: int = 8,
     reward: Reward | None = None,
+    per_prompt: dict | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Sample from both models on the prompts → (metrics, up to MAX_SAMPLES sample records).
+    """Sample from both models on the prompts → (metrics, up to MAX_SAMPLES sample records). A `per_prompt` dict
+    is filled with each prompt's numbers ("policy_logps", "reference_logps", "policy_reward", "reference_reward"),
+    which the by-distance buckets summarize.
 
     KL(π‖π_ref) is estimated on the policy's samples, each scored by both models under the sampling distribution
     (temperature and top-p applied: see `sampling.processed_log_softmax`); the reference's samples serve the
@@ -265,10 +286,11 @@ def generation_eval(
     log.info("eval: sampling %d prompts from policy and reference", len(prompt_ids))
     ours = generate(policy, tokenizer, prompt_ids, settings, batch_size)
     theirs = generate(reference, tokenizer, prompt_ids, settings, batch_size)
-    kl = kl_estimate(
-        sampled_logps(policy, ours, settings, pad_id, batch_size),
-        sampled_logps(reference, ours, settings, pad_id, batch_size),
-    )
+    scores = {
+        "policy_logps": sampled_logps(policy, ours, settings, pad_id, batch_size),
+        "reference_logps": sampled_logps(reference, ours, settings, pad_id, batch_size),
+    }
+    kl = kl_estimate(scores["policy_logps"], scores["reference_logps"])
     ours_len, ours_len_se = mean_se(ours.lengths)
     theirs_len, theirs_len_se = mean_se(theirs.lengths)
     metrics: dict[str, Any] = {
@@ -300,6 +322,9 @@ def generation_eval(
         metrics["win_rate"] = {**win_rate(ours_scores, theirs_scores), "interval": "Wilson 95%, ties count half"}
         for record, a, b in zip(records, ours_scores, theirs_scores):
             record.update(policy_reward=a, reference_reward=b)
+        scores.update(policy_reward=ours_scores, reference_reward=theirs_scores)
+    if per_prompt is not None:
+        per_prompt.update(scores)
     return metrics, records[:MAX_SAMPLES]
 
 
@@ -327,16 +352,13 @@ def evaluate_models(inputs: EvalInputs, policy, reference, tokenizer, options: E
     """Every measurement `inputs` asks for → the result dict (what eval.json holds)."""
     settings = options.settings
     result: dict[str, Any] = {"preftune": __version__, "model": options.model, "reference": options.ref}
+    logps, per_prompt = None, {}  # per pair and per prompt, for the by-distance buckets
     if inputs.pairs is not None:
         log.info("eval: pair metrics on %d pairs", len(inputs.pairs))
-        metrics = pair_eval(
-            policy,
-            reference,
-            inputs.pairs,
-            pad_id=pad_id_of(tokenizer),
-            beta=options.beta,
-            batch_size=options.batch_size,
-            length_edges=parse_edges(options.length_edges),
+        logps = pair_logps(policy, reference, inputs.pairs, pad_id=pad_id_of(tokenizer), batch_size=options.batch_size)
+        keys = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "lengths")
+        metrics = summarize_pairs(
+            *(logps[k] for k in keys), beta=options.beta, length_edges=parse_edges(options.length_edges)
         )
         result["pairs"] = {**inputs.pairs_info, **metrics}
     if inputs.prompts is not None:
@@ -349,6 +371,7 @@ def evaluate_models(inputs: EvalInputs, policy, reference, tokenizer, options: E
             settings,
             batch_size=options.batch_size,
             reward=inputs.reward,
+            per_prompt=per_prompt,
         )
         result["generation"] = {**inputs.prompts_info, "settings": dataclasses.asdict(settings), **metrics}
         if options.reward:
@@ -372,7 +395,24 @@ def evaluate_models(inputs: EvalInputs, policy, reference, tokenizer, options: E
             "settings": dataclasses.asdict(settings),
             **rates,
         }
+    if inputs.train_prompt_ids is not None:
+        result["by_distance"] = _by_distance(inputs, reference, tokenizer, options, logps, per_prompt)
     return result
+
+
+def _by_distance(inputs: EvalInputs, reference, tokenizer, options: EvalOptions, logps, per_prompt: dict) -> dict:
+    """--train-data: the pair and sampling numbers just measured, bucketed by distance (distance.py)."""
+    log.info("eval: distances to %d training prompts", len(inputs.train_prompt_ids))
+    buckets = distance_eval(
+        reference,
+        inputs.train_prompt_ids,
+        pad_id=pad_id_of(tokenizer),
+        beta=options.beta,
+        batch_size=options.batch_size,
+        pairs=None if logps is None else ([p.prompt_ids for p in inputs.pairs], logps),
+        samples=None if inputs.prompts is None else (inputs.prompt_ids, per_prompt),
+    )
+    return {**inputs.train_info, **buckets}
 
 
 def flat_metrics(result: dict) -> dict[str, float]:

@@ -19,6 +19,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
@@ -29,17 +30,19 @@ from preftune.logps import compute_logps
 from preftune.losses import tie_band
 
 LENGTH_MEASURE = "chosen + rejected response tokens"
+T = TypeVar("T", int, float)
 ReferenceLogps = Callable[[PaddedBatch], tuple[torch.Tensor, torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------- length buckets
 
 
-def quartile_edges(lengths: Sequence[int]) -> list[int]:
+def quartile_edges(lengths: Sequence[T]) -> list[T]:
     """Bucket edges at the quartiles of `lengths` (nearest rank: the ⌈q·n/4⌉-th smallest, q = 1, 2, 3).
 
     Repeated edges collapse, and edges at or above the longest length go (their last bucket would be empty), so
-    every bucket holds a pair. e.g. [2, 3, 4, 5, 6, 7, 8, 9] → [3, 5, 7]: buckets ≤ 3, 4–5, 6–7, ≥ 8.
+    every bucket holds a pair. e.g. [2, 3, 4, 5, 6, 7, 8, 9] → [3, 5, 7]: buckets ≤ 3, 4–5, 6–7, ≥ 8. Any
+    ordered values work (distance.py buckets float distances with it).
     """
     if not lengths:
         return []
@@ -49,9 +52,17 @@ def quartile_edges(lengths: Sequence[int]) -> list[int]:
     return [e for e in edges if e < ordered[-1]]
 
 
-def bucket_index(length: int, edges: Sequence[int]) -> int:
+def bucket_index(length: T, edges: Sequence[T]) -> int:
     """Bucket k holds lengths in (edges[k−1], edges[k]]; the first has no lower edge, the last no upper one."""
     return bisect_left(edges, length)
+
+
+def bucket_members(values: Sequence[T], edges: Sequence[T]) -> list[list[int]]:
+    """Indices of `values` per bucket of `edges` (see `bucket_index`), len(edges) + 1 lists, some maybe empty."""
+    members: list[list[int]] = [[] for _ in range(len(edges) + 1)]
+    for i, value in enumerate(values):
+        members[bucket_index(value, edges)].append(i)
+    return members
 
 
 def bucket_bounds(edges: Sequence[int]) -> list[tuple[int | None, int | None]]:
@@ -74,7 +85,26 @@ def bucket_label(low: int | None, high: int | None) -> str:
 # ------------------------------------------------------------------------------------------- summaries
 
 
-def _group(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float], bands: Sequence[float]) -> dict:
+def pair_rewards(
+    policy_chosen_logps: Sequence[float],
+    policy_rejected_logps: Sequence[float],
+    ref_chosen_logps: Sequence[float],
+    ref_rejected_logps: Sequence[float],
+    beta: float,
+) -> tuple[list[float], list[float], list[float]]:
+    """(chosen rewards, rejected rewards, tie bands) per pair: one definition of a win and a tie for every
+    grouping of the pairs (by length here, by distance from the training prompts in distance.py)."""
+    chosen = [beta * (p - r) for p, r in zip(policy_chosen_logps, ref_chosen_logps)]
+    rejected = [beta * (p - r) for p, r in zip(policy_rejected_logps, ref_rejected_logps)]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    bands = tie_band(
+        *map(as_tensor, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)), beta
+    ).tolist()
+    return chosen, rejected, bands
+
+
+def group_metrics(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float], bands: Sequence[float]) -> dict:
+    """Accuracy, ties, margin ± SE and mean rewards of a group of pairs (all of them, or one bucket)."""
     n = len(chosen_rewards)
     wins = sum(c - r > band for c, r, band in zip(chosen_rewards, rejected_rewards, bands))
     ties = sum(abs(c - r) <= band for c, r, band in zip(chosen_rewards, rejected_rewards, bands))
@@ -110,23 +140,19 @@ def summarize_pairs(
     → chosen rewards 0.5, −0.5; rejected −0.5, −0.5 → one win, one tie: accuracy 0.5, ties 0.5, margin 0.5;
     bucket ≤ 5 holds the win, bucket ≥ 6 the tie.
     """
-    chosen = [beta * (p - r) for p, r in zip(policy_chosen_logps, ref_chosen_logps)]
-    rejected = [beta * (p - r) for p, r in zip(policy_rejected_logps, ref_rejected_logps)]
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
-    bands = tie_band(
-        *map(as_tensor, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)), beta
-    ).tolist()
+    chosen, rejected, bands = pair_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
     edges = sorted(set(length_edges)) if length_edges is not None else quartile_edges(lengths)
     result = {
         "beta": beta,
-        **_group(chosen, rejected, bands),
+        **group_metrics(chosen, rejected, bands),
         "logps/chosen": mean_se(policy_chosen_logps)[0],
         "logps/rejected": mean_se(policy_rejected_logps)[0],
     }
     buckets = []
-    for k, (low, high) in enumerate(bucket_bounds(edges)):
-        members = [i for i, length in enumerate(lengths) if bucket_index(length, edges) == k]
-        group = _group([chosen[i] for i in members], [rejected[i] for i in members], [bands[i] for i in members])
+    for (low, high), members in zip(bucket_bounds(edges), bucket_members(lengths, edges)):
+        group = group_metrics([chosen[i] for i in members], [rejected[i] for i in members], [bands[i] for i in members])
         buckets.append({"tokens": bucket_label(low, high), "min_tokens": low, "max_tokens": high, **group})
     result["by_length"] = {"measure": LENGTH_MEASURE, "edges": edges, "buckets": buckets}
     return result

@@ -103,10 +103,68 @@ def _refusal_lines(r: dict) -> list[str]:
     ]
 
 
+def _edges(edges: list[float]) -> str:
+    return ", ".join(f"{e:.3g}" for e in edges) or "none"
+
+
+def _distance_pairs_lines(p: dict) -> list[str]:
+    lines = [
+        f"  held-out pairs (edges {_edges(p['edges'])}):",
+        f"    {'distance':<18}{'pairs':>6}{'accuracy':>10}{'95% CI':>18}{'margin ± SE':>18}",
+    ]
+    for b in p["buckets"]:
+        interval = f"[{_num(b['accuracy_ci_low'])}, {_num(b['accuracy_ci_high'])}]"
+        margin = _pm(b["rewards/margins"], b["rewards/margins_se"])
+        lines.append(
+            f"    {b['distance']:<18}{b['pairs']:>6}{_num(b['rewards/accuracies']):>10}{interval:>18}{margin:>18}"
+        )
+    return lines
+
+
+def _distance_generation_lines(g: dict) -> list[str]:
+    rewards = any("reward" in b for b in g["buckets"])
+    head = f"    {'distance':<18}{'prompts':>8}{'KL ± SE':>18}"
+    lines = [
+        f"  generation (edges {_edges(g['edges'])}):",
+        head + (f"{'reward policy':>18}{'reference':>18}{'win rate':>10}" if rewards else ""),
+    ]
+    for b in g["buckets"]:
+        kl = "infinite" if b["kl"] is None and b["kl_infinite"] else _pm(b["kl"], b["kl_se"])
+        row = f"    {b['distance']:<18}{b['prompts']:>8}{kl:>18}"
+        if rewards:
+            r = b["reward"]
+            row += f"{_pm(r['policy'], r['policy_se']):>18}{_pm(r['reference'], r['reference_se']):>18}"
+            row += f"{_num(b['win_rate']['win_rate']):>10}"
+        lines.append(row)
+    return lines
+
+
+def _distance_lines(d: dict) -> list[str]:
+    """Accuracy, margin, KL and rewards per bucket of distance from the training prompts (distance.py)."""
+    cut = f", {d['train_cut']} cut to --max-prompt-length" if d["train_cut"] else ""
+    lines = [
+        f"by distance from the training prompts: {d['train_data']} "
+        f"({d['train_prompts']} prompts, {d['train_distinct']} distinct{cut}); near → far",
+        f"  distance = {d['measure']}",
+    ]
+    if "pairs" in d:
+        lines += _distance_pairs_lines(d["pairs"])
+    if "generation" in d:
+        lines += _distance_generation_lines(d["generation"])
+    return lines
+
+
 def format_table(result: dict) -> str:
-    """Readable sections for the parts present: held-out pairs, generation (+ reward), refusal."""
+    """Readable sections for the parts present: held-out pairs, generation (+ reward), refusal, and the same
+    numbers by distance from the training prompts (--train-data)."""
     lines = [f"preftune eval: model {result['model']}  reference {result['reference']}"]
-    for key, render in (("pairs", _pairs_lines), ("generation", _generation_lines), ("refusal", _refusal_lines)):
+    sections = (
+        ("pairs", _pairs_lines),
+        ("generation", _generation_lines),
+        ("refusal", _refusal_lines),
+        ("by_distance", _distance_lines),
+    )
+    for key, render in sections:
         if key in result:
             lines += [""] + render(result[key])
     return "\n".join(lines)
