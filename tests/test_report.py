@@ -693,3 +693,26 @@ def test_cli_report_output_and_comparison_errors(report, tmp_path, capsys):
     ]:
         assert main(["report", *args]) == 2
         assert capsys.readouterr().err.strip() == f"preftune: error: {error}"
+
+
+def test_audit_features_and_distance_buckets_are_tables_and_a_plot(tmp_path):
+    """audit.json's "features" (what the preferences reward) is a table with the flagged rule first, not a key dump;
+    eval.json's "by_distance" (preftune eval --train-data) is drawn."""
+    from preftune.data.features import preference_features
+    from preftune.data.formats import PreferencePair
+
+    run = synthetic_run(tmp_path)
+    pairs = [PreferencePair("p", "good!" if i < 36 else "good", "fine", f"d.jsonl line {i + 1}") for i in range(40)]
+    audit = json.loads((run / "audit.json").read_text())
+    (run / "audit.json").write_text(json.dumps({**audit, "features": preference_features(pairs).to_dict()}))
+    ev = json.loads((run / "eval.json").read_text())
+    near = {"distance": "≤ 0", "pairs": 4, "rewards/accuracies": 0.75, "accuracy_ci_low": 0.3, "accuracy_ci_high": 0.95}
+    far = {**near, "distance": "> 0.1", "rewards/accuracies": 0.5}
+    ev["by_distance"] = {"pairs": {"edges": [0.0], "buckets": [near, far]}}
+    (run / "eval.json").write_text(json.dumps(ev))
+    html_text = write_report(run).read_text(encoding="utf-8")
+    audit_part = text_of(part(html_text, '<section id="audit">'))
+    assert "What the preferences reward (40 pairs)" in audit_part
+    assert "exclamation" in audit_part and "likely spurious (more wins), e.g. d.jsonl line 1" in audit_part
+    assert "features/rules" not in html_text  # no flattened dump of the table's keys
+    assert "By distance from the training prompts (near → far)" in text_of(part(html_text, '<section id="eval">'))

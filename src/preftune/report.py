@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.errors import UserError
+from preftune.evaluation.distance import plot_by_distance
 from preftune.evaluation.stats import Z95
 from preftune.files import write_file_atomically
 from preftune.monitor import TrainingMonitor
@@ -1066,6 +1067,9 @@ def eval_section(run: Run) -> str:
         body += generation_part(ev["generation"])
     if isinstance(ev.get("refusal"), dict):
         body += refusal_part(ev["refusal"])
+    if isinstance(ev.get("by_distance"), dict):  # preftune eval --train-data
+        body += "<h3>By distance from the training prompts (near → far)</h3>\n"
+        body += image(plot_by_distance(ev), "held-out accuracy and KL by distance from the training prompts")
     found = find_samples(ev)
     skip = found[0] + "/" if found else None
     rows = [(k, v) for k, v in flatten(ev) if not (skip and k.startswith(skip))]
@@ -1156,12 +1160,46 @@ def audit_section(run: Run) -> str:
         for name, f in run.audit.items()
         if isinstance(f, dict) and "count" in f
     ]
-    rest = {name: v for name, v in run.audit.items() if not (isinstance(v, dict) and "count" in v)}
+    rest = {
+        name: v for name, v in run.audit.items() if not (isinstance(v, dict) and "count" in v) and name != "features"
+    }
     body = table(findings, ("finding", "count", "share", "examples")) if findings else ""
+    body += features_table(run.audit.get("features"))
     if rest:
         rows = flatten(rest)
         body += f"<details><summary>Measures of the data ({len(rows)})</summary>\n{table(rows, ('measure', 'value'))}</details>\n"
     return section("audit", "Data audit", body)
+
+
+def features_table(features: dict | None) -> str:
+    """What the preferences reward (data/features.py): per surface feature, how often the chosen response has more
+    of it and how well "more of it wins" predicts the label, flagged rules first; and refusal in the data."""
+    if not features or not features.get("rules"):
+        return ""
+    percent = lambda v: "—" if v is None else pct(v)  # noqa: E731
+    rules = sorted(features["rules"].values(), key=lambda r: r["flagged"] is None)
+    rows = [
+        (
+            r["label"],
+            percent(r["chosen_more_share"]),
+            percent(r["chosen_less_share"]),
+            r["decided"],
+            percent(r["accuracy"]),
+            "—" if r["ci_low"] is None else f"{percent(r['ci_low'])} … {percent(r['ci_high'])}",
+            f"likely spurious ({r['flagged']} wins), e.g. {', '.join(r['examples'][:3])}" if r["flagged"] else "",
+        )
+        for r in rules
+    ]
+    refusal = features["refusal"]
+    return (
+        f"<h3>What the preferences reward ({features['pairs']} pairs)</h3>\n"
+        + table(rows, ("feature", "chosen has more", "chosen has less", "pairs decided", "more wins", "95% CI", ""))
+        + note(
+            f"Refusal in the data ({features['detector']}): the chosen response refuses and the rejected complies in "
+            f"{refusal['chosen_refuses']} pairs ({percent(refusal['chosen_refuses_share'])}), the reverse in "
+            f"{refusal['rejected_refuses']} ({percent(refusal['rejected_refuses_share'])})."
+        )
+    )
 
 
 def run_section(run: Run) -> str:
