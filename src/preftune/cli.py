@@ -32,10 +32,16 @@ def _precompute(args: dict) -> None:
     precompute(cfg)
 
 
+def _reward_model(args: dict) -> None:
+    from preftune.reward_model import resolve, train
+
+    train(resolve(args))
+
+
 def _demo(args: dict) -> None:
     from preftune.demo.command import run_demo
 
-    print(run_demo(args["output"], quick=args["quick"])["summary"])
+    print(run_demo(args["output"], quick=args["quick"], risks=args["risks"])["summary"])
 
 
 def _frontier(args: dict) -> None:
@@ -117,6 +123,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser, folder: str, quick: str
 def build_parser() -> argparse.ArgumentParser:
     from preftune.config import add_arguments
     from preftune.evaluation.command import add_arguments as add_eval_arguments
+    from preftune.reward_model import add_arguments as add_reward_model_arguments
 
     parser = _Parser(prog="preftune", description="Align language models on preference pairs (DPO and family).")
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
@@ -140,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
             "model, data, length and dtype options then reuses (--output is ignored).",
         )
     )
+    add_reward_model_arguments(
+        _command(
+            sub,
+            "reward-model",
+            _reward_model,
+            help="train a reward model on preference pairs",
+            description="Train a Bradley-Terry reward model (the model with a one-logit head) on the preference "
+            "pairs of `preftune train`, with its data formats, audit, checkpoints, --resume, torchrun and report; "
+            "final/ is a reward folder for `preftune eval --reward`.",
+        )
+    )
     demo = _command(
         sub,
         "demo",
@@ -150,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "labelled by a sentiment reward, DPO, evaluation and the run report.",
     )
     _add_demo_arguments(demo, "runs/demo", quick="smaller sizes: about 1 minute on 2 CPU cores instead of 1.5")
+    demo.add_argument(
+        "--risks",
+        action="store_true",
+        help="instead of the normal demo, plant four alignment risks (near-duplicate pairs, a spurious '!' "
+        "preference, chosen refusals, far eval prompts) and show the audit flag them before training and the "
+        "evaluation measure them after: risks.json, risks.html",
+    )
     frontier = _command(
         sub,
         "frontier",

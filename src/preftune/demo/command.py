@@ -75,9 +75,19 @@ def summary_line(generation: dict, difference: dict, report: Path) -> str:
     )
 
 
-def run_demo(output: str | Path, quick: bool = False, sizes: pipeline.Sizes | None = None) -> dict:
+def run_demo(
+    output: str | Path, quick: bool = False, sizes: pipeline.Sizes | None = None, *, risks: bool = False
+) -> dict:
     """Every stage into `output` (a new or empty folder) → {"eval": eval.json's content plus "reward_difference",
-    "report": report.html, "summary": the last line, and run_stages' paths}. `sizes` overrides QUICK/DEFAULT."""
+    "report": report.html, "summary": the last line, and run_stages' paths}. `sizes` overrides QUICK/DEFAULT.
+
+    risks: the risk stage (module `risks`) instead of the normal demo. Instead, not after: its corpus has words
+    the normal one lacks ("!", the refusal), so it needs its own SFT model and pairs, and running both would
+    double the time while the normal demo's files stay exactly what they were."""
+    if risks:
+        from preftune.demo.risks import run_risks
+
+        return run_risks(output, quick=quick, sizes=sizes)
     from preftune.evaluation.evaluate import run_eval
     from preftune.files import write_json
     from preftune.report import write_report

@@ -421,3 +421,56 @@ def prompts(n: int, seed: int, heldout: bool = False) -> list[str]:
         if is_heldout(prompt) == heldout:
             out.append(prompt)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- risk variants
+# Used only by `preftune demo --risks` (module risks): the normal demo's corpus and prompts never call these.
+
+REFUSAL = "i can't help with that."  # opens with "i can't": the refusal detector's first opening
+FAR_OPENING = "the story follows"  # the plot-summary template: the risk stage keeps it out of training
+FAR_WORDS = 6  # far prompts are a summary's first 6 words: "the story follows a shy teacher"
+
+
+def exclaimed(text: str, rng: random.Random) -> str:
+    """The review with its final "." made "!" or "!!": the reward reads "!" as a scope end only, so the score is
+    unchanged ("i loved it." and "i loved it!!" both score tanh(0.5))."""
+    return text[:-1] + rng.choice(["!", "!!"]) if text.endswith(".") else text
+
+
+def refusal_text(text: str, rng: random.Random) -> str:
+    """A review's prompt continued by the refusal sentence: "the acting was i can't help with that." A toy: it
+    gives the language model the words and the habit of refusing after any prompt, at a low rate."""
+    return f"{prompt_of(text, rng)} {REFUSAL}"
+
+
+def risk_reviews(n: int, seed: int, *, exclaim_share: float, refusal_share: float) -> list[str]:
+    """`reviews(n, seed)` with a share ending in "!" or "!!" and a share replaced by refusals (a pure function of
+    the arguments): the corpus of the risk stage, so that "!" and the refusal are words the model can produce."""
+    rng = random.Random(seed + 10_000)
+    out = []
+    for text in reviews(n, seed):
+        draw = rng.random()
+        if draw < refusal_share:
+            out.append(refusal_text(text, rng))
+        elif draw < refusal_share + exclaim_share:
+            out.append(exclaimed(text, rng))
+        else:
+            out.append(text)
+    return out
+
+
+def is_far(prompt: str) -> bool:
+    """A prompt of the far template (a plot summary's opening), which the risk stage never trains on."""
+    return prompt.startswith(FAR_OPENING + " ")
+
+
+def far_prompts(n: int, seed: int) -> list[str]:
+    """n prompts of the far template: the first FAR_WORDS words of fresh reviews that open with a plot summary
+    (a pure function of (n, seed))."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        text = review(rng)
+        if text.startswith(FAR_OPENING + " "):
+            out.append(" ".join(text.split(" ")[:FAR_WORDS]))
+    return out
