@@ -135,7 +135,17 @@ class TrainConfig:
     )
     no_ref_cache: bool = _opt(False, "Run the reference model at every step instead of caching its log-probs.")
     # Precision and device.
-    dtype: str = _opt("float32", "Compute dtype (weights and optimizer state stay float32).", ("float32", "bfloat16"))
+    dtype: str = _opt(
+        "float32",
+        "Compute dtype (weights and optimizer state stay float32 unless --weights-dtype bfloat16).",
+        ("float32", "bfloat16"),
+    )
+    weights_dtype: str = _opt(
+        "float32",
+        "Dtype of the policy's weights, and so of its gradients and AdamW state (bfloat16: half the memory; "
+        "implies --dtype bfloat16; log-sum-exp and loss stay float32).",
+        ("float32", "bfloat16"),
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
     fsdp: bool = _opt(
@@ -387,6 +397,7 @@ def validate(cfg: TrainConfig, explicit: set[str]) -> None:
         raise UserError("--ref-cache and --no-ref-cache contradict each other: give one")
     if "on_overlength" in explicit and cfg.max_length is None and cfg.max_prompt_length is None:
         raise UserError("--on-overlength has no effect without --max-length or --max-prompt-length")
+    _validate_weights_dtype(cfg, explicit)
     _validate_lora(cfg, explicit)
     _validate_drop_displacement(cfg)
     _validate_ref_update(cfg, explicit)
@@ -469,6 +480,19 @@ def _validate_lora(cfg: TrainConfig, explicit: set[str]) -> None:
     if not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     _validate_quantization(cfg)
+
+
+def _validate_weights_dtype(cfg: TrainConfig, explicit: set[str]) -> None:
+    """bfloat16 weights compute in bfloat16 whatever autocast says, so --dtype follows them (a float32 --dtype
+    would be a silent no-op, and the reference cache and tie tolerance would be keyed on the wrong precision)."""
+    if cfg.weights_dtype != "bfloat16":
+        return
+    if cfg.dtype != "bfloat16" and "dtype" in explicit:
+        raise UserError("--weights-dtype bfloat16 computes in bfloat16: --dtype float32 contradicts it (drop it)")
+    cfg.dtype = "bfloat16"
+    given = [n for n in ("load_in_4bit", "load_in_8bit", "fsdp") if getattr(cfg, n)]
+    if given:
+        raise UserError(f"--weights-dtype bfloat16: not supported with {flag(given[0])} yet")
 
 
 def _validate_quantization(cfg: TrainConfig) -> None:

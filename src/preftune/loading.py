@@ -145,8 +145,10 @@ def load_causal_lm(
     bits: int | None = None,
     compute_dtype: str = "float32",
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
-    """A float32 causal LM in eval mode on the CPU. Raises UserError when `path` is not one.
+    """A causal LM in eval mode on the CPU, float32 unless `dtype` says otherwise (--weights-dtype bfloat16: the
+    weights are then stored, trained and saved in it). Raises UserError when `path` is not one.
 
     bits: 4 or 8 loads its linear layers (all but the output layer) quantized by bitsandbytes, straight onto
     `device` (each weight is quantized as it arrives there), computing in `compute_dtype`; the other weights
@@ -167,7 +169,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
             # None: safetensors when the folder has them, pickle only when it has nothing else.
             use_safetensors=None if allow_pickle_weights else True,

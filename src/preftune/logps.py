@@ -351,8 +351,12 @@ def packed_layout_works(model: torch.nn.Module, pairs: list, pad_id: int) -> str
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         model.train(was_training)
+    # Two orders of the same sums: float32 weights agree to ~1e-6 of a log-prob, bfloat16 ones (--weights-dtype) to
+    # ~1e-3 of it (0.012 nats measured on the demo's model); a layout that feeds a token the wrong context is off by
+    # whole nats on these 8-token pieces either way.
+    rtol, atol = (1e-4, 1e-3) if next(model.parameters()).dtype == torch.float32 else (5e-3, 2e-2)
     for a, b in zip(plain, packed):
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-3):
+        if not torch.allclose(a, b, rtol=rtol, atol=atol):
             return f"log-probs differ by up to {(a - b).abs().max().item():.3g}"
     return None
 

@@ -56,7 +56,7 @@ def enabled(cfg: TrainConfig) -> bool:
 
 def load_policy(base: str, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """The policy of a run: the model at `base` (quantized with --load-in-4bit/8bit) with its adapter if any, on
-    `device`. Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any
+    `device`, its weights in --weights-dtype. Wrapped on the CPU, before moving: a fresh LoRA adapter starts from the same seeded weights on any
     device (a quantized base is loaded onto the device directly; peft still draws the adapter's weights on the
     CPU)."""
     model = load_causal_lm(
@@ -66,6 +66,7 @@ def load_policy(base: str, cfg: TrainConfig, device: torch.device) -> torch.nn.M
         bits=bits(cfg),
         compute_dtype=cfg.dtype,
         device=device,
+        dtype=getattr(torch, cfg.weights_dtype),
     )
     return wrap(model, cfg).to(device)
 

@@ -89,6 +89,8 @@ def _cached_logps(
     extra = {"config": config}
     if cfg.ld_alpha is not None:  # LD-DPO's weighted log-probs; absent otherwise, so plain keys stay as they were
         extra["ld_alpha"] = cfg.ld_alpha
+    if cfg.weights_dtype != "float32":  # bf16-rounded weights give other log-probs; float32 keys stay as they were
+        extra["weights_dtype"] = cfg.weights_dtype
     key = refcache.cache_key(weights=digest, pairs=pairs, dtype=cfg.dtype, extra=extra)
 
     # No activations are kept for backward, so a GPU takes bigger batches; a CPU gains nothing from them.
