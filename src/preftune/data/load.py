@@ -37,7 +37,8 @@ def _read(path: str, cfg: TrainConfig) -> tuple[Iterator[PreferencePair], LoadRe
 def _tokens(
     pairs: Iterable[PreferencePair], cfg: TrainConfig, tokenizer
 ) -> tuple[Iterator[TokenizedPair], TruncationReport, KLReport | None]:
-    """Token ids of `pairs`, one at a time (unpaired examples with their KL completions), and the reports."""
+    """Token ids of `pairs`, one at a time (unpaired examples with their KL completions), and the reports. Both
+    paths tokenize through here, so both read and tokenize in batches (tokenize.BATCH_PAIRS pairs a call)."""
     trunc = TruncationReport(unit="examples" if cfg.unpaired else "pairs")
     tokens = iter_tokenized(
         pairs,
@@ -77,9 +78,9 @@ def load_data(path: str, cfg: TrainConfig, tokenizer, flag: str) -> tuple[list[T
 
 
 def stream_data(path: str, cfg: TrainConfig, tokenizer, flag: str, folder: Path) -> TokenStore:
-    """`load_data` for --stream: pairs are read, tokenized and appended to a TokenStore in `folder` one at a time
-    (a .jsonl file line by line, a .parquet file row group by row group), so memory does not grow with the data.
-    The same pairs, ids, order, counts and errors as `load_data`."""
+    """`load_data` for --stream: pairs are read (a .jsonl file line by line, a .parquet file row group by row
+    group), tokenized a batch at a time and appended to a TokenStore in `folder` one at a time, so memory holds one
+    batch, whatever the size of the data. The same pairs, ids, order, counts and errors as `load_data`."""
     pairs, loaded = _read(path, cfg)
     tokens, trunc, kl = _tokens(pairs, cfg, tokenizer)
     store = TokenStore.write(folder, tokens)

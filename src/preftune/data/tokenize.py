@@ -30,18 +30,44 @@ Truncation (`truncate`), with P, C, R the prompt, chosen and rejected lengths:
     chosen keeps its first 8 - 4 = 4 tokens, rejected (2) is untouched.
 `tokenize_pairs(on_overlength="truncate")` applies these rules and counts the cuts; "drop" drops every pair that
 would need a cut and counts it. Nothing is cut or dropped without being counted in `TruncationReport`.
+
+Batches (`batch_size`, default BATCH_PAIRS): one pair at a time costs three tokenizer calls, each with its Python
+overhead, and tokenizes every prompt three times (alone, then inside each full sequence). So `iter_tokenized` reads up
+to `batch_size` pairs (and about BATCH_CHARS characters, so that --stream holds one batch's ids), renders chat
+templates per pair as strings, tokenizes the batch's distinct texts in one call per kind (plain text as
+`tokenizer(text)` does, special tokens added; rendered chats as `apply_chat_template` does, none added), then splits
+each pair as above. A text met twice in a batch (a prompt with several pairs, a row with a list of rejected
+responses) is tokenized once (a prompt is still tokenized inside each full sequence: the common-prefix rule needs
+them as the tokenizer makes them), and a fast tokenizer spreads one call over its Rust threads (TOKENIZERS_PARALLELISM).
+Same ids, reports and errors, in the same order, as one pair at a time (`batch_size=None`), which stays the path for
+what one call on a list could tokenize differently (`_batchable`): tokenizers that are not transformers' fast ones,
+classes that override its encoding methods, BPE dropout. A batch whose tokenizer call raises is redone pair by pair,
+so an error names the same row with the same message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from preftune.data.formats import PreferencePair, common_prefix_length
 from preftune.errors import UserError
 
 ON_OVERLENGTH = ("truncate", "drop")
+BATCH_PAIRS = 512  # pairs per batch of tokenizer calls (see the module docstring)
+BATCH_CHARS = 1_000_000  # and at most this many characters of pair text: a batch's ids stay a few tens of MiB
+# What a tokenizer class must take from transformers unchanged for one call on a list to equal one call per text.
+_ENCODING_METHODS = (
+    "__call__",
+    "_call_one",
+    "encode_plus",
+    "batch_encode_plus",
+    "_encode_plus",
+    "_batch_encode_plus",
+    "_convert_encoding",
+    "apply_chat_template",
+)
 
 
 @dataclass
@@ -88,44 +114,80 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def _refused(where: str, e: Exception) -> UserError:
+    return UserError(f"{where}: the tokenizer's chat template refused this conversation ({e})")
+
+
 def _chat_ids(tokenizer: Any, messages: list, where: str, **kwargs: Any) -> list[int]:
     from jinja2.exceptions import TemplateError
 
     try:
         encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
     except TemplateError as e:  # templates raise on conversations they refuse, e.g. roles not alternating
-        raise UserError(f"{where}: the tokenizer's chat template refused this conversation ({e})") from None
+        raise _refused(where, e) from None
     # transformers 5 returns a BatchEncoding here; take its ids whatever the container.
     return list(encoded["input_ids"])
+
+
+def _chat_text(tokenizer: Any, messages: list, where: str, **kwargs: Any) -> str:
+    """`_chat_ids` before its tokenizer call: the rendered template, refused with the same error."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:
+        raise _refused(where, e) from None
+
+
+def _responses(pair: PreferencePair) -> list:
+    """The responses to tokenize: an unpaired example (data/unpaired.py: rejected is chosen) has one."""
+    return [pair.chosen] if pair.rejected is pair.chosen else [pair.chosen, pair.rejected]
+
+
+def _check_template(pair: PreferencePair, tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{pair.where}: the pair is a conversation (lists of messages) but the tokenizer has no "
+            f"chat template; use a tokenizer with a chat_template, or plain-text data"
+        )
+
+
+def _eos(pair: PreferencePair, tokenizer: Any) -> str:
+    eos = tokenizer.eos_token
+    if not eos:
+        raise UserError(f"{pair.where}: the tokenizer has no eos_token; plain-text responses need one to end them")
+    return eos
+
+
+def _ended(response: str, eos: str) -> str:
+    return response if response.endswith(eos) else response + eos
 
 
 def _full_sequences(pair: PreferencePair, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, prompt+chosen ids, prompt+rejected ids), each tokenized on its own as TRL does. An unpaired
     example (data/unpaired.py: rejected is chosen) is tokenized once."""
-    responses = [pair.chosen] if pair.rejected is pair.chosen else [pair.chosen, pair.rejected]
+    responses = _responses(pair)
     if isinstance(pair.chosen, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                f"{pair.where}: the pair is a conversation (lists of messages) but the tokenizer has no "
-                f"chat template; use a tokenizer with a chat_template, or plain-text data"
-            )
+        _check_template(pair, tokenizer)
         prompt_ids = _chat_ids(tokenizer, pair.prompt, pair.where, add_generation_prompt=True)
         fulls = [_chat_ids(tokenizer, pair.prompt + response, pair.where) for response in responses]
         return prompt_ids, fulls[0], fulls[-1]
-    eos = tokenizer.eos_token
-    if not eos:
-        raise UserError(f"{pair.where}: the tokenizer has no eos_token; plain-text responses need one to end them")
-    fulls = [
-        _text_ids(tokenizer, pair.prompt + (response if response.endswith(eos) else response + eos))
-        for response in responses
-    ]
+    eos = _eos(pair, tokenizer)
+    fulls = [_text_ids(tokenizer, pair.prompt + _ended(response, eos)) for response in responses]
     return _text_ids(tokenizer, pair.prompt), fulls[0], fulls[-1]
 
 
-def _tokenize_pair(pair: PreferencePair, tokenizer: Any) -> tuple[TokenizedPair, bool]:
-    """(tokenized pair, whether the prompt/response boundary moved into the tokenized prompt)."""
-    prompt_ids, full_chosen, full_rejected = _full_sequences(pair, tokenizer)
-    prompt_len = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
+def _shared_prefix(prompt_ids: list[int], full: list[int]) -> int:
+    """`common_prefix_length(prompt_ids, full)`, compared at C speed in the usual case of the whole prompt."""
+    n = len(prompt_ids)
+    return n if full[:n] == prompt_ids else common_prefix_length(prompt_ids, full)
+
+
+def _split(
+    pair: PreferencePair, prompt_ids: list[int], full_chosen: list[int], full_rejected: list[int]
+) -> tuple[TokenizedPair, bool]:
+    """The common-prefix rule → (tokenized pair, whether the prompt/response boundary moved into the prompt)."""
+    prompt_len = min(_shared_prefix(prompt_ids, full_chosen), _shared_prefix(prompt_ids, full_rejected))
     tp = TokenizedPair(
         prompt_ids=prompt_ids[:prompt_len],
         chosen_ids=full_chosen[prompt_len:],
@@ -143,6 +205,11 @@ def _tokenize_pair(pair: PreferencePair, tokenizer: Any) -> tuple[TokenizedPair,
         if not getattr(tp, name):
             raise UserError(f"{pair.where}: {name} is empty after tokenization")
     return tp, prompt_len < len(prompt_ids)
+
+
+def _tokenize_pair(pair: PreferencePair, tokenizer: Any) -> tuple[TokenizedPair, bool]:
+    """(tokenized pair, whether the prompt/response boundary moved into the tokenized prompt)."""
+    return _split(pair, *_full_sequences(pair, tokenizer))
 
 
 def tokenize_pair(pair: PreferencePair, tokenizer: Any) -> TokenizedPair:
@@ -191,6 +258,128 @@ def truncate(
     return result, keep < len(tp.prompt_ids), response_cut
 
 
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def _batchable(tokenizer: Any) -> bool:
+    """Whether one call on a list of texts gives exactly the ids of one call per text. True for transformers' fast
+    tokenizers, whose single text goes through the same Rust `encode_batch` as a list, unless the class overrides an
+    encoding method (e.g. CodeLlama treats a lone string holding its fill token apart) or the BPE model drops merges
+    at random (dropout: no two calls agree). Anything else is tokenized pair by pair."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or not getattr(tokenizer, "is_fast", False):
+        return False
+    cls = type(tokenizer)
+    if any(getattr(cls, name, None) is not getattr(PreTrainedTokenizerFast, name, None) for name in _ENCODING_METHODS):
+        return False
+    return not getattr(tokenizer.backend_tokenizer.model, "dropout", None)
+
+
+def _chars(field: Any) -> int:
+    return len(field) if isinstance(field, str) else len(str(field))
+
+
+def _batches(pairs: Iterable[PreferencePair], size: int) -> Iterator[tuple[list[PreferencePair], Exception | None]]:
+    """Consecutive pairs, `size` at most and about BATCH_CHARS characters, each with None, except that an error
+    raised by reading the next pair comes with the pairs read before it (the last batch): their own errors, if any,
+    come first, as when each pair was tokenized before the next was read."""
+    batch: list[PreferencePair] = []
+    chars = 0
+    source = iter(pairs)
+    while True:
+        try:
+            pair = next(source, None)
+        except Exception as e:
+            yield batch, e
+            return
+        if pair is None:
+            break
+        batch.append(pair)
+        chars += _chars(pair.prompt) + sum(_chars(r) for r in _responses(pair))
+        if len(batch) >= size or chars >= BATCH_CHARS:
+            yield batch, None
+            batch, chars = [], 0
+    if batch:
+        yield batch, None
+
+
+class _Texts(NamedTuple):
+    """What `_full_sequences` tokenizes, as text: the prompt, then prompt + each response."""
+
+    chat: bool  # rendered chat templates (tokenized without adding special tokens)
+    texts: list[str]
+
+
+def _pair_texts(pair: PreferencePair, tokenizer: Any) -> _Texts:
+    """The texts of `pair`, with `_full_sequences`' errors (no template, a refused conversation, no EOS)."""
+    responses = _responses(pair)
+    if isinstance(pair.chosen, list):
+        _check_template(pair, tokenizer)
+        prompt = _chat_text(tokenizer, pair.prompt, pair.where, add_generation_prompt=True)
+        return _Texts(True, [prompt] + [_chat_text(tokenizer, pair.prompt + r, pair.where) for r in responses])
+    eos = _eos(pair, tokenizer)
+    return _Texts(False, [pair.prompt] + [pair.prompt + _ended(response, eos) for response in responses])
+
+
+def _encode(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
+    """One call for many texts, with the arguments of today's one-text calls: `tokenizer(text)` for plain text, and
+    for rendered chats those `apply_chat_template(tokenize=True)` passes (no special tokens added: the template
+    writes them)."""
+    if chat:
+        encoded = tokenizer(
+            texts, padding=False, truncation=False, max_length=None, add_special_tokens=False, return_tensors=None
+        )
+    else:
+        encoded = tokenizer(texts)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _one_batch(batch: list[PreferencePair], tokenizer: Any) -> Iterator[tuple[TokenizedPair, bool]]:
+    """`_tokenize_pair` of each pair of `batch`, in order, each distinct text tokenized once. A pair whose texts
+    could not be made raises its error when its turn comes; a tokenizer call that raises sends the batch pair by
+    pair, where the same error comes from the same pair."""
+    plans: list[_Texts | Exception] = []
+    for pair in batch:
+        try:
+            plans.append(_pair_texts(pair, tokenizer))
+        except Exception as e:
+            plans.append(e)
+    ids: dict[bool, dict[str, list[int]]] = {False: {}, True: {}}  # chat? → text → its ids
+    for plan in plans:
+        if not isinstance(plan, Exception):
+            ids[plan.chat].update(dict.fromkeys(plan.texts, []))
+    try:
+        for chat, table in ids.items():
+            if table:
+                table.update(zip(list(table), _encode(tokenizer, list(table), chat)))
+    except Exception:
+        yield from (_tokenize_pair(pair, tokenizer) for pair in batch)
+        return
+    for pair, plan in zip(batch, plans):
+        if isinstance(plan, Exception):
+            raise plan
+        table = ids[plan.chat]
+        prompt_ids, *fulls = (table[text] for text in plan.texts)
+        yield _split(pair, prompt_ids, fulls[0], fulls[-1])
+
+
+def _pair_ids(
+    pairs: Iterable[PreferencePair], tokenizer: Any, batch_size: int | None
+) -> Iterator[tuple[TokenizedPair, bool]]:
+    """`_tokenize_pair` of each pair, in order: by batches when `_batchable`, else one pair at a time."""
+    if batch_size is None or not _batchable(tokenizer):
+        yield from (_tokenize_pair(pair, tokenizer) for pair in pairs)
+        return
+    for batch, error in _batches(pairs, batch_size):
+        yield from _one_batch(batch, tokenizer)
+        if error is not None:
+            raise error
+
+
+# ---------------------------------------------------------------------------------------------- the pairs
+
+
 def tokenize_pairs(
     pairs: Iterable[PreferencePair],
     tokenizer: Any,
@@ -198,8 +387,10 @@ def tokenize_pairs(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     on_overlength: str = "truncate",
+    batch_size: int | None = BATCH_PAIRS,
 ) -> tuple[list[TokenizedPair], TruncationReport]:
-    """Tokenize every pair, then truncate ("truncate") or drop ("drop") the over-length ones, counting each."""
+    """Tokenize every pair, then truncate ("truncate") or drop ("drop") the over-length ones, counting each.
+    `batch_size`: pairs per batch of tokenizer calls; None, one pair at a time (the same result, slower)."""
     report = TruncationReport()
     out = list(
         iter_tokenized(
@@ -209,6 +400,7 @@ def tokenize_pairs(
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             on_overlength=on_overlength,
+            batch_size=batch_size,
         )
     )
     return out, report
@@ -222,20 +414,27 @@ def iter_tokenized(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     on_overlength: str = "truncate",
+    batch_size: int | None = BATCH_PAIRS,
 ) -> Iterator[TokenizedPair]:
-    """`tokenize_pairs` one pair at a time, counted into `report` as they go (final once exhausted). The options
-    are checked at the call, before any pair is read."""
+    """`tokenize_pairs` one pair at a time, counted into `report` as they go (final once exhausted); pairs are read
+    and tokenized `batch_size` at a time (see the module docstring). The options are checked at the call, before
+    any pair is read."""
     if on_overlength not in ON_OVERLENGTH:
         raise UserError(f"--on-overlength must be one of {', '.join(ON_OVERLENGTH)}, got '{on_overlength}'")
     _check_lengths(max_length, max_prompt_length)
-    return _tokenized(pairs, tokenizer, report, max_length, max_prompt_length, on_overlength)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 or None, got {batch_size}")
+    return _tokenized(_pair_ids(pairs, tokenizer, batch_size), report, max_length, max_prompt_length, on_overlength)
 
 
 def _tokenized(
-    pairs, tokenizer, report: TruncationReport, max_length, max_prompt_length, on_overlength
+    split_pairs: Iterator[tuple[TokenizedPair, bool]],
+    report: TruncationReport,
+    max_length,
+    max_prompt_length,
+    on_overlength,
 ) -> Iterator[TokenizedPair]:
-    for pair in pairs:
-        tp, shifted = _tokenize_pair(pair, tokenizer)
+    for tp, shifted in split_pairs:
         report.boundaries_shifted += shifted
         report.max_prompt_tokens = max(report.max_prompt_tokens, len(tp.prompt_ids))
         report.max_response_tokens = max(report.max_response_tokens, len(tp.chosen_ids), len(tp.rejected_ids))
