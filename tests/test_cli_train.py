@@ -453,3 +453,13 @@ def test_a_diverging_run_stops_with_one_line_and_no_model(toy, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("preftune: error: step ") and "stopping before a broken model is saved" in err
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "precompute", "reward-model", "demo", "frontier", "eval", "audit", "report", "push"]
+)
+def test_every_subcommand_prints_its_help(command, capsys):
+    """argparse formats help texts with %: an option whose help says "P%" once crashed `preftune train --help`."""
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"])
+    assert exit.value.code == 0 and f"usage: preftune {command}" in capsys.readouterr().out

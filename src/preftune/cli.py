@@ -121,13 +121,19 @@ def _add_demo_arguments(parser: argparse.ArgumentParser, folder: str, quick: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from preftune.config import add_arguments
-    from preftune.evaluation.command import add_arguments as add_eval_arguments
-    from preftune.reward_model import add_arguments as add_reward_model_arguments
-
     parser = _Parser(prog="preftune", description="Align language models on preference pairs (DPO and family).")
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_training_commands, _demo_commands, _eval_command, _audit_command, _output_commands):
+        add(sub)
+    return parser
+
+
+def _training_commands(sub) -> None:
+    """train, precompute, reward-model: one flag per option of their configs."""
+    from preftune.config import add_arguments
+    from preftune.reward_model import add_arguments as add_reward_model_arguments
+
     add_arguments(
         _command(
             sub,
@@ -158,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
             "final/ is a reward folder for `preftune eval --reward`.",
         )
     )
+
+
+def _demo_commands(sub) -> None:
     demo = _command(
         sub,
         "demo",
@@ -186,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_demo_arguments(frontier, "runs/frontier", quick="the demo's --quick sizes")
     frontier.add_argument("--betas", default="0.05,0.1,0.3,1", help="comma-separated β values (default 0.05,0.1,0.3,1)")
+
+
+def _eval_command(sub) -> None:
+    from preftune.evaluation.command import add_arguments as add_eval_arguments
+
     add_eval_arguments(
         _command(
             sub,
@@ -197,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
             "refusal rates (--refusal-prompts). Prints a table; --json writes it.",
         )
     )
+
+
+def _audit_command(sub) -> None:
     audit = _command(
         sub,
         "audit",
@@ -244,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--top", type=int, metavar="K", help="with --displacement: list the K riskiest pairs (default 10)"
     )
+
+
+def _output_commands(sub) -> None:
+    """report and push: what is done with a run folder afterwards."""
     report = _command(
         sub,
         "report",
@@ -278,7 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="create the repository private (else the owner's default, usually public)",
     )
     publish.add_argument("--merged", action="store_true", help="upload final-merged/ (LoRA with --merge) instead")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,7 +257,12 @@ def flag(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field. Defaults are suppressed so that we know which flags the user gave."""
     for name, f in FIELDS.items():
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        # argparse formats help with %: a literal one ("the top P%") must be doubled
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": f.metadata["help"].replace("%", "%%"),
+        }
         if f.type in ("bool", bool):
             kwargs["action"] = "store_true"
         else:

@@ -89,7 +89,9 @@ def add_arguments(parser) -> None:
     --center-rewards-coefficient. Defaults are suppressed: `resolve` knows which flags were given."""
     for name in ACCEPTED:
         f = FIELDS[name]
-        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=HELP.get(name, f.metadata["help"]))
+        kwargs: dict[str, Any] = dict(
+            dest=name, default=argparse.SUPPRESS, help=HELP.get(name, f.metadata["help"]).replace("%", "%%")
+        )
         if f.type in ("bool", bool):
             kwargs["action"] = "store_true"
         else:
