@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import LongTensor, Tensor
 
+from preftune.attention import packed_inputs
 from preftune.data.batching import PackedBatch, PaddedBatch
 from preftune.data.tokenize import TokenizedPair
 
@@ -236,13 +237,9 @@ def packed_run(
 def packed_hidden(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
     """[N, H] the decoder's last hidden states (after its final norm: what the LM head multiplies) at the N
     positions that predict response tokens, in `batch.target_pos` order. One decoder pass over the packed rows."""
-    decoder = model.get_decoder()
-    sdpa = model.config._attn_implementation == "sdpa"
-    mask = batch.attention_mask(None if sdpa else next(model.parameters()).dtype)
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
-    ).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+    inputs, target_pos = packed_inputs(model, batch)  # FlexAttention's block mask on CUDA, else SDPA's dense mask
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_pos)
 
 
 def packed_from_hidden(
@@ -251,7 +248,7 @@ def packed_from_hidden(
     """`packed_run` from `packed_hidden`'s states: the LM head and the sums per sequence. Apart, so that a caller
     that also needs the hidden states (`preftune.ches`) runs the decoder once."""
     head = model.get_output_embeddings()
-    per_token = token_logps(picked, head, batch.target_ids, chunk)
+    per_token = _head_logps(picked, head, batch, chunk)
     sequences = 2 * batch.num_pairs
     weighted = per_token if ld_alpha is None else per_token * _packed_ld_weights(batch, ld_alpha)
     logps = torch.zeros(sequences, dtype=torch.float32, device=per_token.device).index_add(
@@ -263,6 +260,16 @@ def packed_from_hidden(
     aligned = _chunked_aligned_logps(picked, head, batch.target_ids, chunk)
     sums = torch.zeros(sequences, dtype=torch.float32, device=aligned.device).index_add(0, batch.target_seq, aligned)
     return (*out, *(sums / batch.lengths.clamp(min=1)).chunk(2))
+
+
+def _head_logps(picked: Tensor, head: torch.nn.Linear, batch: PackedBatch, chunk: int | None) -> Tensor:
+    """[N] log-probs of the batch's targets from their hidden states [N, H]. A k-way segment lists its shared chosen
+    tokens once per pair (`PackedBatch.head_rows`): the head scores each once, and indexing hands the copies the
+    result, so backward sums the k pairs' gradients into the one row, as the separate copies would."""
+    if batch.head_rows is None:
+        return token_logps(picked, head, batch.target_ids, chunk)
+    rows = batch.head_rows
+    return token_logps(picked[rows], head, batch.target_ids[rows], chunk)[batch.head_index]
 
 
 def _packed_ld_weights(batch: PackedBatch, ld_alpha: float) -> Tensor:

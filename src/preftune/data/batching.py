@@ -99,24 +99,37 @@ def collate_padded(
 
 @dataclass
 class PackedBatch:
-    """Prefix-shared, packed layout: each pair is one segment [prompt | chosen | rejected] of a row.
+    """Prefix-shared, packed layout: each pair is one segment [prompt | chosen | rejected] of a row, and the k pairs
+    of a batch that share their prompt and chosen response (the k pairs of a data row whose `rejected` lists k
+    responses) may be one k-way segment [prompt | chosen | rejected_1 … rejected_k] (`collate_packed` says when).
 
-    The prompt is encoded once and both responses attend to it; rejected tokens do not see chosen ones, and
-    their position ids restart at the end of the prompt, so every token sees exactly the context and positions
-    it has in its own plain sequence. Several segments may share a row (block-diagonal between them); rows are
-    right-padded to the longest. Worked example, the pairs of the `collate_padded` example in one row each:
+    The prompt and the chosen response are encoded once per segment; every response attends to the prompt and to
+    itself only, never to another response, and its position ids restart at the end of the prompt, so every token
+    sees exactly the context and positions it has in its own plain sequence. Several segments may share a row
+    (block-diagonal between them); rows are right-padded to the longest. Worked example, the pairs of the
+    `collate_padded` example in one row each:
 
         input_ids     [[1, 2, 3, 4, 5, 6],   [7, 8, 9, 10, 11, 0]]
         position_ids  [[0, 1, 2, 3, 4, 3],   [0, 1, 2, 2, 3, 0]]
         part          [[0, 0, 0, 1, 1, 2],   [0, 0, 1, 2, 2, -1]]     0 prompt, 1 chosen, 2 rejected, -1 pad
         targets: chosen 4 ← hidden at (0, 2), 5 ← (0, 3); rejected 6 ← (0, 2) (the last prompt position);
                  chosen 9 ← (1, 1); rejected 10 ← (1, 1), 11 ← (1, 3)
+
+    The targets list every (sequence, token) of the plain layout, so a k-way segment lists its chosen tokens once
+    per pair, at the same positions: each pair's log-prob sums its own entries, as in a segment of its own. The LM
+    head then runs on `head_rows` only (each shared token once) and `head_index` hands each entry its result, so
+    the k pairs' gradients add up on the one encoded chosen response. Pairs ([1, 2], [3], [4, 5]) and
+    ([1, 2], [3], [6]) as one 2-way segment:
+
+        input_ids [[1, 2, 3, 4, 5, 6]], position_ids [[0, 1, 2, 2, 3, 2]], part [[0, 0, 1, 2, 2, 3]]  (2 + j: rejected j)
+        target_pos [1, 1, 3, 1, 1], target_ids [3, 4, 5, 3, 6], target_seq [0, 2, 2, 1, 3]
+        head_rows [0, 1, 2, 4] (entry 3 repeats entry 0), head_index [0, 1, 2, 0, 3]
     """
 
     input_ids: LongTensor  # [R, L]
     position_ids: LongTensor  # [R, L]
     segment: LongTensor  # [R, L] segment number within its row, -1 on padding
-    part: LongTensor  # [R, L] 0 prompt, 1 chosen, 2 rejected, -1 padding
+    part: LongTensor  # [R, L] 0 prompt, 1 chosen, 2 + j the segment's rejected response j, -1 padding
     target_pos: LongTensor  # [N] flat position (row · L + column) of the hidden state predicting each response token
     target_ids: LongTensor  # [N] the response tokens
     target_seq: LongTensor  # [N] sequence of each token: pair i's chosen is i, its rejected B + i
@@ -126,18 +139,20 @@ class PackedBatch:
     num_tokens: int  # tokens the plain layout would process: both prompts counted (for comparable tokens/s)
     num_chosen_tokens: int
     labels: Tensor | None = None  # [B], as PaddedBatch.labels
+    head_rows: LongTensor | None = None  # [N'] the entries the LM head scores (None: all N, nothing shared)
+    head_index: LongTensor | None = None  # [N] the row of head_rows whose log-prob each entry takes
 
     to = PaddedBatch.to
 
     def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[R, 1, L, L]: True (or 0.0) where query q may attend to key k; bool unless a float `dtype` is given."""
-        q_seg, k_seg = self.segment.unsqueeze(2), self.segment.unsqueeze(1)
-        q_part, k_part = self.part.unsqueeze(2), self.part.unsqueeze(1)
         length = self.segment.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=self.segment.device).tril()
-        allowed = causal & (q_seg == k_seg) & ~((q_part == 2) & (k_part == 1))
+        allowed = causal & visible(
+            self.segment.unsqueeze(2), self.segment.unsqueeze(1), self.part.unsqueeze(2), self.part.unsqueeze(1)
+        )
         # Padding attends to itself only: a fully masked query row would give NaN in the softmax.
-        allowed |= torch.eye(length, dtype=torch.bool, device=self.segment.device) & (q_seg < 0)
+        allowed |= torch.eye(length, dtype=torch.bool, device=self.segment.device) & (self.segment.unsqueeze(2) < 0)
         allowed = allowed.unsqueeze(1)
         if dtype is None:
             return allowed
@@ -146,52 +161,116 @@ class PackedBatch:
         )
 
 
-def _segment(pair: TokenizedPair) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
-    """ids, position ids, parts and (source offset, token, sequence kind) targets of one pair's segment."""
-    p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-    ids = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
-    positions = list(range(p + c)) + list(range(p, p + r))
-    parts = [0] * p + [1] * c + [2] * r
-    targets = [(p - 1 + k, token, 0) for k, token in enumerate(pair.chosen_ids)]
-    targets += [((p - 1) if k == 0 else (p + c + k - 1), token, 1) for k, token in enumerate(pair.rejected_ids)]
+def visible(q_segment: Tensor, k_segment: Tensor, q_part: Tensor, k_part: Tensor) -> Tensor:
+    """Whether a query token may see an earlier key token of its row (elementwise, broadcasting; causality is the
+    caller's): the same segment, and the key in the prompt or in the query's own part, so a response sees its
+    prompt and itself and no other response of the segment. The one rule of every attention path."""
+    return (q_segment == k_segment) & ((k_part == 0) | (q_part == k_part))
+
+
+# A target of a segment: (offset in the segment of the hidden state predicting it, token, sequence number, the
+# segment's earlier target with the same hidden state and token, or None).
+Target = tuple[int, int, int, int | None]
+
+
+def _segment(pairs: list[TokenizedPair], members: list[int]) -> tuple[list[int], list[int], list[int], list[Target]]:
+    """ids, position ids, parts and targets of the segment of `pairs[members]`, which share prompt and chosen ids:
+    [prompt | chosen | rejected of each member]."""
+    first, b = pairs[members[0]], len(pairs)
+    p, c = len(first.prompt_ids), len(first.chosen_ids)
+    ids, positions, parts = first.prompt_ids + first.chosen_ids, list(range(p + c)), [0] * p + [1] * c
+    targets: list[Target] = []
+    for j, i in enumerate(members):
+        # Member 0's chosen targets are the segment's first c: the others' are the same hidden states and tokens.
+        targets += [(p - 1 + t, token, i, None if j == 0 else t) for t, token in enumerate(first.chosen_ids)]
+        rejected, start = pairs[i].rejected_ids, len(ids)
+        targets += [((p - 1) if t == 0 else (start + t - 1), token, b + i, None) for t, token in enumerate(rejected)]
+        ids += rejected
+        positions += range(p, p + len(rejected))
+        parts += [2 + j] * len(rejected)
     return ids, positions, parts, targets
 
 
-def collate_packed(
-    pairs: list[TokenizedPair], indices: list[int], pad_id: int, max_row_tokens: int | None = None
-) -> PackedBatch:
-    """Lay out B pairs as a `PackedBatch`: one segment per pair, segments filled into rows of at most
-    `max_row_tokens` tokens in order (None: one pair per row; a longer pair gets a row of its own)."""
-    if len(pairs) != len(indices):
-        raise ValueError(f"{len(pairs)} pairs but {len(indices)} indices")
-    rows: list[list[int]] = []  # pair numbers in each row
-    used = 0
+def _groups(pairs: list[TokenizedPair]) -> list[list[int]]:
+    """Pair numbers of the pairs with the same prompt and chosen ids, in order of first appearance."""
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for i, pair in enumerate(pairs):
-        _check_pair(pair)
-        size = len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+        groups.setdefault((tuple(pair.prompt_ids), tuple(pair.chosen_ids)), []).append(i)
+    return list(groups.values())
+
+
+def _rows(sizes: list[int], max_row_tokens: int | None) -> list[list[int]]:
+    """Segment numbers of each row: segments of `sizes` tokens filled into rows of at most `max_row_tokens` in
+    order (None: one per row; a longer segment gets a row of its own)."""
+    rows: list[list[int]] = []
+    used = 0
+    for s, size in enumerate(sizes):
         if rows and max_row_tokens and used + size <= max_row_tokens:
-            rows[-1].append(i)
+            rows[-1].append(s)
             used += size
         else:
-            rows.append([i])
+            rows.append([s])
             used = size
-    segments = [_segment(p) for p in pairs]
-    length = max(sum(len(segments[i][0]) for i in row) for row in rows)
+    return rows
+
+
+def _arrange(pairs: list[TokenizedPair], groups: list[list[int]], max_row_tokens: int | None):
+    """(segments, rows, row length) of `groups` laid out one segment per group."""
+    segments = [_segment(pairs, members) for members in groups]
+    rows = _rows([len(seg[0]) for seg in segments], max_row_tokens)
+    return segments, rows, max(sum(len(segments[s][0]) for s in row) for row in rows)
+
+
+def _layout(pairs: list[TokenizedPair], max_row_tokens: int | None, share: bool):
+    """`_arrange` of one segment per pair or, with `share` and when no larger (rows × row length), of the k-way
+    segments of the pairs with the same prompt and chosen ids."""
+    singles = _arrange(pairs, [[i] for i in range(len(pairs))], max_row_tokens)
+    groups = _groups(pairs) if share else []
+    if not groups or len(groups) == len(pairs):
+        return singles
+    shared = _arrange(pairs, groups, max_row_tokens)
+    return shared if len(shared[1]) * shared[2] <= len(singles[1]) * singles[2] else singles
+
+
+def collate_packed(
+    pairs: list[TokenizedPair],
+    indices: list[int],
+    pad_id: int,
+    max_row_tokens: int | None = None,
+    share: bool = True,
+) -> PackedBatch:
+    """Lay out B pairs as a `PackedBatch`: one segment per pair, segments filled into rows of at most
+    `max_row_tokens` tokens in order (None: one segment per row; a longer one gets a row of its own).
+
+    With `share`, the pairs with the same prompt and chosen ids are one k-way segment instead, whenever that
+    leaves the batch no larger (rows × row length): always for whole groups of similar lengths (a grouped loss's
+    micro-batches), not for two pairs of one row among others in a batch of one pair per row, where the longer
+    row would pad every other row more than it saves. Either way the numbers are the same, up to float rounding.
+    """
+    if len(pairs) != len(indices):
+        raise ValueError(f"{len(pairs)} pairs but {len(indices)} indices")
+    for pair in pairs:
+        _check_pair(pair)
+    segments, rows, length = _layout(pairs, max_row_tokens, share)
     ids, pos, seg, part = ([[fill] * length for _ in rows] for fill in (pad_id, 0, -1, -1))
-    target_pos, target_ids, target_seq = [], [], []
+    target_pos, target_ids, target_seq, head_rows, head_index = [], [], [], [], []
     for r, row in enumerate(rows):
         start = 0
-        for s, i in enumerate(row):
-            seg_ids, seg_pos, seg_part, seg_targets = segments[i]
-            end = start + len(seg_ids)
+        for s, number in enumerate(row):
+            seg_ids, seg_pos, seg_part, seg_targets = segments[number]
+            end, first = start + len(seg_ids), len(target_pos)
             ids[r][start:end], pos[r][start:end], part[r][start:end] = seg_ids, seg_pos, seg_part
             seg[r][start:end] = [s] * len(seg_ids)
-            for offset, token, kind in seg_targets:
+            for offset, token, sequence, twin in seg_targets:
+                if twin is None:
+                    head_rows.append(len(target_pos))
+                head_index.append(len(head_rows) - 1 if twin is None else head_index[first + twin])
                 target_pos.append(r * length + start + offset)
                 target_ids.append(token)
-                target_seq.append(i + kind * len(pairs))
+                target_seq.append(sequence)
             start = end
     tensor = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    shared_heads = len(head_rows) < len(target_pos)
     return PackedBatch(
         input_ids=tensor(ids),
         position_ids=tensor(pos),
@@ -206,13 +285,21 @@ def collate_packed(
         num_tokens=sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
         num_chosen_tokens=sum(len(p.chosen_ids) for p in pairs),
         labels=_labels(pairs),
+        head_rows=tensor(head_rows) if shared_heads else None,
+        head_index=tensor(head_index) if shared_heads else None,
     )
 
 
 def collate(
-    layout: str, pairs: list[TokenizedPair], indices: list[int], pad_id: int, pack_tokens: int | None = None
+    layout: str,
+    pairs: list[TokenizedPair],
+    indices: list[int],
+    pad_id: int,
+    pack_tokens: int | None = None,
+    share: bool = True,
 ) -> PackedBatch | PaddedBatch:
-    """`collate_packed` (`pack_tokens` per row at most, None: a row per pair) or `collate_padded`, by `layout`."""
+    """`collate_packed` (`pack_tokens` per row at most, None: a row per segment; `share`: k-way segments) or
+    `collate_padded`, by `layout`."""
     if layout == "packed":
-        return collate_packed(pairs, indices, pad_id, pack_tokens)
+        return collate_packed(pairs, indices, pad_id, pack_tokens, share)
     return collate_padded(pairs, indices, pad_id)

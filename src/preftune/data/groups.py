@@ -7,6 +7,10 @@ Its loss needs each group whole, in one micro-batch of one process, so with a gr
   dropped (--on-overlength drop): a row that lost some is an error, never a smaller group;
 - an epoch shuffles the groups, not the pairs, and keeps the k pairs of a group next to each other
   (`grouped_order`); --batch-size is a multiple of k, and processes share a step in whole groups.
+
+The packed layout then encodes each group's prompt and chosen response once: its k pairs share their prompt and
+chosen ids, so `batching.collate_packed` lays them out as one k-way segment [prompt | chosen | rejected_1 …
+rejected_k] (any pairwise loss gets the same whenever the k pairs of a row land in one micro-batch).
 """
 
 from __future__ import annotations
