@@ -323,6 +323,8 @@ def test_bad_config_files_and_folders(toy, tmp_path, capsys):
         ("beta: 0.2\n", "beta: an option of preftune train's DPO that preftune reward-model does not take"),
         ("lora_r: 4\n", "lora_r: an option of preftune train's DPO"),
         ("learnig_rate: 1\n", "unknown key 'learnig_rate'"),
+        ("center_rewards_coefficient: -1\n", "center_rewards_coefficient must be zero or positive, got -1"),
+        ("center_rewards_coefficient: yes\n", "center_rewards_coefficient must be zero or positive, got True"),
     ]:
         path = tmp_path / f"c{len(cases)}.yaml"
         path.write_text(text)
@@ -355,3 +357,14 @@ def test_two_processes_train_as_one(toy, tmp_path):
     assert_same_run(records(two), records(one))
     assert_same_weights(two, one, tol=ADAM_TOL)
     assert math.isfinite(records(two)[-1]["eval/loss"])
+
+
+def test_center_rewards_coefficient_from_a_config_file_and_the_flag_over_it(toy, tmp_path):
+    from preftune.reward_model import resolve
+
+    path = tmp_path / "rm.yaml"
+    path.write_text("center_rewards_coefficient: 0.01\nlearning_rate: 0.002\n")
+    options = {"model": toy["model"], "data": toy["train"], "output": str(tmp_path / "rm"), "config": str(path)}
+    cfg = resolve(options)
+    assert cfg.center_rewards_coefficient == 0.01 and cfg.learning_rate == 0.002
+    assert resolve({**options, "center_rewards_coefficient": 0.5}).center_rewards_coefficient == 0.5

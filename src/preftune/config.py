@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,14 +255,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field. Defaults are suppressed so that we know which flags the user gave."""
-    for name, f in FIELDS.items():
+def add_arguments(parser, names: Iterable[str] | None = None, helps: dict[str, str] | None = None) -> None:
+    """One flag per config field (or per field of `names`; `helps` replaces some help texts). Defaults are
+    suppressed so that we know which flags the user gave."""
+    for name in FIELDS if names is None else names:
+        f = FIELDS[name]
         # argparse formats help with %: a literal one ("the top P%") must be doubled
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
-            "help": f.metadata["help"].replace("%", "%%"),
+            "help": (helps or {}).get(name, f.metadata["help"]).replace("%", "%%"),
         }
         if f.type in ("bool", bool):
             kwargs["action"] = "store_true"
@@ -283,11 +286,13 @@ def _parser_type(f: dataclasses.Field) -> type:
     return str
 
 
-def resolve(cli_args: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
-    """Merge defaults < YAML < flags; return the config and the names the user set explicitly."""
+def resolve(cli_args: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Merge defaults < YAML < flags; return the config and the names the user set explicitly. `extra`: options
+    of a command beyond TrainConfig's (reward-model's own) that a --config file may hold too: the file's values of
+    its keys are written into it, for the command to check."""
     values: dict[str, Any] = {}
     if cli_args.get("config"):
-        values.update(_read_yaml(cli_args["config"]))
+        values.update(_read_yaml(cli_args["config"], extra))
     values.update(cli_args)
     cfg = TrainConfig(**values)
     validate(cfg, explicit=set(values))
@@ -309,7 +314,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def _read_yaml(path: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -327,6 +332,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    for key in [key for key in data if extra is not None and key in extra]:
+        extra[key] = data.pop(key)
     for key, value in data.items():
         if key not in FIELDS or key == "config":
             raise UserError(f"{path}: unknown key {key!r} (see `preftune train --help` for the options)")

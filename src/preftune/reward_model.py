@@ -34,7 +34,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from preftune import checkpoint, config, distributed, observe, rundir
-from preftune.config import FIELDS, TrainConfig, flag
+from preftune.config import TrainConfig
 from preftune.data.batching import PaddedBatch
 from preftune.device import autocast, resolve_device
 from preftune.errors import UserError
@@ -87,30 +87,25 @@ class RewardModelConfig(TrainConfig):
 def add_arguments(parser) -> None:
     """The flags of `ACCEPTED`, spelled and checked as `preftune train`'s (config.add_arguments), and
     --center-rewards-coefficient. Defaults are suppressed: `resolve` knows which flags were given."""
-    for name in ACCEPTED:
-        f = FIELDS[name]
-        kwargs: dict[str, Any] = dict(
-            dest=name, default=argparse.SUPPRESS, help=HELP.get(name, f.metadata["help"]).replace("%", "%%")
-        )
-        if f.type in ("bool", bool):
-            kwargs["action"] = "store_true"
-        else:
-            kwargs.update(type=config._parser_type(f), metavar=name.upper())
-            if f.metadata["choices"]:
-                kwargs.update(choices=f.metadata["choices"], metavar="{" + ",".join(f.metadata["choices"]) + "}")
-        parser.add_argument(flag(name), **kwargs)
+    config.add_arguments(parser, ACCEPTED, HELP)
     parser.add_argument(
         "--center-rewards-coefficient", type=float, metavar="C", default=argparse.SUPPRESS, help=CENTER_HELP
     )
 
 
 def resolve(args: dict[str, Any]) -> RewardModelConfig:
-    """Flags (and a --config YAML file of `ACCEPTED` keys) → the config, checked as `preftune train` checks its own."""
+    """Flags (and a --config YAML file of `ACCEPTED` keys and center_rewards_coefficient) → the config, checked as
+    `preftune train` checks its own; the flag wins over the file."""
     args = dict(args)
     center = args.pop("center_rewards_coefficient", None)
-    if center is not None and not (math.isfinite(center) and center >= 0):
-        raise UserError(f"--center-rewards-coefficient must be zero or positive, got {center}")
-    cfg, given = config.resolve(args)
+    from_file = {"center_rewards_coefficient": None}
+    cfg, given = config.resolve(args, extra=from_file)
+    where = "--center-rewards-coefficient"
+    if center is None and from_file["center_rewards_coefficient"] is not None:
+        center, where = from_file["center_rewards_coefficient"], f"{args['config']}: center_rewards_coefficient"
+    number = isinstance(center, (int, float)) and not isinstance(center, bool)
+    if center is not None and not (number and math.isfinite(center) and center >= 0):
+        raise UserError(f"{where} must be zero or positive, got {center!r}")
     refused = sorted(given - set(ACCEPTED))  # only a --config file (or the Python API) can name them
     if refused:
         raise UserError(f"{refused[0]}: an option of preftune train's DPO that preftune reward-model does not take")
