@@ -38,6 +38,12 @@ def _reward_model(args: dict) -> None:
     train(resolve(args))
 
 
+def _iterate(args: dict) -> None:
+    from preftune.iterate.command import main as iterate_main
+
+    iterate_main(args)
+
+
 def _demo(args: dict) -> None:
     from preftune.demo.command import run_demo
 
@@ -130,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _training_commands(sub) -> None:
-    """train, precompute, reward-model: one flag per option of their configs."""
+    """train, precompute, reward-model, iterate: one flag per option of their configs."""
     from preftune.config import add_arguments
+    from preftune.iterate.command import add_arguments as add_iterate_arguments
     from preftune.reward_model import add_arguments as add_reward_model_arguments
 
     add_arguments(
@@ -164,6 +171,17 @@ def _training_commands(sub) -> None:
             "final/ is a reward folder for `preftune eval --reward`.",
         )
     )
+    add_iterate_arguments(
+        _command(
+            sub,
+            "iterate",
+            _iterate,
+            help="rounds of on-policy DPO (or RLOO) from a prompt file and a reward",
+            description="Each round samples k responses per prompt from the current policy, scores them with "
+            "--reward, trains on the best-vs-worst (or all) pairs as `preftune train` does, and evaluates the policy "
+            "against the starting model on --eval-prompts; OUTPUT/iterate.json and iterate.png sum the rounds up.",
+        )
+    )
 
 
 def _demo_commands(sub) -> None:
@@ -188,10 +206,12 @@ def _demo_commands(sub) -> None:
         sub,
         "frontier",
         _frontier,
-        help="reward vs KL of DPO at several β and of best-of-N sampling",
-        description="The demo's corpus, SFT model and pairs, one DPO run per β sharing one "
-        "reference cache, best-of-N sampling from the SFT model (N = 2 … 64), "
-        "and the reward-vs-KL frontier in frontier.png and frontier.json.",
+        help="reward vs KL of offline DPO, iterative DPO, RLOO and best-of-N, with their costs",
+        description="The demo's corpus, SFT model and pairs; a reward model learned from the pairs; one DPO "
+        "run per β sharing one reference cache; three rounds each of iterative DPO (labelled by a judge as noisy "
+        "as the pairs, and by the reward model) and of RLOO on the reward model; best-of-N sampling from the SFT "
+        "model (N = 2 … 64). The reward-vs-KL frontier of all of them, with each point's wall time, peak memory "
+        "and samples, in frontier.png and frontier.json.",
     )
     _add_demo_arguments(frontier, "runs/frontier", quick="the demo's --quick sizes")
     frontier.add_argument("--betas", default="0.05,0.1,0.3,1", help="comma-separated β values (default 0.05,0.1,0.3,1)")
