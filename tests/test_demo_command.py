@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
 from preftune.cli import main
-from preftune.demo import command, frontier, pipeline
+from preftune.demo import command, frontier, online, pipeline
 from preftune.errors import UserError
 
 TINY = pipeline.Sizes(
@@ -23,6 +24,7 @@ TINY = pipeline.Sizes(
     dpo_batch=4,
     hidden=32,
     max_new_tokens=10,
+    iterate_prompts=8,
 )
 
 
@@ -111,8 +113,9 @@ def test_frontier_end_to_end_tiny_shares_one_reference_cache(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="preftune")
     points = frontier.run_frontier(tmp_path / "out", betas=[0.1, 0.5, 2.0], sizes=TINY, best_of=(2, 4))
     messages = [r.getMessage() for r in caplog.records]
-    computed = [m for m in messages if "reference log-probs: computed" in m]
-    reused = [m for m in messages if "reference log-probs: reused" in m]
+    offline = [m for m in messages if str(tmp_path / "out" / "ref-cache") in m]  # the on-policy rounds have their own
+    computed = [m for m in offline if "reference log-probs: computed" in m]
+    reused = [m for m in offline if "reference log-probs: reused" in m]
     assert len(computed) == 2 and len(reused) == 4  # --data and --eval-data once, then reused by β = 0.5 and 2
     assert len(list((tmp_path / "out" / "ref-cache").glob("*.npy"))) == 2
     saved = json.loads((tmp_path / "out" / "frontier.json").read_text(encoding="utf-8"))
@@ -125,4 +128,23 @@ def test_frontier_end_to_end_tiny_shares_one_reference_cache(tmp_path, caplog):
         assert json.loads((tmp_path / "out" / f"dpo-beta{p['beta']:g}" / "eval.json").read_text())["generation"]
     assert (tmp_path / "out" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert points["prompts"] == TINY.heldout_prompts
-    assert sum("frontier: DPO β=" in m for m in messages) == 3 and sum("frontier: best-of-" in m for m in messages) == 2
+    assert sum("frontier: offline DPO β=" in m for m in messages) == 3
+    assert sum("frontier: best-of-" in m for m in messages) == 4  # picked by the true reward, by the reward model
+    rm = saved["reward_model"]
+    assert 0 <= rm["accuracy"] <= 1 and 0 <= rm["ceiling"]["accuracy"] <= 1 and rm["agreement"]["pairs"] > 0
+    assert [m["name"] for m in saved["online"]] == list(online.methods("rm"))
+    for method in saved["online"]:
+        rounds = method["rounds"]
+        assert [p["round"] for p in rounds] == [1, 2, 3]
+        assert [p["samples"] for p in rounds] == [8 * 4, 16 * 4, 24 * 4]  # cumulative: 8 prompts × k = 4 a round
+        assert rounds[0]["seconds"] < rounds[2]["seconds"] and all(p["peak_rss_mb"] > 0 for p in rounds)
+        summary = json.loads((Path(method["folder"]) / "iterate.json").read_text())
+        assert [r["reward"] for r in summary["rounds"]] == [p["reward"] for p in rounds]
+        assert summary["rounds"][0]["start_reward"] == rounds[0]["start_reward"]
+    rloo = json.loads((tmp_path / "out" / "rloo-rm" / "iterate-config.json").read_text())
+    assert rloo["reward"] == saved["reward_model"]["folder"] and rloo["eval_reward"] == command.REWARD
+    for p in saved["dpo"]:
+        assert p["cost"]["samples"] == 2 * TINY.train_prompts and p["cost"]["seconds"] > 0
+    by_rm = saved["best_of_n_rm"]
+    assert [p["cost"]["samples"] for p in by_rm] == [2 * TINY.heldout_prompts, 4 * TINY.heldout_prompts]
+    assert by_rm[0]["reward"] <= saved["best_of_n"][0]["reward"]  # the true reward picks the true best

@@ -117,6 +117,23 @@ def test_bradley_terry_labels_follow_the_planted_probabilities():
         preferences.first_preferred([0.0], [0.0], 0.0, rng)
 
 
+def test_the_judge_labels_pairs_as_bradley_terry_does():
+    """judge = r + τ·G(text): the difference of two Gumbel draws is logistic, so the judge prefers the text whose
+    reward is τ·ln 3 higher with probability 0.75, as `first_preferred` does; the noise is fixed by the text."""
+    n, tau = 8000, preferences.TAU
+    noise = [preferences.gumbel(f"review {i}") for i in range(n)]
+    assert abs(statistics.fmean(noise) - 0.5772157) < 4 * 1.2825 / math.sqrt(n)  # Euler's γ; sd π/√6
+    assert abs(sum(g <= 0 for g in noise) / n - math.exp(-1)) < 4 * math.sqrt(0.37 * 0.63 / n)  # P(G ≤ 0) = 1/e
+    gap = tau * math.log(3)
+    wins = [gap + tau * a > tau * b for a, b in zip(noise[: n // 2], noise[n // 2 :])]
+    assert abs(sum(wins) / len(wins) - 0.75) < 4 * math.sqrt(0.75 * 0.25 / len(wins))
+    texts = ["the acting is great.", "the acting is awful.", "the acting is great."]
+    judged = preferences.judge(texts)
+    assert judged[0] == judged[2]  # the same text, the same noise
+    for text, value, truth in zip(texts, judged, sentiment.score(texts)):
+        assert value == pytest.approx(truth + tau * preferences.gumbel(text))
+
+
 def test_preference_rows_count_disagreements_ties_and_skips():
     n, tau = 4000, 0.25
     prompts = ["the plot"] * n

@@ -1,16 +1,24 @@
-"""`preftune frontier`: reward vs KL of DPO at several β and of best-of-N sampling, as in Figure 2 of the DPO paper.
+"""`preftune frontier`: reward vs KL, on held-out prompts, of what a team can do with the demo's preference pairs:
+offline DPO at several β, on-policy rounds (iterative DPO, RLOO on a learned reward model) and best-of-N sampling,
+each point with what it cost. Figure 2 of the DPO paper, with the RL pipeline DPO replaces beside it.
 
     1–3        the demo's corpus, SFT model and pairs (module pipeline)
+    reward     `preftune reward-model` on the pairs: held-out accuracy beside the labels' ceiling, agreement with
+               the true reward on fresh samples (module reward_stage)
     dpo β=…    one DPO run per β through the normal training path, all sharing out/ref-cache: the first run
                computes the reference log-probs, the others log "reference log-probs: reused"
     eval       each DPO model vs the SFT model on the held-out prompts with the eval path's functions
                (`load_inputs` once, `evaluate_models` per β): sampled KL(π‖π_SFT) ± SE and mean reward ± SE
-    best-of-N  64 SFT samples per held-out prompt, scored by the ground-truth reward; for N = 2, 4, … 64 the
-               reward is the mean best of N, and the KL the analytic log N − (N − 1)/N
-    plot       frontier.png (reward vs KL) and frontier.json
+    on-policy  `preftune iterate` for iterative DPO (labelled by a judge as noisy as the pairs' labels, and by the
+               learned reward model) and RLOO (learned reward model), evaluated after every round (module online)
+    best-of-N  64 SFT samples per held-out prompt; for N = 2, 4, … 64 the reward is the mean best of N, picked by
+               the ground truth or by the reward model, and the KL the analytic log N − (N − 1)/N
+    plot       frontier.png (reward vs KL) and frontier.json, one log line per point with its cost
 
 The KL of best-of-N is not measured: log N − (N − 1)/N is the usual analytic value (Stiennon et al. 2020, Beirami et
 al. 2024 show it is an upper bound on the true KL), so best-of-N points may sit somewhat right of where they belong.
+Best-of-N's cost is per held-out prompt at inference, the others' once, in training: the wall time of N samples is
+the measured time of 64 scaled by N/64.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import logging
 import math
 from pathlib import Path
 
-from preftune.demo import pipeline, sentiment, sft
+from preftune.cost import measured
+from preftune.demo import online, pipeline, reward_stage, sentiment, sft
 from preftune.demo.command import REWARD
+from preftune.demo.frontier_plot import plot, point_lines
 from preftune.errors import UserError
 from preftune.evaluation.stats import mean_se
 from preftune.rundir import EVAL, FINAL
@@ -49,27 +59,33 @@ def kl_best_of_n(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(rewards: list[list[float]], n: int) -> tuple[float, float | None]:
+def best_of_n(rewards: list[list[float]], n: int, by: list[list[float]] | None = None) -> tuple[float, float | None]:
     """rewards[i]: k samples' rewards for prompt i (k a multiple of n) → (mean, SE over prompts) of the best of n.
-    Each prompt's k samples form k/n disjoint groups; the prompt's value is the mean of the groups' maxima, which
-    uses every sample (less variance than the first n alone). e.g. [[1, 3, 2, 0]], n = 2 → (3 + 2)/2 = 2.5."""
+    Each prompt's k samples form k/n disjoint groups; the prompt's value is the mean of the groups' best, which
+    uses every sample (less variance than the first n alone). e.g. [[1, 3, 2, 0]], n = 2 → (3 + 2)/2 = 2.5.
+    `by`: the scores that pick the best of a group (a learned reward model's), in place of `rewards` themselves;
+    e.g. by [[0, 1, 5, 0]] → (3 + 2)/2 still, by [[1, 0, 0, 5]] → (1 + 0)/2 = 0.5."""
     per_prompt = []
-    for row in rewards:
+    for i, row in enumerate(rewards):
         if len(row) % n:
             raise ValueError(f"{len(row)} samples per prompt is not a multiple of n = {n}")
-        groups = [max(row[k : k + n]) for k in range(0, len(row), n)]
+        pick = row if by is None else by[i]
+        groups = [row[max(range(k, k + n), key=pick.__getitem__)] for k in range(0, len(row), n)]
         per_prompt.append(math.fsum(groups) / len(groups))
     return mean_se(per_prompt)
 
 
-def sample_rewards(model, tokenizer, prompts: list[str], k: int, sizes: pipeline.Sizes) -> list[list[float]]:
-    """k SFT samples per prompt, each scored by the ground-truth reward → [len(prompts)][k] rewards."""
+def sample_rewards(model, tokenizer, prompts: list[str], k: int, sizes: pipeline.Sizes, reward=None):
+    """k SFT samples per prompt → ([len(prompts)][k] ground-truth rewards, the same shape of `reward`'s scores, or
+    None without a `reward`: a learned reward model that picks the best instead of the ground truth)."""
     repeated = [p for p in prompts for _ in range(k)]
     samples = sft.sample(
         model, tokenizer, repeated, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 4, desc="best-of-N"
     )
-    scores = sentiment.score([p + s.text for p, s in zip(repeated, samples)])
-    return [scores[i * k : (i + 1) * k] for i in range(len(prompts))]
+    texts = [s.text for s in samples]
+    rows = lambda scores: [scores[i * k : (i + 1) * k] for i in range(len(prompts))]  # noqa: E731
+    true = rows(sentiment.score([p + t for p, t in zip(repeated, texts)]))
+    return true, None if reward is None else rows(reward(repeated, texts))
 
 
 def evaluate_runs(runs: dict[float, Path], sft_folder: Path, prompts: Path, sizes: pipeline.Sizes) -> dict:
@@ -98,48 +114,6 @@ def evaluate_runs(runs: dict[float, Path], sft_folder: Path, prompts: Path, size
     return results
 
 
-def plot(points: dict, path: Path) -> Path:
-    """Reward vs KL: DPO points labelled by β, the best-of-N curve labelled by N, the SFT model at KL 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    bon = points["best_of_n"]
-    ax.plot(
-        [p["kl"] for p in bon],
-        [p["reward"] for p in bon],
-        "s--",
-        color="tab:orange",
-        label="best-of-N from SFT (KL: log N − (N−1)/N)",
-    )
-    for p in bon:
-        ax.annotate(f"N={p['n']}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    dpo = [p for p in points["dpo"] if p["kl"] is not None]
-    ax.errorbar(
-        [p["kl"] for p in dpo],
-        [p["reward"] for p in dpo],
-        xerr=[p["kl_se"] for p in dpo],
-        yerr=[p["reward_se"] for p in dpo],
-        fmt="o",
-        color="tab:blue",
-        label="DPO (± SE)",
-    )
-    for p in dpo:
-        ax.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot([0], [points["sft"]["reward"]], "k*", markersize=10, label="SFT")
-    ax.set_xlabel("KL(π ‖ π_SFT), nats per sequence")
-    ax.set_ylabel("mean ground-truth reward")
-    ax.set_title("reward vs KL frontier (held-out prompts)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def run_frontier(
     output: str | Path,
     quick: bool = False,
@@ -147,9 +121,12 @@ def run_frontier(
     sizes: pipeline.Sizes | None = None,
     best_of: tuple[int, ...] = BEST_OF,
 ) -> dict:
-    """Stages 1–3, one DPO run per β, their evaluation and best-of-N → the points, also in frontier.json:
-    {"sft": {"reward", "reward_se"}, "dpo": [{"beta", "kl", "kl_se", "reward", "reward_se", "run"}],
-    "best_of_n": [{"n", "kl", "reward", "reward_se"}], "kl_of_best_of_n", "prompts", "png", "stages"}."""
+    """Stages 1–3, the reward model, offline DPO per β, the on-policy methods, best-of-N → the points, also in
+    frontier.json: {"sft": {"reward", "reward_se"}, "reward_model": reward_stage's numbers, "dpo": [{"beta", "kl",
+    "kl_se", "reward", "reward_se", "run", "cost"}], "online": [{"name", "folder", "rounds": [point per round],
+    "cost"}], "best_of_n", "best_of_n_rm": [{"n", "kl", "reward", "reward_se", "cost"}], "prompts", "png", "stages"}.
+    A cost is {"seconds", "peak_rss_mb", "samples"}: wall time and peak memory of reaching the point, responses
+    sampled for it (the offline pairs' 2 per training prompt; k per prompt per round; N per held-out prompt)."""
     out = Path(output)
     pipeline._check_output(out)
     sizes = sizes or (pipeline.QUICK if quick else pipeline.DEFAULT)
@@ -159,35 +136,18 @@ def run_frontier(
         _, texts = pipeline.make_corpus(out, sizes, stages)
         sft_folder, model, tokenizer = pipeline.make_sft(out, texts, sizes, stages)
         paths = pipeline.make_pairs(out, model, tokenizer, sizes, stages)
-        runs = {
-            beta: pipeline.run_dpo(out, sft_folder, paths, sizes, stages, beta=beta, name=f"dpo-beta{beta:g}")
-            for beta in betas
-        }
-        start = pipeline._clock()
-        results = evaluate_runs(runs, sft_folder, paths["prompts"], sizes)
-        dpo = [_dpo_point(beta, runs[beta], results[beta]) for beta in betas]
-        pipeline._stage(
-            stages,
-            "eval",
-            start,
-            f"{len(dpo)} DPO models vs SFT on {results[betas[0]]['generation']['prompts']} held-out prompts",
-        )
-        start = pipeline._clock()
+        rm = learn_reward(out, sft_folder, paths, model, tokenizer, sizes, stages)
+        dpo = offline_dpo(out, sft_folder, paths, sizes, stages, betas)
+        online_points = on_policy(out, sft_folder, paths, rm["folder"], sizes, stages)
         prompts = [json.loads(line)["prompt"] for line in paths["prompts"].read_text(encoding="utf-8").splitlines()]
-        rewards = sample_rewards(model, tokenizer, prompts, max(best_of), sizes)
-        bon = [_bon_point(n, rewards) for n in best_of]
-        pipeline._stage(
-            stages,
-            "best-of-N",
-            start,
-            f"{max(best_of)} SFT samples for each of {len(prompts)} "
-            f"held-out prompts, best of N = {', '.join(map(str, best_of))}",
-        )
-    reference = results[betas[0]]["generation"]["reward"]
+        bon, bon_rm = best_of_n_points(model, tokenizer, prompts, rm["folder"], sizes, best_of, stages)
     points = {
-        "sft": {"reward": reference["reference"], "reward_se": reference["reference_se"]},
-        "dpo": dpo,
+        "sft": dpo.pop("sft"),
+        "reward_model": rm,
+        "dpo": dpo["points"],
+        "online": online_points,
         "best_of_n": bon,
+        "best_of_n_rm": bon_rm,
         "kl_of_best_of_n": "analytic log N − (N − 1)/N (an upper bound), not measured",
         "prompts": len(prompts),
     }
@@ -200,7 +160,77 @@ def run_frontier(
     return points
 
 
-def _dpo_point(beta: float, run: Path, result: dict) -> dict:
+def learn_reward(out: Path, sft_folder: Path, paths: dict, model, tokenizer, sizes: pipeline.Sizes, stages) -> dict:
+    """`preftune reward-model` on the training pairs, its accuracy beside the labels' ceiling, its agreement."""
+    start, cost = pipeline._clock(), {}
+    with measured(cost):
+        rm = reward_stage.reward_model_stage(out, sft_folder, paths, model, tokenizer, sizes)
+    agree, ceiling = rm["agreement"], rm["ceiling"]
+    pipeline._stage(
+        stages,
+        "reward model",
+        start,
+        f"held-out accuracy {rm['accuracy']:.3f} (the true reward's on the same labels: {ceiling['accuracy']:.3f}); "
+        f"orders {agree['share']:.2f} [{agree['low']:.2f}, {agree['high']:.2f}] of {agree['pairs']} fresh "
+        f"sample pairs as the true reward does → {rm['folder']}",
+    )
+    return {**rm, "cost": cost}
+
+
+def offline_dpo(out: Path, sft_folder: Path, paths: dict, sizes: pipeline.Sizes, stages: dict, betas) -> dict:
+    """One DPO run per β (each measured), then their evaluation → {"points", "sft"}."""
+    runs, costs = {}, {}
+    for beta in betas:
+        with measured(costs.setdefault(beta, {})):
+            runs[beta] = pipeline.run_dpo(out, sft_folder, paths, sizes, stages, beta=beta, name=f"dpo-beta{beta:g}")
+    start = pipeline._clock()
+    results = evaluate_runs(runs, sft_folder, paths["prompts"], sizes)
+    samples = 2 * sizes.train_prompts  # the offline pairs' samples (every β trains on the same pairs)
+    dpo = [_dpo_point(beta, runs[beta], results[beta], costs[beta], samples) for beta in betas]
+    line = f"{len(dpo)} DPO models vs SFT on {results[betas[0]]['generation']['prompts']} held-out prompts"
+    pipeline._stage(stages, "eval", start, line)
+    reference = results[betas[0]]["generation"]["reward"]
+    return {"points": dpo, "sft": {"reward": reference["reference"], "reward_se": reference["reference_se"]}}
+
+
+def on_policy(out: Path, sft_folder: Path, paths: dict, reward_model: str, sizes: pipeline.Sizes, stages) -> list:
+    """Each of `online.methods`, its rounds as points (`online.run_method`)."""
+    prompts = online.iterate_prompts(out, paths["train_pairs"], sizes.iterate_prompts)
+    n = len(prompts.read_text(encoding="utf-8").splitlines())
+    results = []
+    for name, method in online.methods(reward_model).items():
+        start = pipeline._clock()
+        opts = online.options(sft_folder, prompts, paths["prompts"], method, out, sizes)
+        results.append(online.run_method(name, opts, n))
+        last = results[-1]["rounds"][-1]
+        line = f"{name}: {last['round']} rounds, reward {last['reward']:+.3f}, KL {last['kl']:.3f} → {opts.output}"
+        pipeline._stage(stages, name, start, line)
+    return results
+
+
+def best_of_n_points(model, tokenizer, prompts: list[str], reward_model: str, sizes, best_of, stages):
+    """Best-of-N from the SFT model, the best picked by the ground truth and by the learned reward model."""
+    from preftune.evaluation.rewards import load_reward
+
+    start, cost = pipeline._clock(), {}
+    with measured(cost):
+        rewards, scores = sample_rewards(model, tokenizer, prompts, max(best_of), sizes, load_reward(reward_model))
+    per_sample = cost["wall_s"] / (len(prompts) * max(best_of))  # sampling and scoring, per response
+    points = [
+        [_bon_point(n, rewards, by, per_sample * n * len(prompts), cost["peak_rss_mb"], len(prompts)) for n in best_of]
+        for by in (None, scores)
+    ]
+    pipeline._stage(
+        stages,
+        "best-of-N",
+        start,
+        f"{max(best_of)} SFT samples for each of {len(prompts)} "
+        f"held-out prompts, best of N = {', '.join(map(str, best_of))}",
+    )
+    return points
+
+
+def _dpo_point(beta: float, run: Path, result: dict, cost: dict, samples: int) -> dict:
     gen = result["generation"]
     return {
         "beta": beta,
@@ -209,23 +239,11 @@ def _dpo_point(beta: float, run: Path, result: dict) -> dict:
         "reward": gen["reward"]["policy"],
         "reward_se": gen["reward"]["policy_se"],
         "run": str(run),
+        "cost": {"seconds": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"], "samples": samples},
     }
 
 
-def _bon_point(n: int, rewards: list[list[float]]) -> dict:
-    reward, se = best_of_n(rewards, n)
-    return {"n": n, "kl": kl_best_of_n(n), "reward": reward, "reward_se": se}
-
-
-def point_lines(points: dict) -> list[str]:
-    """One line per point of the frontier."""
-    sft_point = points["sft"]
-    lines = [f"SFT          KL 0.000            reward {sft_point['reward']:+.3f} ± {sft_point['reward_se']:.3f}"]
-    for p in points["dpo"]:
-        kl = "not finite" if p["kl"] is None else f"{p['kl']:.3f} ± {p['kl_se']:.3f}"
-        lines.append(f"DPO β={p['beta']:<6g} KL {kl:<16} reward {p['reward']:+.3f} ± {p['reward_se']:.3f}")
-    for p in points["best_of_n"]:
-        lines.append(
-            f"best-of-{p['n']:<4} KL {p['kl']:.3f} (analytic) reward {p['reward']:+.3f} ± {p['reward_se']:.3f}"
-        )
-    return lines
+def _bon_point(n: int, rewards, by, seconds: float, peak: int, prompts: int) -> dict:
+    reward, se = best_of_n(rewards, n, by)
+    cost = {"seconds": round(seconds, 1), "peak_rss_mb": peak, "samples": n * prompts}
+    return {"n": n, "kl": kl_best_of_n(n), "reward": reward, "reward_se": se, "cost": cost}

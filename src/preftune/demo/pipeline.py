@@ -42,10 +42,11 @@ class Sizes:
     dpo_batch: int  # pairs per DPO step
     hidden: int = 64  # model width (2 layers, 4 heads)
     max_new_tokens: int = 32  # sampling cap; reviews continue for 8–20 tokens and then end with EOS
-    tau: float = 0.25  # Bradley–Terry temperature of the labels (module preferences)
+    tau: float = preferences.TAU  # Bradley–Terry temperature of the labels (module preferences)
     # 4e-4 (quick: 5e-4, for its fewer steps) raised the mean reward by 0.2–0.3 at a KL of about 3 nats; 1e-3
     # raised it more at 4× the KL, and the samples stopped being grammatical.
     dpo_lr: float = 4e-4
+    iterate_prompts: int = 512  # frontier: training prompts each on-policy round samples from (k each)
     seed: int = 0
 
 

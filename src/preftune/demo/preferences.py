@@ -11,14 +11,33 @@ counted as disagreements: the noise DPO must see through.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
+
+from preftune.demo.sentiment import score
+
+TAU = 0.25  # the demo's label noise (pipeline.Sizes.tau)
 
 
 def preference_probability(r1: float, r2: float, tau: float) -> float:
     """σ((r1 − r2) / τ): r1 − r2 = τ·ln 3 → 0.75; equal rewards → 0.5."""
     return 1.0 / (1.0 + math.exp(-(r1 - r2) / tau))
+
+
+def gumbel(text: str) -> float:
+    """A standard Gumbel draw fixed by the text (its SHA-256): the same text always gets the same noise."""
+    u = (int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") + 0.5) / 2**64
+    return -math.log(-math.log(u))
+
+
+def judge(texts: list[str]) -> list[float]:
+    """A labeller with the noise of the demo's human labels, as a `--reward module:function`: r + τ·G per text.
+    The difference of two Gumbel draws is logistic, so judge(a) > judge(b) with probability σ((r_a − r_b)/τ): the
+    Bradley–Terry labels of `first_preferred` (and the best of k is a Plackett–Luce draw). It stands for a judge
+    (people, or a judging model) as good as the labels of the offline pairs, for on-policy rounds."""
+    return [r + TAU * gumbel(text) for r, text in zip(score(texts), texts)]
 
 
 def first_preferred(r1: list[float], r2: list[float], tau: float, rng: random.Random) -> list[bool]:
