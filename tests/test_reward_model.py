@@ -222,6 +222,8 @@ def test_end_to_end_first_loss_run_folder_and_final_reward_folder(toy, tmp_path)
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["objective"] == "reward_model" and config["center_rewards_coefficient"] is None
     assert "beta" not in config and "loss" not in config
+    page = (out / "report.html").read_text()
+    assert "Bradley–Terry reward model" in page and "? loss" not in page and "β = ?" not in page
 
     # final/: a sequence-classification folder with its pad token, loaded by `preftune eval --reward`'s loader,
     # which scores a prompt + response (decoded without EOS) as the trained model does.

@@ -870,6 +870,9 @@ def header(run: Run) -> str:
     config = run.config or {}
     status = _status(run)
     what = f"{config.get('loss', '?')} loss, β = {config.get('beta', '?')}" if run.config else "options unknown"
+    if config.get("objective") == "reward_model":  # `preftune reward-model`: no DPO loss, no β
+        center = config.get("center_rewards_coefficient")
+        what = "Bradley–Terry reward model" + (f", centering c = {center}" if center else "")
     steps = f"{run.records[-1]['step']} of {total_steps(run)} steps, {status}"
     trained = f"model {config['model']}, data {config['data']}" if config.get("model") and config.get("data") else ""
     sub = " · ".join(p for p in (what, steps, trained) if p)
