@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -207,6 +208,86 @@ def bnb_config(bits: int, compute_dtype: str):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
     )
+
+
+# ---------------------------------------------------------------------------------------------------- weight files
+# --fsdp reads each process's rows of each tensor straight from the files (`fsdp.load_sharded`), with plain reads:
+# a memory-mapped file would count every page it touched in the process's memory until it is closed.
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a model saved in several files: tensor name → file
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WeightFiles:
+    """The tensors of a model folder's safetensors file(s) (`model.safetensors`, or the files its index names), read
+    a range of rows at a time. Raises ValueError when the folder holds no such file or one it cannot read."""
+
+    def __init__(self, folder: str | Path, file: str | None = None):
+        """`file`: that one file of `folder` only."""
+        folder = Path(folder)
+        index = folder / WEIGHTS_INDEX
+        try:
+            names = (
+                [file] if file else sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            )
+        except FileNotFoundError:
+            names = [WEIGHTS]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: unreadable ({e})") from None
+        self.where: dict[str, tuple[Path, int, dict]] = {}  # name → (file, data start, header entry)
+        for name in names:
+            self._read_header(folder / name)
+
+    def _read_header(self, file: Path) -> None:
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{file}: unreadable safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            if entry.get("dtype") not in DTYPES:
+                raise ValueError(f"{file}: tensor {name} has dtype {entry.get('dtype')}, which is not read here")
+            self.where[name] = (file, 8 + size, entry)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.where[name][2]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.where[name][2]["dtype"]]
+
+    def read_rows(self, name: str, out: torch.Tensor, start: int = 0) -> None:
+        """Fill `out` with rows start … start + len(out) − 1 of tensor `name` (the whole tensor for a 0-d `out`),
+        converted to `out`'s dtype. Only those bytes are read."""
+        file, data, entry = self.where[name]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        if out.dim() != len(shape) or list(out.shape[1:]) != shape[1:] or (shape and start + len(out) > shape[0]):
+            raise ValueError(
+                f"{file}: tensor {name} has shape {shape}, not room for rows {start}+ of {list(out.shape)}"
+            )
+        row = math.prod(shape[1:]) * dtype.itemsize
+        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"  # read in place
+        buffer = out.detach() if direct else torch.empty(out.shape, dtype=dtype)
+        view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+        with open(file, "rb") as f:
+            f.seek(data + entry["data_offsets"][0] + start * row)
+            if f.readinto(view) != len(view):
+                raise ValueError(f"{file}: tensor {name} is cut short")
+        if not direct:
+            out.detach().copy_(buffer)
 
 
 def _first_line(e: Exception) -> str:

@@ -104,7 +104,8 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     train_pairs, eval_pairs, group, audit = load_pairs(cfg, tokenizer, tokens)
     observe.check_generation_options(cfg)
 
-    policy = lora.load_policy(base, cfg, device)
+    # --fsdp: sharded as it is loaded; the layout check and the reference then run on the sharded model.
+    policy = (fsdp.load_policy if cfg.fsdp and training else lora.load_policy)(base, cfg, device)
     layout = choose_layout(cfg.layout, policy, train_pairs, tokenizer.pad_token_id)
     s = Setup(
         cfg,
@@ -130,9 +131,6 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    if cfg.fsdp and training:
-        # Last: the layout check and the reference (cached, or a frozen replicated copy) used the whole policy.
-        fsdp.shard(policy, device)
     return s
 
 
@@ -257,7 +255,7 @@ def pad_rounds(s: Setup, pairs: Pairs, done: int, num_items: int, backward: bool
         return
     if fsdp.enabled(s.policy):
         [batch] = micro_batches(s, pairs, [0])  # any pair: its values are multiplied by zero
-        fsdp.run_empty_rounds(s.policy, batch, rounds, backward, s.cfg.dtype, s.cfg.ld_alpha)
+        fsdp.run_empty_rounds(s.policy, batch, rounds, backward, s.cfg.dtype, s.cfg.ld_alpha, s.reference)
     elif s.cfg.needs_kl:
         for _ in range(rounds):
             distributed.all_reduce_sum(torch.zeros(2, device=s.device))
@@ -338,7 +336,7 @@ def start_or_resume(s: Setup, optimizer, scheduler) -> int:
         torch.manual_seed(cfg.seed)
         return 0
     sharded = (
-        (lambda model_state, optimizer_state: fsdp.load_full_states(s.policy, optimizer, model_state, optimizer_state))
+        (lambda path, optimizer_state: fsdp.load_checkpoint(path, s.policy, optimizer, optimizer_state))
         if fsdp.enabled(s.policy)
         else None
     )
@@ -385,8 +383,8 @@ def train_step(s: Setup, step: int, optimizer, scheduler) -> StepMetrics:
     return StepMetrics(step + 1, lr, len(indices), tokens, list(metrics), torch.stack(list(metrics.values())))
 
 
-def save_final(s: Setup, state: dict | None = None) -> Path:
-    """final/ (and final-merged/), see `checkpoint.save_final`; `state`: the whole model gathered by --fsdp."""
+def save_final(s: Setup, state: checkpoint.ModelFiles | dict | None = None) -> Path:
+    """final/ (and final-merged/), see `checkpoint.save_final`; `state`: --fsdp's `fsdp.final_weights`."""
     return checkpoint.save_final(s.run_dir, s.policy, s.tokenizer, s.cfg, state)
 
 
@@ -432,17 +430,17 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict], None] | None = None) -
                 bar.update(len(records))
                 pending, clock = [], time.perf_counter()
             if save_now:
-                states = fsdp.full_states(s.policy, optimizer) if fsdp.enabled(s.policy) else None  # all gather
-                distributed.on_main(save_checkpoint, s, done, optimizer, scheduler, states)
+                states = fsdp.checkpoint_states(s.policy, optimizer) if fsdp.enabled(s.policy) else None
+                fsdp.on_main(states, save_checkpoint, s, done, optimizer, scheduler, states)  # gathered as written
                 clock = time.perf_counter()
             after_step(done)
     if skipped:
         log.warning(
             "skipped %d step%s with a non-finite loss or gradient (--skip-nonfinite)", skipped, "s" * (skipped != 1)
         )
-    whole = fsdp.full_model_state(s.policy, drop_tied=False) if fsdp.enabled(s.policy) else None  # all gather
+    whole = fsdp.final_weights(s.policy) if fsdp.enabled(s.policy) else None  # gathered as written
     save = lambda: save_final(s) if whole is None else save_final(s, whole)  # noqa: E731
-    final = distributed.on_main(rundir.writing, s.run_dir, "the final model", save, default=s.run_dir / rundir.FINAL)
+    final = fsdp.on_main(whole, rundir.writing, s.run_dir, "the final model", save, default=s.run_dir / rundir.FINAL)
     if main:
         watcher.finish(records[-1] if first < s.total_steps else {})
     if not cfg.no_report:
@@ -469,8 +467,8 @@ def _drifted_reference(s: Setup, step: int | None) -> torch.nn.Module | None:
     return s.reference.model
 
 
-def save_checkpoint(s: Setup, step: int, optimizer, scheduler, states: tuple[dict, dict] | None = None) -> None:
-    """`states`: the whole model and optimizer state gathered from --fsdp's shards (`fsdp.full_states`)."""
+def save_checkpoint(s: Setup, step: int, optimizer, scheduler, states: checkpoint.ShardedStates | None = None) -> None:
+    """`states`: --fsdp's model and optimizer state, gathered as they are written (`fsdp.checkpoint_states`)."""
     rundir.writing(
         s.run_dir,
         f"checkpoint step {step}",

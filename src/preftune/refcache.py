@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import LongTensor, Tensor
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from preftune import distributed
@@ -61,16 +62,24 @@ def weights_digest(model: torch.nn.Module) -> str:
     config, which the caller adds to `cache_key(extra=...)` if it may differ for the same weights.
     """
     hasher = hashlib.blake2b(digest_size=32)
-    seen: dict[tuple, str] = {}
-    for name, tensor in sorted(model.state_dict().items()):
+    seen: dict[tuple | int, str] = {}
+    state = model.state_dict()
+    if any(isinstance(t, DTensor) for t in state.values()):
+        state = model.state_dict(keep_vars=True)  # --fsdp: tied names hold one parameter; each is gathered in turn
+    for name, tensor in sorted(state.items()):
         _frame(hasher, name.encode())
-        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        sharded = isinstance(tensor, DTensor)
+        identity = (
+            id(tensor)
+            if sharded
+            else (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        )
         if identity in seen:
             _frame(hasher, f"tied to {seen[identity]}".encode())
             continue
         seen[identity] = name
         _frame(hasher, f"{tensor.dtype} {tuple(tensor.shape)}".encode())
-        _frame(hasher, _tensor_bytes(tensor))
+        _frame(hasher, _tensor_bytes(tensor.detach().full_tensor() if sharded else tensor))
     return hasher.hexdigest()
 
 
@@ -263,12 +272,14 @@ def load_or_compute(
     return compute_fn(path), False
 
 
-def load_or_compute_sharded(path: Path, pairs: list[TokenizedPair], batch_size: int, compute):
+def load_or_compute_sharded(path: Path, pairs: list[TokenizedPair], batch_size: int, compute, pad=None):
     """`load_or_compute` for several processes: all of them reuse the file, or all compute it together.
 
     Process r runs batches r, r + P, r + 2P, ... of the one-process pass (P processes; the same batches, so the
     same values), the [N, 2] rows are summed over the processes (a row is non-zero on one process only, so the sum
     is exact) and one file is written: byte for byte the file of one process with the same --batch-size.
+    `pad(k)`: run k more passes whose results are dropped, called with the batches this process has fewer than
+    rank 0 (a sharded model's passes are collectives: every process runs as many).
     """
     try:
         found = RefLogps(path, len(pairs)) if path.exists() else None
@@ -287,6 +298,8 @@ def load_or_compute_sharded(path: Path, pairs: list[TokenizedPair], batch_size: 
         with tempfile.TemporaryDirectory(prefix="preftune-ref-") as tmp:
             part = compute([pairs[i] for i in mine], Path(tmp) / "part.npy", progress=me.is_main)
             rows[mine] = torch.from_numpy(np.array(part.array))
+    if pad is not None:
+        pad(len(batches[:: me.size]) - len(batches[me.rank :: me.size]))
     distributed.all_reduce_sum(rows)
     if me.local_rank == 0:  # one writer per machine: the cache folder may be local to each
         write_rows(rows.numpy(), path)

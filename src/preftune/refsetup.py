@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preftune import distributed, lora, refcache
+from preftune import distributed, fsdp, lora, refcache
 from preftune.ches import logps_and_ches
 from preftune.config import TrainConfig
 from preftune.data.batching import collate
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
-from preftune.loading import load_causal_lm
+from preftune.loading import base_model_path, load_causal_lm
 from preftune.logps import choose_layout, compute_logps
 from preftune.refcache import RefLogps
 from preftune.reference import CachedReference, Reference, ReferenceModel
@@ -35,27 +35,20 @@ def build_references(
     The default reference is the policy as loaded (never re-read from disk). With the cache, the policy itself
     computes them before its first update, so no second copy is ever made; without it, a frozen copy runs at
     every step. A LoRA policy is its own reference, with or without the cache: its base with the adapter
-    disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made.
+    disabled, or its loaded adapter's initial state (see `lora`); no copy of the base is ever made. With a sharded
+    policy (--fsdp) every reference model is sharded too, loaded as the policy was (`fsdp.load_sharded`).
     """
-    loaded = (
-        load_causal_lm(
-            cfg.ref_model,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_pickle_weights=cfg.allow_pickle_weights,
-            what="--ref-model",
-        ).to(device)
-        if cfg.ref_model
-        else None
-    )
+    sharded = fsdp.enabled(policy)
+    loaded = _load_reference(cfg, cfg.ref_model, "--ref-model", device, sharded) if cfg.ref_model else None
     if loaded is not None and layout == "packed":  # both models must fit the layout their batches share
         layout = choose_layout(cfg.layout, loaded, train_pairs, pad_id)
     adapter = loaded is None and lora.enabled(cfg)
     if cfg.no_ref_cache or cfg.ref_update:  # TR-DPO's reference changes: a cache of it would be stale
-        live = (
-            lora.live_reference(policy, cfg)
-            if adapter
-            else ReferenceModel(loaded or copy.deepcopy(policy), dtype=cfg.dtype)
-        )
+        if adapter:
+            live = lora.live_reference(policy, cfg)
+        else:  # a frozen copy of the policy as loaded; a sharded one is read again from its files
+            copied = _load_reference(cfg, base_model_path(cfg.model), "--model", device, True) if sharded else None
+            live = ReferenceModel(loaded or copied or copy.deepcopy(policy), dtype=cfg.dtype)
         return live, live, layout
     model = loaded or policy
     digest = lora.reference_digest(model, cfg) if adapter else refcache.weights_digest(model)
@@ -69,6 +62,14 @@ def build_references(
         reference = cached(train_pairs, "--data", ches=cfg.drop_displacement is not None)
         eval_reference = cached(eval_pairs, "--eval-data") if eval_pairs else None
     return reference, eval_reference, layout  # a --ref-model is freed here: only its log-probs are kept
+
+
+def _load_reference(cfg: TrainConfig, path: str, what: str, device: torch.device, sharded: bool) -> torch.nn.Module:
+    """A reference model read from `path`: sharded like the policy, or whole on `device`."""
+    if sharded:
+        return fsdp.load_sharded(path, cfg, device, what=what)
+    options = {"trust_remote_code": cfg.trust_remote_code, "allow_pickle_weights": cfg.allow_pickle_weights}
+    return load_causal_lm(path, what=what, **options).to(device)
 
 
 def _cached_logps(
@@ -124,7 +125,8 @@ def _cached_logps(
     elif distributed.world().size == 1:
         logps, hit = refcache.load_or_compute(cache_dir, key, lambda out: compute(pairs, out), num_pairs=len(pairs))
     else:
-        logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute)
+        pad = _empty_rounds(cfg, model, collate_fn([pairs[0]], [0]).to(device)) if fsdp.enabled(model) else None
+        logps, hit = refcache.load_or_compute_sharded(cache_dir / f"{key}.npy", pairs, batch_size, compute, pad)
     log.info(
         "%s reference log-probs: %s %s",
         what,
@@ -132,6 +134,12 @@ def _cached_logps(
         logps.path,
     )
     return logps, (RefLogps(ches_path, len(pairs)) if ches else None)
+
+
+def _empty_rounds(cfg: TrainConfig, model: torch.nn.Module, batch):
+    """A sharded model's gathers involve every process: one with fewer batches of the cache pass than another runs
+    this many more passes on `batch` (any pair), whose log-probs are dropped."""
+    return lambda rounds: fsdp.run_empty_rounds(model, batch, rounds, False, cfg.dtype, cfg.ld_alpha)
 
 
 def _valid(path: Path, num_pairs: int) -> bool:
