@@ -61,7 +61,14 @@ QUICK = Sizes(
     dpo_lr=5e-4,
 )
 DEFAULT = Sizes(
-    reviews=4000, sft_steps=600, sft_batch=64, train_prompts=4096, heldout_prompts=256, dpo_steps=128, dpo_batch=32
+    reviews=4000,
+    sft_steps=600,
+    sft_batch=64,
+    train_prompts=4096,
+    heldout_prompts=256,
+    dpo_steps=128,
+    dpo_batch=32,
+    iterate_prompts=1024,  # 512 left every on-policy method within the intervals of offline DPO's 4 000 pairs
 )
 
 
