@@ -80,8 +80,12 @@ def _one_thread():
 def _private_reference_cache(tmp_path_factory):
     """Cached reference log-probs of tests go to a temporary folder, never the user's cache. Session-wide: a module
     fixture that trained before a function-scoped setting would write to (and read stale files from) the user's
-    cache, filled perhaps by other kernels (another ATEN_CPU_CAPABILITY) whose rounding differs."""
+    cache, filled perhaps by other kernels (another ATEN_CPU_CAPABILITY) whose rounding differs. torch.compile's
+    kernels likewise: inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY, and a compiled CPU FlexAttention
+    kernel cached by an AVX-512 run, reused under ATEN_CPU_CAPABILITY=avx2, gave log-probs up to 0.6 nats off
+    (measured on torch 2.13; a fresh cache gives SDPA's numbers)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "reference-cache"))
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "inductor-cache"))
         mp.setenv("OMP_NUM_THREADS", "1")
         yield

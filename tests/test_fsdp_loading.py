@@ -28,6 +28,8 @@ from preftune.loading import WeightFiles
 from helpers import SRC, assert_same_run, assert_same_weights, copy_run, records, torchrun
 from toy import build_model, build_tokenizer, counting_pairs, save_model_folder, write_jsonl
 
+pytestmark = pytest.mark.exactness  # compares sharded runs with one process: CI runs it again on other kernels
+
 # ---------------------------------------------------------------------------------------------------- one process
 
 
