@@ -30,7 +30,41 @@ Useful FLOPs of one epoch (the work any implementation must do; attention scores
     useful    = policy + reference = 8·N·T + 8·h·V·Tr
 Tokens/s counts the plain layout's tokens (2·P + C + R per pair), so that it compares with other tools.
 Share of the ceiling = useful / (wall time × ceiling), the ceiling being the best fp32 torch.matmul rate measured in
-this run (before and after the runs, on a square 2048³ product and on the LM-head shape [tokens × h] @ [h × V]).
+this run (before and after each round of runs, on a square 2048³ product and on the LM-head shape
+[tokens × h] @ [h × V]).
+
+Executed FLOPs: what each trainer's matmuls actually do, padding and recomputation included.
+    T2 = Σ_batches rows × padded length   TRL's positions: chosen and rejected rows of 2·P+C+R real tokens, padded to
+                                   the batch's longest (counted by trl_run.py; Σ(2·P+C+R) when unknown). Its LM
+                                   head (TRL 1.16's chunked `add_fused_lm_head`) scores every position on CPU,
+                                   padding included: T2h = T2 − rows.
+    Tp, Tph                        preftune's positions: packed rows [prompt | chosen | rejected] padded to the
+                                   batch's longest, and the response positions its head runs on, replayed with its
+                                   own epoch order and collate (its reference pass counted as the same positions).
+    Nr = N − layers·h·I            the body's parameters a checkpointed layer recomputes: torch's non-reentrant
+                                   checkpoint stops before the layer's last matmul (the MLP's down projection,
+                                   h × I), whose output backward does not need
+    TRL default  = 8·N·T2 + 2·Nr·T2 + 10·h·V·T2h   policy forward 2 + backward 4 + reference forward in every step 2
+                                   + gradient-checkpointing recompute 2·Nr; the head: forward 2, backward 6 (logits
+                                   recomputed, ∂hidden, ∂W), reference 2 — all inside its training loop
+    TRL fast     = loop 6·N·T2 + 8·h·V·T2h, reference precomputed before it 2·N·T2 + 2·h·V·T2h
+    preftune     = loop 6·N·Tp + 8·h·V·Tph (+ 2·Nr·Tp with --gradient-checkpointing; the chunked head recomputes its
+                   logits in backward, as TRL's does), reference pass before it 2·N·Tp + 2·h·V·Tph
+    FLOP bound   = TRL default / useful: the largest speed-up over TRL's defaults any implementation could reach at
+                   the same FLOP rate as TRL (it skips the second copy of the prompt, the head on prompt and padding
+                   positions, the reference in every step and the recomputation); TRL default / preftune's executed
+                   FLOPs is the same for preftune as built, and TRL default / preftune's loop FLOPs the bound on the
+                   ratio of time per step (TRL's step includes its reference forward, preftune's does not).
+`--check-flops` checks these formulas against torch's FlopCounterMode on a tiny Llama and 4 random pairs: one TRL
+default step (TRL's fused head, gradient checkpointing, the reference forward) and preftune's packed step with and
+without checkpointing and its reference pass; matmul FLOPs, with the in-place addmm_ both heads accumulate ∂W with
+counted as addmm (torch's table leaves it out). They agree exactly.
+Loop MFU = a run's executed loop FLOPs / (its training loop's seconds × the ceiling): how close the matmuls it chose
+to do run to the machine's best fp32 rate. For --weights-dtype bfloat16 it is still against the fp32 ceiling.
+
+--variant NAME=ARGS adds a preftune run `preftune-NAME` with these extra flags (each starts cold, like `preftune`);
+--repeat K runs the whole list K times, interleaved (round 1: every run, round 2: every run, ...), and reports the
+ratios within each round: on a shared machine those are the result, not absolute seconds.
 """
 
 from __future__ import annotations
@@ -67,6 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--learning-rate", type=float, default=1e-6)
     ap.add_argument("--only", action="append", choices=RUNS, help="run only this one (repeatable)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help='an extra preftune run `preftune-NAME` with these flags, e.g. ckpt="--gradient-checkpointing"',
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs, interleaved (default 1)")
+    ap.add_argument("--check-flops", action="store_true", help="check the FLOP formulas on a tiny model, then exit")
     ap.add_argument("--skip-trl", action="store_true", help="run preftune only")
     ap.add_argument("--preftune-args", default="", help='extra flags for `preftune train`, e.g. "--dtype bfloat16"')
     ap.add_argument(
@@ -80,6 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", default=str(OUT / "bench_dpo.json"), help="where to write all numbers")
     args = ap.parse_args(argv)
     args.runs = ["preftune"] if args.skip_trl else (args.only or list(DEFAULT_RUNS))
+    args.variants = {}
+    for spec in args.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            ap.error(f"--variant {spec!r}: expected NAME=ARGS with NAME of letters, digits, _ or .")
+        args.variants[f"preftune-{name}"] = flags
+    args.runs += list(args.variants)
     return args
 
 
@@ -122,6 +172,7 @@ def model_facts(model: str) -> dict:
     return {
         "model_type": config.model_type,
         "hidden_size": config.hidden_size,
+        "intermediate_size": getattr(config, "intermediate_size", None),
         "vocab_size": config.vocab_size,
         "layers": config.num_hidden_layers,
         "params": total,
@@ -138,8 +189,9 @@ def first_pairs(data: str, n: int, dest: Path) -> Path:
     return dest
 
 
-def token_counts(model: str, data: Path, max_length: int) -> dict:
-    """Tokens per pair as preftune trains on them (after its truncation to max_length)."""
+def token_counts(model: str, data: Path, max_length: int, batch_size: int) -> dict:
+    """Tokens per pair as preftune trains on them (after its truncation to max_length), and the positions its
+    training loop runs (`preftune_positions`)."""
     from preftune.data.formats import load_pairs
     from preftune.data.tokenize import tokenize_pairs
     from preftune.loading import load_tokenizer
@@ -161,7 +213,26 @@ def token_counts(model: str, data: Path, max_length: int) -> dict:
         "response_tokens": sum(c) + sum(r),
         "mean_prompt": sum(p) / len(p),
         "mean_response": (sum(c) + sum(r)) / (2 * len(p)),
+        **preftune_positions(tokenized, model, data, batch_size, tokenizer.pad_token_id),
     }
+
+
+def preftune_positions(tokenized: list, model: str, data: Path, batch_size: int, pad_id: int) -> dict:
+    """Positions of epoch 1 as `preftune train` lays them out by default (its epoch order, packed layout, seed 42):
+    body = rows × padded row length, head = response positions (a chosen response shared by k pairs once)."""
+    from preftune.config import TrainConfig
+    from preftune.data.batching import collate
+    from preftune.data.load import epoch_order
+
+    cfg = TrainConfig(model=model, data=str(data), output="unused", batch_size=batch_size)
+    order = [int(i) for i in epoch_order(tokenized, cfg, 0)]
+    body = head = 0
+    for k in range(0, len(order), batch_size):
+        chunk = order[k : k + batch_size]
+        batch = collate("packed", [tokenized[i] for i in chunk], chunk, pad_id)
+        body += batch.input_ids.numel()
+        head += len(batch.head_rows if batch.head_rows is not None else batch.target_pos)
+    return {"preftune_body_positions": body, "preftune_head_positions": head}
 
 
 def useful_flops(facts: dict, tokens: dict) -> dict[str, float]:
@@ -177,6 +248,124 @@ def useful_flops(facts: dict, tokens: dict) -> dict[str, float]:
         "useful": policy + reference,
         "formula": "8·N·Σ(P+C+R) + 8·h·V·Σ(C+R)",
     }
+
+
+def executed_flops(facts: dict, tokens: dict, trl: dict | None = None) -> dict[str, float]:
+    """What each trainer's matmuls do in one epoch (the module docstring's second model). `trl`: a TRL run's
+    counts of its batches (`padded_positions`, `batch_rows`), else its positions are taken as Σ(2·P+C+R)."""
+    n, h, v = facts["non_embedding_params"], facts["hidden_size"], facts["vocab_size"]
+    if trl and trl.get("padded_positions"):
+        t2, t2h, counted = trl["padded_positions"], trl["padded_positions"] - trl["batch_rows"], True
+    else:
+        t2 = t2h = tokens["tokens"]
+        counted = False
+    tp, tph = tokens["preftune_body_positions"], tokens["preftune_head_positions"]
+    useful = useful_flops(facts, tokens)["useful"]
+    # torch's non-reentrant checkpoint stops recomputing a layer once backward has what it needs: the layer's last
+    # matmul (the MLP's down projection, h × intermediate) is not redone.
+    nr = n - facts["layers"] * h * (facts["intermediate_size"] or 0)
+    trl_default = 8 * n * t2 + 2 * nr * t2 + 10 * h * v * t2h
+    preftune = {"loop": 6 * n * tp + 8 * h * v * tph, "reference": 2 * n * tp + 2 * h * v * tph}
+    return {
+        "trl_positions": t2,
+        "trl_positions_counted": counted,
+        "trl_default": trl_default,
+        "trl_fast_loop": 6 * n * t2 + 8 * h * v * t2h,
+        "trl_fast_reference": 2 * n * t2 + 2 * h * v * t2h,
+        "preftune_loop": preftune["loop"],
+        "preftune_reference": preftune["reference"],
+        "checkpointing_recompute": 2 * nr * tp,
+        "useful": useful,
+        "bound_vs_useful": trl_default / useful,
+        "bound_vs_preftune": trl_default / (preftune["loop"] + preftune["reference"]),
+        # TRL's step holds its whole epoch's work; preftune's step only the loop's (its reference ran before).
+        "per_step_bound_vs_preftune": trl_default / preftune["loop"],
+    }
+
+
+def loop_flops(run: dict, ex: dict) -> float:
+    """Executed FLOPs of this run's training loop."""
+    if run["name"] == "trl":
+        return ex["trl_default"]
+    if run["name"] == "trl-fast":
+        return ex["trl_fast_loop"]
+    checkpointing = "--gradient-checkpointing" in shlex.split(run.get("extra_args", ""))
+    return ex["preftune_loop"] + (ex["checkpointing_recompute"] if checkpointing else 0)
+
+
+def counted_flops(fn) -> int:
+    """Matmul FLOPs torch counts while `fn` runs, in-place addmm_ included."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    addmm_ = {torch.ops.aten.addmm_: lambda s, a, b, *_, out_shape=None, **kw: 2 * a[0] * a[1] * b[1]}
+    with FlopCounterMode(display=False, custom_mapping=addmm_) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def check_flops(seed: int = 0) -> int:
+    """--check-flops: executed_flops against counted FLOPs of one step of each trainer on a tiny Llama."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from preftune.data.batching import collate_packed
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.logps import packed_logps
+
+    rng, (v, h, layers, inter) = random.Random(seed), (3000, 64, 2, 176)
+    config = LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers)
+    config.num_attention_heads = config.num_key_value_heads = 4
+    ids = lambda k: [rng.randrange(3, v) for _ in range(k)]  # noqa: E731
+    pairs = [
+        TokenizedPair(ids(rng.randint(20, 40)), ids(rng.randint(5, 15)), ids(rng.randint(5, 15)), f"{i}")
+        for i in range(4)
+    ]
+    models = [LlamaForCausalLM(config) for _ in range(2)]
+    n = sum(p.numel() for name, p in models[0].named_parameters() if p.dim() == 2 and "embed" not in name) - h * v
+
+    # TRL's batch: chosen rows then rejected rows, right-padded; labels -100 on prompt and padding.
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(a) + len(b) for a, b in rows)
+    input_ids = torch.tensor([a + b + [0] * (width - len(a) - len(b)) for a, b in rows])
+    mask = torch.tensor([[1] * (len(a) + len(b)) + [0] * (width - len(a) - len(b)) for a, b in rows])
+    labels = torch.tensor([[-100] * len(a) + b + [-100] * (width - len(a) - len(b)) for a, b in rows])
+    policy, ref = models
+    for m in models:
+        add_fused_lm_head(m)
+    policy.gradient_checkpointing_enable()
+    policy.train()
+
+    def trl_step():
+        kw = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "fused_lm_head": True}
+        out = policy(**kw, use_cache=False)
+        with torch.no_grad():
+            ref(**kw, use_cache=False)
+        out.log_probs.sum().backward()
+
+    batch = collate_packed(pairs, list(range(4)), 0)
+
+    def preftune_step():
+        chosen, rejected = packed_logps(policy, batch)[:2]
+        (chosen - rejected).sum().backward()
+
+    counted = {"trl_default": counted_flops(trl_step), "preftune_loop+ckpt": counted_flops(preftune_step)}
+    policy.gradient_checkpointing_disable()
+    counted["preftune_loop"] = counted_flops(preftune_step)
+    with torch.no_grad():
+        counted["preftune_reference"] = counted_flops(lambda: packed_logps(policy, batch))
+    facts = {"non_embedding_params": n, "hidden_size": h, "vocab_size": v, "layers": layers, "intermediate_size": inter}
+    heads = len(batch.head_rows if batch.head_rows is not None else batch.target_pos)
+    tokens = {"preftune_body_positions": batch.input_ids.numel(), "preftune_head_positions": heads, "tokens": 1}
+    tokens.update(prompt_tokens=1, response_tokens=1)
+    ex = executed_flops(facts, tokens, {"padded_positions": input_ids.numel(), "batch_rows": len(rows)})
+    ex["preftune_loop+ckpt"] = ex["preftune_loop"] + ex["checkpointing_recompute"]
+    for key, got in counted.items():
+        print(f"{key}: counted {got:,}, formula {ex[key]:,}" + ("" if got == ex[key] else "  MISMATCH"))
+    return 0 if all(got == ex[key] for key, got in counted.items()) else 1
 
 
 # ----------------------------------------------------------------------------------------------------- one run
@@ -200,9 +389,16 @@ def command(name: str, args: argparse.Namespace, data: Path, out: Path) -> list[
         str(args.learning_rate),
     ]
     if name.startswith("preftune"):
-        return [sys.executable, "-m", "preftune", "train", *common, "--device", "cpu", *shlex.split(args.preftune_args)]
+        extra = shlex.split(preftune_flags(name, args))
+        return [sys.executable, "-m", "preftune", "train", *common, "--device", "cpu", *extra]
     mode = {"trl": "default", "trl-fast": "fast"}[name]
     return [sys.executable, str(HERE / "trl_run.py"), *common, "--mode", mode, "--stats", str(out) + ".stats.json"]
+
+
+def preftune_flags(name: str, args: argparse.Namespace) -> str:
+    """--preftune-args, then the variant's own flags (bench_kto's arguments have neither)."""
+    flags = (getattr(args, "preftune_args", ""), getattr(args, "variants", {}).get(name, ""))
+    return " ".join(x for x in flags if x)
 
 
 def child_env(threads: int, work: Path) -> dict[str, str]:
@@ -273,6 +469,8 @@ def trl_details(out: Path) -> dict:
         "examples": s["examples"],
         "dropped_by_trl": s["dropped_by_trl"],
         "sequences_cut": s["sequences_cut"],
+        "padded_positions": s.get("padded_positions"),
+        "batch_rows": s.get("batch_rows"),
         "gradient_checkpointing": s["gradient_checkpointing"],
         "precompute_ref_log_probs": s["precompute_ref_log_probs"],
         "reference_model_loaded": s["reference_model_loaded"],
@@ -280,11 +478,22 @@ def trl_details(out: Path) -> dict:
     }
 
 
+def source_hash() -> str:
+    """A hash of preftune's source as a run starts: other work in the same tree may change it between runs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "src" / "preftune").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=None) -> dict:
     """Run `name` (its command line from `build`, default `command`) from clean caches; its numbers."""
     out = work / name
     stale_paths = [out, Path(str(out) + ".stats.json"), work / "hf_datasets"]
-    if name == "preftune":  # starts with no cached reference log-probs; preftune-cached reuses what it leaves
+    if name.startswith("preftune") and name != "preftune-cached":
+        # Starts with no cached reference log-probs; preftune-cached reuses what the last of them left.
         stale_paths.append(work / "preftune_cache")
     for stale in stale_paths:
         if stale.is_dir():
@@ -293,11 +502,14 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=N
             stale.unlink()
     cmd = (build or command)(name, args, data, out)
     print(f"[bench] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    source = source_hash()
     load_before = os.getloadavg()[0]  # other processes on the machine slow a run down: keep the evidence
     rc, wall, rss = run_process(cmd, child_env(args.threads, work), work / f"{name}.log")
     details = preftune_details(out, work / f"{name}.log") if name.startswith("preftune") else trl_details(out)
     result = {
         "name": name,
+        "source": source,
+        "extra_args": preftune_flags(name, args) if name.startswith("preftune") else "",
         "command": shlex.join(cmd),
         "rc": rc,
         "wall_s": wall,
@@ -318,7 +530,7 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=N
 # ----------------------------------------------------------------------------------------------------- report
 
 
-def derive(run: dict, tokens: dict, flops: dict, ceiling_gflops: float) -> None:
+def derive(run: dict, tokens: dict, flops: dict, ex: dict, ceiling_gflops: float) -> None:
     if run["rc"] != 0:
         return
     wall = run["wall_s"]
@@ -327,13 +539,15 @@ def derive(run: dict, tokens: dict, flops: dict, ceiling_gflops: float) -> None:
     run["useful_gflops_per_s"] = flops["useful"] / wall / 1e9
     run["share_of_ceiling"] = flops["useful"] / (wall * ceiling_gflops * 1e9)
     if run.get("loop_s"):
-        run["loop_share_of_ceiling"] = flops["useful"] / (run["loop_s"] * ceiling_gflops * 1e9)
+        run["s_per_step"] = run["loop_s"] / run["steps"]
+        run["loop_flops"] = loop_flops(run, ex)
+        run["loop_mfu"] = run["loop_flops"] / (run["loop_s"] * ceiling_gflops * 1e9)
     run["tokens_match"] = run.get("trained_tokens") in (None, tokens["tokens"])
 
 
 def notes(run: dict) -> str:
     """What the run did around its loop: the reference pass, checkpointing, anything dropped."""
-    parts = []
+    parts = [f"`{run['extra_args']}`"] if run.get("extra_args") else []
     if run.get("reference") == "reused":
         parts.append("reference log-probs reused from cache")
     elif "reference_s" in run:
@@ -354,22 +568,58 @@ def notes(run: dict) -> str:
 
 def table(runs: list[dict]) -> str:
     head = (
-        "| run | wall s | s/pair | tokens/s | loop s | peak RSS MiB | useful GFLOP/s | % of ceiling | "
-        "% of ceiling (loop) | steps | final loss | notes |"
+        "| run | round | wall s | s/pair | tokens/s | loop s | s/step | peak RSS MiB | useful GFLOP/s | % of ceiling | "
+        "loop MFU % | steps | final loss | notes |"
     )
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
+    nan = float("nan")
     for r in runs:
         if r["rc"] != 0:
-            lines.append(f"| {r['name']} | failed (exit {r['rc']}) |" + " |" * (columns - 2))
+            lines.append(f"| {r['name']} | {r.get('round', 1)} | failed (exit {r['rc']}) |" + " |" * (columns - 3))
             continue
         loss = r.get("final_loss")
         lines.append(
-            f"| {r['name']} | {r['wall_s']:.1f} | {r['s_per_pair']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r.get('loop_s', float('nan')):.1f} | {r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.2f} | "
-            f"{100 * r['share_of_ceiling']:.1f} | {100 * r.get('loop_share_of_ceiling', float('nan')):.1f} | "
-            f"{r.get('steps', '?')} | {loss if loss is None else f'{loss:.4f}'} | {notes(r)} |"
+            f"| {r['name']} | {r.get('round', 1)} | {r['wall_s']:.1f} | {r['s_per_pair']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r.get('loop_s', nan):.1f} | {r.get('s_per_step', nan):.2f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.2f} | {100 * r['share_of_ceiling']:.1f} | "
+            f"{100 * r.get('loop_mfu', nan):.1f} | {r.get('steps', '?')} | "
+            f"{loss if loss is None else f'{loss:.4f}'} | {notes(r)} |"
         )
+    return "\n".join(lines)
+
+
+def round_ratios(runs: list[dict], base: str = "preftune") -> list[dict]:
+    """Within each round, every other run against `base`: wall time, time per step and peak memory, as
+    other / base (so > 1 means `base` is faster or leaner)."""
+    out = []
+    for number in sorted({r["round"] for r in runs}):
+        ok = {r["name"]: r for r in runs if r["round"] == number and r["rc"] == 0}
+        if base not in ok:
+            continue
+        b = ok[base]
+        for name, r in ok.items():
+            if name == base:
+                continue
+            step = r.get("s_per_step") and b.get("s_per_step") and r["s_per_step"] / b["s_per_step"]
+            out.append(
+                {
+                    "round": number,
+                    "run": name,
+                    "wall": r["wall_s"] / b["wall_s"],
+                    "per_step": step,
+                    "peak_rss": r["peak_rss_mib"] / b["peak_rss_mib"],
+                }
+            )
+    return out
+
+
+def ratio_table(ratios: list[dict]) -> str:
+    lines = ["| round | run | its wall ÷ preftune's | its s/step ÷ preftune's | its peak RSS ÷ preftune's |"]
+    lines.append("|---|---|---|---|---|")
+    for x in ratios:
+        step = f"{x['per_step']:.2f}" if x["per_step"] else "—"
+        lines.append(f"| {x['round']} | {x['run']} | {x['wall']:.2f} | {step} | {x['peak_rss']:.2f} |")
     return "\n".join(lines)
 
 
@@ -394,8 +644,23 @@ def machine(threads: int) -> dict:
     }
 
 
+def rounds(args: argparse.Namespace, data: Path, facts: dict) -> tuple[list[dict], list[dict]]:
+    """--repeat rounds of every run (work/roundK when K > 1); the ceiling before each round and after the last."""
+    work, runs, ceilings = Path(args.work), [], []
+    for number in range(1, args.repeat + 1):
+        ceilings.append(ceiling(facts["hidden_size"], facts["vocab_size"], args.ceiling_reps))
+        folder = work / f"round{number}" if args.repeat > 1 else work
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.runs:
+            runs.append({**run_one(name, args, data, folder), "round": number})
+    ceilings.append(ceiling(facts["hidden_size"], facts["vocab_size"], args.ceiling_reps))
+    return runs, ceilings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check_flops:
+        return check_flops()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -403,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = first_pairs(args.data, args.pairs, work / f"pairs_{args.pairs}.jsonl")
     facts = model_facts(args.model)
-    tokens = token_counts(args.model, data, args.max_length)
+    tokens = token_counts(args.model, data, args.max_length, args.batch_size)
     flops = useful_flops(facts, tokens)
     report = {
         "settings": {k: v for k, v in vars(args).items()},
@@ -418,17 +683,19 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    before = ceiling(facts["hidden_size"], facts["vocab_size"], args.ceiling_reps)
-    runs = [run_one(name, args, data, work) for name in args.runs]
-    after = ceiling(facts["hidden_size"], facts["vocab_size"], args.ceiling_reps)
-    best = max(*before.values(), *after.values())
-    report["ceiling_gflops"] = {"before": before, "after": after, "used": best}
+    runs, ceilings = rounds(args, data, facts)
+    best = max(v for c in ceilings for v in c.values())
+    report["ceiling_gflops"] = {"measured": ceilings, "used": best}
     report["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    trl = next((r for r in runs if r["name"] in ("trl", "trl-fast") and r.get("padded_positions")), None)
+    ex = executed_flops(facts, tokens, trl)
     for run in runs:
-        derive(run, tokens, flops, best)
+        derive(run, tokens, flops, ex, best)
+    report["executed_flops"] = ex
     report["runs"] = runs
+    report["ratios"] = round_ratios(runs)
 
-    text = table(runs)
+    text = table(runs) + "\n\n" + ratio_table(report["ratios"])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     Path(args.json).with_suffix(".md").write_text(text + "\n", encoding="utf-8")
@@ -436,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{tokens['pairs']} pairs ({tokens['mean_prompt']:.0f}-token prompts, {tokens['mean_response']:.0f}-token "
         f"responses), batch {args.batch_size}, {args.threads} threads, {facts['params'] / 1e6:.1f}M params "
         f"(vocab {facts['vocab_size']:,}); ceiling {best:.1f} GFLOP/s (fp32 matmul); useful work "
-        f"{flops['useful'] / 1e9:.1f} GFLOP\n"
+        f"{flops['useful'] / 1e9:.1f} GFLOP; TRL default executes {ex['trl_default'] / 1e9:.1f} GFLOP: FLOP bound "
+        f"{ex['bound_vs_useful']:.2f}× (against preftune's executed {ex['bound_vs_preftune']:.2f}×)\n"
     )
     print(text)
     for run in runs:

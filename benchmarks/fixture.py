@@ -3,6 +3,7 @@
     python benchmarks/fixture.py --out benchmarks/out/fixture                       # GPT-2 vocab, qa-feedback pairs
     python benchmarks/fixture.py --out benchmarks/out/fix-l3 --vocab llama3.2       # 128k vocabulary
     python benchmarks/fixture.py --out benchmarks/out/syn --synthetic 512,128,128   # random words, exact lengths
+    python benchmarks/fixture.py --out benchmarks/out/size-162m --size 162m         # GPT-2-small-shaped Llama
 
 Writes into --out:
     model/        a Hugging Face model folder (config.json, model.safetensors, tokenizer files): random weights,
@@ -21,6 +22,12 @@ them and TRL would train on them, so the two would not see the same data).
 
 --synthetic P,C,R writes pairs whose prompt has P tokens and whose chosen and rejected responses have C and R tokens
 counting the EOS both trainers append: random words, each a single token of the chosen vocabulary.
+
+--size picks a model shape (the flags --hidden, --intermediate, --layers, --heads still override one part of it);
+parameter counts with the GPT-2 vocabulary, untied head:
+    29m    hidden 256,  MLP 768,  4 layers,  4 heads    29.1M (25.7M of them embedding + head): the default
+    162m   hidden 768,  MLP 2048, 12 layers, 12 heads   162.2M (77.2M): GPT-2 small's shape, Llama blocks
+    411m   hidden 1024, MLP 2816, 24 layers, 16 heads   411.3M (102.9M): GPT-2 medium's depth and width
 """
 
 from __future__ import annotations
@@ -47,6 +54,13 @@ LLAMA3_NAMED = {
     128009: "<|eot_id|>",
 }
 LLAMA3_VOCAB = 128256  # 128,000 BPE entries + 256 special tokens, as in the released Llama 3.2 models
+# Model shapes by name: hidden, intermediate (MLP), layers, heads. The MLP is Llama's 8/3 of hidden, rounded up
+# to a multiple of 256 (Llama's own rule), except the 29m default kept from the first benchmarks (3 × 256).
+SIZES = {
+    "29m": {"hidden": 256, "intermediate": 768, "layers": 4, "heads": 4},
+    "162m": {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12},
+    "411m": {"hidden": 1024, "intermediate": 2816, "layers": 24, "heads": 16},
+}
 
 
 # ----------------------------------------------------------------------------------------------------- tokenizers
@@ -143,6 +157,7 @@ def build_model(args, vocab_size: int, tokenizer, folder: Path) -> dict:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return {
+        "size": args.size,
         "vocab_size": vocab_size,
         "hidden_size": args.hidden,
         "intermediate_size": args.intermediate,
@@ -263,15 +278,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="output folder (model/, pairs.jsonl, fixture.json)")
     ap.add_argument("--shared", default=str(SHARED), help=f"the shared data folder (default {SHARED})")
     ap.add_argument("--vocab", choices=sorted(TOKENIZERS), default="gpt2", help="tokenizer and vocabulary")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--size", choices=sorted(SIZES), default="29m", help="model shape by name (default 29m)")
+    for name in SIZES["29m"]:
+        ap.add_argument(f"--{name}", type=int, help=f"override the {name} of --size")
     ap.add_argument("--synthetic", metavar="P,C,R", help="random-word pairs of these token lengths instead")
     ap.add_argument("--num-pairs", type=int, default=256, help="pairs to write with --synthetic (default 256)")
     ap.add_argument("--max-length", type=int, default=1024, help="length limit the stats report cuts for")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name, value in SIZES[args.size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

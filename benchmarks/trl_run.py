@@ -12,7 +12,9 @@ Both: the given batch size, learning rate, max_length and epochs; use_cpu=True a
 bf16 to True), no checkpoints, no reporting, a log record every step.
 
 --stats gets what TRL itself did: examples left after its filter (prompts of max_length tokens or more are
-dropped), the tokens it trained on after its keep_start truncation, the trainer's own timings and its log.
+dropped), the tokens it trained on after its keep_start truncation, the positions its training batches fed the
+model (rows × padded length, summed over the batches: the body and, on CPU, TRL 1.16's chunked LM head
+`add_fused_lm_head` run on every one of them, padding included), the trainer's own timings and its log.
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ def trained_tokens(dataset, max_length: int | None) -> dict[str, int]:
     return {"tokens": total, "response_tokens": response, "sequences_cut": cut}
 
 
+class CountingCollator:
+    """The trainer's collator, counting what each training batch feeds the model: rows and padded positions."""
+
+    def __init__(self, inner):
+        self.inner, self.batches, self.rows, self.positions = inner, 0, 0, 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        ids = batch["input_ids"]  # DPO: chosen rows then rejected rows, right-padded to the batch's longest
+        self.batches, self.rows, self.positions = (
+            self.batches + 1,
+            self.rows + ids.shape[0],
+            self.positions + ids.numel(),
+        )
+        return batch
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -92,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     trainer = trainer_class(model=args.model, args=config, train_dataset=dataset)
     t1 = time.perf_counter()
+    # Wrapped after __init__: with --mode fast, the reference precompute's batches are not counted.
+    trainer.data_collator = counting = CountingCollator(trainer.data_collator)
     result = trainer.train()
     t2 = time.perf_counter()
     stats = {
@@ -102,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "examples": len(trainer.train_dataset),
         "dropped_by_trl": len(rows) - len(trainer.train_dataset),
         **trained_tokens(trainer.train_dataset, args.max_length),
+        "batches": counting.batches,
+        "batch_rows": counting.rows,
+        "padded_positions": counting.positions,
         "gradient_checkpointing": config.gradient_checkpointing,
         "precompute_ref_log_probs": config.precompute_ref_log_probs,
         "reference_model_loaded": trainer.ref_model is not None,
