@@ -150,6 +150,8 @@ def main_rows(reports: list[dict]) -> list[str]:
                 f"{ratio_text(within_rounds(all_runs, 'peak_rss_mib', name, 'trl'), 3) if name != 'trl' else '1'} | "
                 + (
                     f"{ex['bound_vs_useful']:.2f}× ({ex['per_step_bound_vs_preftune']:.2f}×) |"
+                    if is_pt and ex["trl_positions_counted"]
+                    else "— (no TRL run in this set: its padded positions unknown) |"
                     if is_pt
                     else f"{ex['trl_default'] / 1e12:.1f} TFLOP executed |"
                     if name == "trl"
