@@ -97,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling (default 1: every token).")
     ours.add_argument("--max-new-tokens", type=int, default=64, help="Longest sampled response in tokens (default 64).")
     ours.add_argument("--resume", action="store_true", help="Continue the rounds in --output where they stopped.")
+    _rloo_arguments(parser)
+    train = parser.add_argument_group("training (each round; as `preftune train`)")
+    config.add_arguments(train, TRAIN_OPTIONS, HELP)
+
+
+def _rloo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of --algorithm rloo that `preftune train` does not have."""
     rloo = parser.add_argument_group(
         "rloo (with --algorithm rloo; it also takes --beta, --learning-rate, --max-grad-norm and --save-every, in "
         "batches, with TRL's RLOOConfig defaults: β 0.05)"
@@ -112,8 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rloo.add_argument(
         "--normalize-advantages", action="store_true", default=DEFAULT, help="Standardize advantages over a batch."
     )
-    train = parser.add_argument_group("training (each round; as `preftune train`)")
-    config.add_arguments(train, TRAIN_OPTIONS, HELP)
 
 
 def options_of(args: dict[str, Any]) -> IterateOptions:
