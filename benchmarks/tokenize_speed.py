@@ -2,11 +2,14 @@
 
     python benchmarks/tokenize_speed.py                          # FineGrainedRLHF qa-feedback pairs, GPT-2 tokenizer
     python benchmarks/tokenize_speed.py --repeats 5 --batch-size 256
+    python benchmarks/tokenize_speed.py --tokenizer llama3.2             # Llama 3's split and 256 special tokens
 
 Times `tokenize_pairs` on the same pairs three ways, each with a freshly loaded tokenizer (so that no run inherits
 another's BPE cache):
     per pair     batch_size=None: three tokenizer calls per pair (the only path before batching)
-    batched      the default batches (BATCH_PAIRS pairs); tokenizers' own Rust threads as the environment sets them
+    batched, no cuts   batches with every distinct text tokenized whole (data/cuts.py switched off): batching alone
+    batched      the default batches (BATCH_PAIRS pairs), each prompt tokenized once for all its full sequences where
+                 data/cuts.py proves it exact; tokenizers' own Rust threads as the environment sets them
     batched, 1 thread   the same with TOKENIZERS_PARALLELISM=false: what batching gives without a second core
 on two workloads of the qa-feedback dev set (benchmarks/fixture.py builds the same pairs):
     all pairs    the 2,616 strict pairs: each question's prompt comes with ~5 pairs, so a batch tokenizes it (and
@@ -36,12 +39,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # measure this checkout, whichever copy of preftune is installed
-from fixture import SHARED, gpt2_tokenizer, qa_pairs  # noqa: E402
+from fixture import SHARED, TOKENIZERS, qa_pairs  # noqa: E402
 
+from preftune.data import tokenize as tok_module  # noqa: E402
 from preftune.data.formats import PreferencePair  # noqa: E402
 from preftune.data.tokenize import BATCH_PAIRS, tokenize_pairs  # noqa: E402
 
-WAYS = ("per pair", "batched", "batched, 1 thread")
+WAYS = ("per pair", "batched, no cuts", "batched", "batched, 1 thread")
 HH_FILE = "preference/hh_rlhf_sample100.jsonl"
 
 
@@ -68,18 +72,22 @@ def workloads(shared: Path, passes: int) -> dict[str, tuple[list[PreferencePair]
     }
 
 
-def run_once(way: str, pairs: list[PreferencePair], passes: int, shared: Path, batch_size: int) -> tuple[float, tuple]:
+def run_once(way: str, pairs: list[PreferencePair], passes: int, shared: Path, batch_size: int, tokenizer_name: str):
     """Seconds of `passes` `tokenize_pairs` calls, and what the last returned (for the equality check)."""
-    tokenizer = gpt2_tokenizer(shared)
+    tokenizer = TOKENIZERS[tokenizer_name](shared)
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     if way == "batched, 1 thread":
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at each call
+    cutter = tok_module.cutter
+    if way == "batched, no cuts":
+        tok_module.cutter = lambda tokenizer: None
     try:
         start = time.perf_counter()
         for _ in range(passes):
             out, report = tokenize_pairs(pairs, tokenizer, batch_size=None if way == "per pair" else batch_size)
         seconds = time.perf_counter() - start
     finally:
+        tok_module.cutter = cutter
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -87,13 +95,13 @@ def run_once(way: str, pairs: list[PreferencePair], passes: int, shared: Path, b
     return seconds, ([(t.prompt_ids, t.chosen_ids, t.rejected_ids, t.where, t.label) for t in out], report)
 
 
-def measure(pairs: list[PreferencePair], passes: int, shared: Path, batch_size: int, repeats: int) -> dict:
+def measure(pairs: list[PreferencePair], passes: int, shared: Path, batch_size: int, repeats: int, name: str) -> dict:
     """Each way `repeats` times, the order rotating; per-repeat ratios; medians."""
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     for repeat in range(repeats):
         results = {}
         for way in WAYS[repeat % len(WAYS) :] + WAYS[: repeat % len(WAYS)]:
-            took, results[way] = run_once(way, pairs, passes, shared, batch_size)
+            took, results[way] = run_once(way, pairs, passes, shared, batch_size, name)
             seconds[way].append(took)
         if repeat == 0 and any(results[way] != results["per pair"] for way in WAYS):
             raise SystemExit("the batched ids, wheres or report differ from the per-pair ones")
@@ -133,11 +141,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=BATCH_PAIRS)
     ap.add_argument("--passes", type=int, default=20, help="passes over the hh-rlhf sample per timing")
+    ap.add_argument("--tokenizer", choices=["gpt2", "llama3.2"], default="gpt2")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "tokenize_speed.json")
     args = ap.parse_args()
     load = os.getloadavg()
     results = {
-        name: measure(pairs, passes, args.shared, args.batch_size, args.repeats)
+        name: measure(pairs, passes, args.shared, args.batch_size, args.repeats, args.tokenizer)
         for name, (pairs, passes) in workloads(args.shared, args.passes).items()
     }
     print(table(results))
@@ -152,7 +161,12 @@ def main() -> None:
     }
     print(f"load average before {load[0]:.2f}, after {machine['loadavg_after'][0]:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"batch_size": args.batch_size, "repeats": args.repeats, "hh_passes": args.passes}
+    settings = {
+        "tokenizer": args.tokenizer,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "hh_passes": args.passes,
+    }
     args.json.write_text(json.dumps({"settings": settings, "machine": machine, "results": results}, indent=1) + "\n")
 
 

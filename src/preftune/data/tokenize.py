@@ -37,8 +37,11 @@ to `batch_size` pairs (and about BATCH_CHARS characters, so that --stream holds 
 templates per pair as strings, tokenizes the batch's distinct texts in one call per kind (plain text as
 `tokenizer(text)` does, special tokens added; rendered chats as `apply_chat_template` does, none added), then splits
 each pair as above. A text met twice in a batch (a prompt with several pairs, a row with a list of rejected
-responses) is tokenized once (a prompt is still tokenized inside each full sequence: the common-prefix rule needs
-them as the tokenizer makes them), and a fast tokenizer spreads one call over its Rust threads (TOKENIZERS_PARALLELISM).
+responses) is tokenized once, and a fast tokenizer spreads one call over its Rust threads (TOKENIZERS_PARALLELISM).
+The common-prefix rule needs each full sequence's ids as the tokenizer makes them, but where data/cuts.py proves a
+prompt's text can be cut at b without changing any id (GPT-2's, Llama 3's and Qwen 2's byte-level splits), the
+prompt is tokenized as prompt[:b] and prompt[b:], and each full sequence as the same prompt[:b] and its own text[b:]:
+the long prompt of real data is tokenized once, not again inside each prompt + response.
 Same ids, reports and errors, in the same order, as one pair at a time (`batch_size=None`), which stays the path for
 what one call on a list could tokenize differently (`_batchable`): tokenizers that are not transformers' fast ones,
 classes that override its encoding methods, BPE dropout. A batch whose tokenizer call raises is redone pair by pair,
@@ -51,6 +54,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from preftune.data.cuts import Cutter, cutter
 from preftune.data.formats import PreferencePair, common_prefix_length
 from preftune.errors import UserError
 
@@ -335,33 +339,55 @@ def _encode(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
     return [list(ids) for ids in encoded["input_ids"]]
 
 
-def _one_batch(batch: list[PreferencePair], tokenizer: Any) -> Iterator[tuple[TokenizedPair, bool]]:
-    """`_tokenize_pair` of each pair of `batch`, in order, each distinct text tokenized once. A pair whose texts
-    could not be made raises its error when its turn comes; a tokenizer call that raises sends the batch pair by
-    pair, where the same error comes from the same pair."""
+def _one_batch(batch: list[PreferencePair], tokenizer: Any, cut: Cutter | None) -> Iterator[tuple[TokenizedPair, bool]]:
+    """`_tokenize_pair` of each pair of `batch`, in order, each distinct text tokenized once (its prompt part once for
+    all the texts that share it, where `cut` allows). A pair whose texts could not be made raises its error when its
+    turn comes; a tokenizer call that raises sends the batch pair by pair, where the same error comes from the same
+    pair."""
     plans: list[_Texts | Exception] = []
     for pair in batch:
         try:
             plans.append(_pair_texts(pair, tokenizer))
         except Exception as e:
             plans.append(e)
-    ids: dict[bool, dict[str, list[int]]] = {False: {}, True: {}}  # chat? → text → its ids
-    for plan in plans:
-        if not isinstance(plan, Exception):
-            ids[plan.chat].update(dict.fromkeys(plan.texts, []))
+    made = [plan for plan in plans if not isinstance(plan, Exception)]
     try:
-        for chat, table in ids.items():
-            if table:
-                table.update(zip(list(table), _encode(tokenizer, list(table), chat)))
+        ids = {chat: _encode_plans(tokenizer, [p for p in made if p.chat == chat], chat, cut) for chat in (False, True)}
     except Exception:
         yield from (_tokenize_pair(pair, tokenizer) for pair in batch)
         return
     for pair, plan in zip(batch, plans):
         if isinstance(plan, Exception):
             raise plan
-        table = ids[plan.chat]
-        prompt_ids, *fulls = (table[text] for text in plan.texts)
+        prompt_ids, *fulls = (ids[plan.chat][text] for text in plan.texts)
         yield _split(pair, prompt_ids, fulls[0], fulls[-1])
+
+
+def _encode_plans(tokenizer: Any, plans: list[_Texts], chat: bool, cut: Cutter | None) -> dict[str, list[int]]:
+    """text → ids for every text of `plans`, each distinct text (or part of one) tokenized once. With a Cutter, a
+    prompt is tokenized as prompt[:b] and prompt[b:], and each text that begins as the prompt does as prompt[:b]
+    (the same ids) and text[b:] (data/cuts.py proves the ids equal those of the whole)."""
+    texts = list(dict.fromkeys(text for plan in plans for text in plan.texts))
+    specials = None if cut is None else ([], []) if chat else cut.specials
+    if not texts or specials is None:
+        return dict(zip(texts, _encode(tokenizer, texts, chat))) if texts else {}
+    at = {}  # text → where it is cut
+    for plan in plans:
+        prompt, *fulls = plan.texts
+        b = at[prompt] if prompt in at else cut.cut(prompt)
+        if b:
+            guard = prompt[: cut.guard(b)]
+            at.update({text: b for text in plan.texts if text.startswith(guard)})
+    parts = dict.fromkeys(part for text in texts for part in _parts(text, at.get(text, 0)))
+    part_ids = dict(zip(parts, _encode(tokenizer, list(parts), chat=True)))  # no special tokens: added below
+    before, after = specials
+    return {
+        text: before + [i for part in _parts(text, at.get(text, 0)) for i in part_ids[part]] + after for text in texts
+    }
+
+
+def _parts(text: str, b: int) -> tuple[str, ...]:
+    return (text[:b], text[b:]) if b else (text,)
 
 
 def _pair_ids(
@@ -371,8 +397,9 @@ def _pair_ids(
     if batch_size is None or not _batchable(tokenizer):
         yield from (_tokenize_pair(pair, tokenizer) for pair in pairs)
         return
+    cut = cutter(tokenizer)
     for batch, error in _batches(pairs, batch_size):
-        yield from _one_batch(batch, tokenizer)
+        yield from _one_batch(batch, tokenizer, cut)
         if error is not None:
             raise error
 
