@@ -365,15 +365,15 @@ def _one_batch(batch: list[PreferencePair], tokenizer: Any, cut: Cutter | None) 
 
 def _encode_plans(tokenizer: Any, plans: list[_Texts], chat: bool, cut: Cutter | None) -> dict[str, list[int]]:
     """text → ids for every text of `plans`, each distinct text (or part of one) tokenized once. With a Cutter, a
-    prompt is tokenized as prompt[:b] and prompt[b:], and each text that begins as the prompt does as prompt[:b]
-    (the same ids) and text[b:] (data/cuts.py proves the ids equal those of the whole)."""
+    prompt is tokenized as prompt[:b] and prompt[b:], and each text that begins as the prompt does as the same
+    prompt[:b] and its own text[b:] (data/cuts.py proves the ids equal those of the whole)."""
     texts = list(dict.fromkeys(text for plan in plans for text in plan.texts))
     specials = None if cut is None else ([], []) if chat else cut.specials
     if not texts or specials is None:
         return dict(zip(texts, _encode(tokenizer, texts, chat))) if texts else {}
     at = {}  # text → where it is cut
     for plan in plans:
-        prompt, *fulls = plan.texts
+        prompt = plan.texts[0]
         b = at[prompt] if prompt in at else cut.cut(prompt)
         if b:
             guard = prompt[: cut.guard(b)]
