@@ -63,6 +63,8 @@ Loop MFU = a run's executed loop FLOPs / (its training loop's seconds × the cei
 to do run to the machine's best fp32 rate. For --weights-dtype bfloat16 it is still against the fp32 ceiling.
 
 --variant NAME=ARGS adds a preftune run `preftune-NAME` with these extra flags (each starts cold, like `preftune`);
+ARGS may begin with VAR=VALUE words, set in that run's environment only (e.g.
+nofix="PREFTUNE_MALLOC_THRESHOLD=0 --gradient-checkpointing": glibc's own malloc thresholds, see preftune.malloc);
 --repeat K runs the whole list K times, interleaved (round 1: every run, round 2: every run, ...), and reports the
 ratios within each round: on a shared machine those are the result, not absolute seconds.
 """
@@ -389,7 +391,7 @@ def command(name: str, args: argparse.Namespace, data: Path, out: Path) -> list[
         str(args.learning_rate),
     ]
     if name.startswith("preftune"):
-        extra = shlex.split(preftune_flags(name, args))
+        extra = split_env(preftune_flags(name, args))[1]
         return [sys.executable, "-m", "preftune", "train", *common, "--device", "cpu", *extra]
     mode = {"trl": "default", "trl-fast": "fast"}[name]
     return [sys.executable, str(HERE / "trl_run.py"), *common, "--mode", mode, "--stats", str(out) + ".stats.json"]
@@ -399,6 +401,16 @@ def preftune_flags(name: str, args: argparse.Namespace) -> str:
     """--preftune-args, then the variant's own flags (bench_kto's arguments have neither)."""
     flags = (getattr(args, "preftune_args", ""), getattr(args, "variants", {}).get(name, ""))
     return " ".join(x for x in flags if x)
+
+
+def split_env(flags: str) -> tuple[dict[str, str], list[str]]:
+    """A variant's leading VAR=VALUE words (its process's environment) and the flags after them."""
+    words = shlex.split(flags)
+    env = {}
+    while words and re.match(r"[A-Z_][A-Z0-9_]*=", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, words
 
 
 def child_env(threads: int, work: Path) -> dict[str, str]:
@@ -504,7 +516,11 @@ def run_one(name: str, args: argparse.Namespace, data: Path, work: Path, build=N
     print(f"[bench] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     source = source_hash()
     load_before = os.getloadavg()[0]  # other processes on the machine slow a run down: keep the evidence
-    rc, wall, rss = run_process(cmd, child_env(args.threads, work), work / f"{name}.log")
+    env = {
+        **child_env(args.threads, work),
+        **split_env(preftune_flags(name, args) if name.startswith("preftune") else "")[0],
+    }
+    rc, wall, rss = run_process(cmd, env, work / f"{name}.log")
     details = preftune_details(out, work / f"{name}.log") if name.startswith("preftune") else trl_details(out)
     result = {
         "name": name,

@@ -16,7 +16,7 @@ from preftune.cli import main
 from conftest import stopped_after
 from helpers import SRC, assert_same_run
 from helpers import records as read_metrics
-from toy import counting_pairs, save_model_folder, write_jsonl
+from toy import build_model, counting_pairs, save_model_folder, write_jsonl
 
 pytestmark = pytest.mark.exactness  # compares runs: CI runs it again under other CPU kernels
 
@@ -444,6 +444,20 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_runs(toy, tmp_path):
     # bf16 rounding of the logits: the first loss is ln 2 to ~2 digits, and training still moves it
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=0.02)
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_checkpoint_activations_turns_it_on_without_a_deprecation_warning():
+    import warnings
+
+    from preftune.loading import checkpoint_activations
+
+    model = build_model(50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint_activations(model)
+    new = hasattr(type(model), "is_activation_checkpointing")  # transformers 5's name
+    assert getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
 
 
 def test_a_diverging_run_stops_with_one_line_and_no_model(toy, tmp_path, capsys):

@@ -183,6 +183,16 @@ def load_causal_lm(
     return model.eval()
 
 
+def checkpoint_activations(model) -> None:
+    """Non-reentrant activation checkpointing. transformers 5 renamed `gradient_checkpointing_enable` to
+    `activation_checkpointing_enable` (the old name warns and goes in 6); 4.x has only the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _keep_4bit_weights_as_loaded(model: torch.nn.Module) -> None:
     """On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit layer's weights the first time it runs in eval mode
     without gradients (a reference pass), rounding its block scales to bfloat16, and re-quantizes them whenever the

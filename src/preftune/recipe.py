@@ -29,9 +29,10 @@ from preftune.data.store import TokenStore
 from preftune.data.tokenize import TokenizedPair
 from preftune.device import autocast, resolve_device
 from preftune.errors import UserError
-from preftune.loading import base_model_path, causal_lm_config, load_run_tokenizer
+from preftune.loading import base_model_path, causal_lm_config, checkpoint_activations, load_run_tokenizer
 from preftune.logps import choose_layout, compute_logps, compute_logps_wpo
 from preftune.losses import OPTIONS, TIE_RTOL, combined_loss, example_metrics, kl_estimate, pair_metrics, reward_kind
+from preftune.malloc import fix_malloc_thresholds
 from preftune.metrics import (
     StepMetrics,
     add_sums,
@@ -129,7 +130,7 @@ def setup(cfg: TrainConfig, training: bool = True) -> Setup:
         live = getattr(s.reference, "model", None)  # a frozen copy to sample from, when there is one
         s.generation = observe.GenerationEval(cfg, tokenizer, device, live)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(policy)
     policy.config.use_cache = False
     return s
 
@@ -391,6 +392,7 @@ def save_final(s: Setup, state: checkpoint.ModelFiles | dict | None = None) -> P
 @distributed.launched  # under torchrun: join the other processes first (a no-op for one process)
 def train(cfg: TrainConfig, on_log: Callable[[int, dict], None] | None = None) -> Path:
     """Train; return final/. `on_log(step, record)`: called on rank 0 with every metrics record as it is written."""
+    fix_malloc_thresholds(wanted=cfg.gradient_checkpointing)  # freed tensors leave the process: memory over time
     s = setup(cfg)
     optimizer, scheduler = make_optimizer(s)
     first = start_or_resume(s, optimizer, scheduler)

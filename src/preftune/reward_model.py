@@ -38,7 +38,8 @@ from preftune.config import TrainConfig
 from preftune.data.batching import PaddedBatch
 from preftune.device import autocast, resolve_device
 from preftune.errors import UserError
-from preftune.loading import carries_adapter, causal_lm_config, load_run_tokenizer
+from preftune.loading import carries_adapter, causal_lm_config, checkpoint_activations, load_run_tokenizer
+from preftune.malloc import fix_malloc_thresholds
 from preftune.metrics import StepMetrics, add_sums, append_records, per_pair, progress_fields, to_records
 from preftune.modelcard import CARD, base_model
 
@@ -148,7 +149,7 @@ def load_model(cfg: RewardModelConfig, pad_token_id: int, device: torch.device |
     model.config.get_text_config().pad_token_id = pad_token_id  # where the pooling finds each row's last token
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     return model.to(device)
 
 
@@ -254,6 +255,7 @@ def train(cfg: RewardModelConfig, on_log: Callable[[int, dict], None] | None = N
     """Train; return final/. `on_log(step, record)`: called on rank 0 with every metrics record as it is written."""
     from preftune import recipe
 
+    fix_malloc_thresholds(wanted=cfg.gradient_checkpointing)  # as `preftune train` does
     s = setup(cfg)
     optimizer, scheduler = recipe.make_optimizer(s)
     first = recipe.start_or_resume(s, optimizer, scheduler)
