@@ -111,22 +111,12 @@ def _provable(backend: Any) -> bool:
 def _fixed_specials(tokenizer: Any) -> tuple[list[int], list[int]] | None:
     """(before, after) such that tokenizer(text) = before + the text's ids + after, found on two probe texts and
     kept only if both agree; None when the special tokens are not a fixed prefix and suffix."""
-    probes = ["Hello world", "a, b\n\n1"]
     found = set()
-    for probe in probes:
+    for probe in ("Hello world", "a, b\n\n1"):
         full = list(tokenizer(probe)["input_ids"])
         bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-        extra = len(full) - len(bare)
-        found.add(
-            next(
-                (
-                    (tuple(full[:i]), tuple(full[i + len(bare) :]))
-                    for i in range(max(extra + 1, 0))
-                    if full[i : i + len(bare)] == bare
-                ),
-                None,
-            )
-        )
+        starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+        found.add((tuple(full[: starts[0]]), tuple(full[starts[0] + len(bare) :])) if starts else None)
     if len(found) != 1 or None in found:
         return None
     before, after = found.pop()

@@ -368,9 +368,11 @@ def _encode_plans(tokenizer: Any, plans: list[_Texts], chat: bool, cut: Cutter |
     prompt is tokenized as prompt[:b] and prompt[b:], and each text that begins as the prompt does as the same
     prompt[:b] and its own text[b:] (data/cuts.py proves the ids equal those of the whole)."""
     texts = list(dict.fromkeys(text for plan in plans for text in plan.texts))
+    if not texts:
+        return {}
     specials = None if cut is None else ([], []) if chat else cut.specials
-    if not texts or specials is None:
-        return dict(zip(texts, _encode(tokenizer, texts, chat))) if texts else {}
+    if specials is None:  # no cut, or special tokens that are not a fixed prefix and suffix: whole texts
+        return dict(zip(texts, _encode(tokenizer, texts, chat)))
     at = {}  # text → where it is cut
     for plan in plans:
         prompt = plan.texts[0]
